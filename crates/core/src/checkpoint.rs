@@ -1,0 +1,181 @@
+//! Checkpoint encoding: weights as safetensors (nanoGPT names, PyTorch layout), optimizer state as
+//! a second safetensors file, and a small JSON sidecar. Bytes only: writing them to disk
+//! (atomically) is the caller's job.
+
+use std::collections::HashMap;
+
+use burn::prelude::*;
+use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::config::{ModelConfig, TrainConfig};
+use crate::optim::{AdamW, Moments};
+use crate::params::ParamSpec;
+
+/// Version of the checkpoint layout.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The JSON sidecar next to a checkpoint's weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Layout version ([`FORMAT_VERSION`]).
+    pub format_version: u32,
+    /// Model shape.
+    pub model: ModelConfig,
+    /// Hyperparameters.
+    pub train: TrainConfig,
+    /// Steps taken.
+    pub step: u64,
+    /// Tokens trained on.
+    pub tokens_seen: u64,
+    /// File name of the weights (safetensors), relative to the sidecar.
+    pub weights_file: String,
+    /// File name of the optimizer state (safetensors), relative to the sidecar.
+    pub optimizer_file: Option<String>,
+    /// Latest validation loss, if measured.
+    pub val_loss: Option<f32>,
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn bytes_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn serialize(
+    entries: Vec<(String, Vec<usize>, Vec<u8>)>,
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>, Error> {
+    let views: Vec<(String, TensorView<'_>)> = entries
+        .iter()
+        .map(|(name, shape, data)| {
+            TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Checkpoint(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Checkpoint(e.to_string()))
+}
+
+/// Encodes model weights (a flat vector in [`crate::params::specs`] order) as safetensors.
+pub fn weights_to_safetensors(
+    specs: &[ParamSpec],
+    values: &[f32],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>, Error> {
+    let entries = specs
+        .iter()
+        .map(|s| {
+            let v = &values[s.offset..s.offset + s.numel()];
+            (s.name.clone(), s.shape.clone(), f32_bytes(v))
+        })
+        .collect();
+    serialize(entries, metadata)
+}
+
+/// Decodes safetensors weights into a flat vector in `specs` order, checking that every
+/// parameter is present, f32, of the right shape and finite. Extra tensors (such as a
+/// PyTorch export's `lm_head.weight`, tied to `wte`) are ignored.
+pub fn weights_from_safetensors(specs: &[ParamSpec], bytes: &[u8]) -> Result<Vec<f32>, Error> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint(e.to_string()))?;
+    let mut out = Vec::with_capacity(crate::params::total_len(specs));
+    for s in specs {
+        let t = st
+            .tensor(&s.name)
+            .map_err(|_| Error::Checkpoint(format!("missing tensor {}", s.name)))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(Error::Checkpoint(format!(
+                "{} is {:?}, expected F32",
+                s.name,
+                t.dtype()
+            )));
+        }
+        if t.shape() != s.shape.as_slice() {
+            return Err(Error::Checkpoint(format!(
+                "{} has shape {:?}, expected {:?}",
+                s.name,
+                t.shape(),
+                s.shape
+            )));
+        }
+        let v = bytes_f32(t.data());
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Checkpoint(format!(
+                "{} holds non-finite values",
+                s.name
+            )));
+        }
+        out.extend(v);
+    }
+    Ok(out)
+}
+
+/// Reads the metadata map of a safetensors file.
+pub fn safetensors_metadata(bytes: &[u8]) -> Result<HashMap<String, String>, Error> {
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| Error::Checkpoint(e.to_string()))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// Encodes AdamW state (synchronous reads: native only). Moments are stored flat, in burn's
+/// layout, under `<param>.exp_avg` / `<param>.exp_avg_sq`; the step count is in the metadata.
+pub fn optimizer_to_safetensors(specs: &[ParamSpec], optim: &AdamW) -> Result<Vec<u8>, Error> {
+    let mut entries = Vec::new();
+    for (s, m) in specs.iter().zip(&optim.moments) {
+        for (suffix, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
+            let v: Vec<f32> = t
+                .clone()
+                .into_data()
+                .try_into_vec()
+                .map_err(|e| Error::Checkpoint(format!("{e:?}")))?;
+            entries.push((format!("{}.{suffix}", s.name), vec![v.len()], f32_bytes(&v)));
+        }
+    }
+    let meta = HashMap::from([("step".to_string(), optim.step.to_string())]);
+    serialize(entries, meta)
+}
+
+/// Decodes AdamW state onto `device` (the plain, non-autodiff device).
+pub fn optimizer_from_safetensors(
+    specs: &[ParamSpec],
+    bytes: &[u8],
+    device: &Device,
+) -> Result<AdamW, Error> {
+    let step: u64 = safetensors_metadata(bytes)?
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::Checkpoint("optimizer state has no step".into()))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint(e.to_string()))?;
+    let mut moments = Vec::new();
+    if step > 0 {
+        for s in specs {
+            let load = |suffix: &str| -> Result<Tensor<1>, Error> {
+                let name = format!("{}.{suffix}", s.name);
+                let t = st
+                    .tensor(&name)
+                    .map_err(|_| Error::Checkpoint(format!("missing {name}")))?;
+                if t.shape() != [s.numel()] || t.dtype() != Dtype::F32 {
+                    return Err(Error::Checkpoint(format!(
+                        "{name} has the wrong shape or type"
+                    )));
+                }
+                Ok(Tensor::from_data(
+                    TensorData::new(bytes_f32(t.data()), [s.numel()]),
+                    device,
+                ))
+            };
+            moments.push(Moments {
+                exp_avg: load("exp_avg")?,
+                exp_avg_sq: load("exp_avg_sq")?,
+            });
+        }
+    }
+    Ok(AdamW { step, moments })
+}

@@ -1,0 +1,191 @@
+//! The GPT decoder: token + learned position embeddings, pre-LayerNorm blocks with causal
+//! multi-head self-attention and a GELU MLP, a final LayerNorm, and an LM head tied to the
+//! token embedding. Written once: the `Device` it is built on picks the backend.
+
+use burn::module::{Module, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
+    Linear, LinearConfig,
+};
+use burn::prelude::*;
+use burn::tensor::activation::gelu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::config::ModelConfig;
+use crate::data::Batch;
+
+/// Standard deviation of the normal initialiser (GPT-2's).
+const INIT_STD: f64 = 0.02;
+
+fn linear(d_in: usize, d_out: usize, std: f64, device: &Device) -> Linear {
+    let mut l = LinearConfig::new(d_in, d_out)
+        .with_initializer(Initializer::Normal { mean: 0.0, std })
+        .init(device);
+    // Biases start at zero, as in GPT-2.
+    l.bias = l.bias.map(|b| Param::from_tensor(b.val().zeros_like()));
+    l
+}
+
+/// Causal multi-head self-attention.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Fused query/key/value projection `[d, 3d]`.
+    pub qkv: Linear,
+    /// Output projection `[d, d]`.
+    pub proj: Linear,
+    dropout: Dropout,
+    n_head: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let dh = d / self.n_head;
+        let qkv = self.qkv.forward(x);
+        let heads = |i: usize| {
+            qkv.clone()
+                .narrow(2, i * d, d)
+                .reshape([b, t, self.n_head, dh])
+                .swap_dims(1, 2)
+        };
+        let opts = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let y = attention(heads(0), heads(1), heads(2), None, None, opts);
+        let y = y.swap_dims(1, 2).reshape([b, t, d]);
+        self.dropout.forward(self.proj.forward(y))
+    }
+}
+
+/// Two-layer GELU MLP.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// `[d, 4d]`.
+    pub fc: Linear,
+    /// `[4d, d]`.
+    pub proj: Linear,
+    dropout: Dropout,
+}
+
+/// A pre-LayerNorm transformer block.
+#[derive(Module, Debug)]
+pub struct Block {
+    /// LayerNorm before attention.
+    pub ln_1: LayerNorm,
+    /// Self-attention.
+    pub attn: Attention,
+    /// LayerNorm before the MLP.
+    pub ln_2: LayerNorm,
+    /// The MLP.
+    pub mlp: Mlp,
+}
+
+impl Block {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward(self.ln_1.forward(x));
+        let h = self.mlp.fc.forward(self.ln_2.forward(x.clone()));
+        x + self.mlp.dropout.forward(self.mlp.proj.forward(gelu(h)))
+    }
+}
+
+/// The GPT model.
+#[derive(Module, Debug)]
+pub struct Gpt {
+    /// Token embedding `[vocab, d]`, also the (transposed) LM head.
+    pub wte: Embedding,
+    /// Learned position embedding `[block_size, d]`.
+    pub wpe: Embedding,
+    drop: Dropout,
+    /// The transformer blocks.
+    pub h: Vec<Block>,
+    /// Final LayerNorm.
+    pub ln_f: LayerNorm,
+}
+
+impl Gpt {
+    /// Builds a freshly initialised model on `device` (GPT-2 initialisation: N(0, 0.02), with
+    /// residual projections scaled by 1/sqrt(2 n_layer), zero biases, unit LayerNorms).
+    pub fn new(config: &ModelConfig, device: &Device) -> Self {
+        let d = config.n_embd;
+        let resid_std = INIT_STD / (2.0 * config.n_layer as f64).sqrt();
+        let emb = |n| {
+            EmbeddingConfig::new(n, d)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: INIT_STD,
+                })
+                .init(device)
+        };
+        let ln = || LayerNormConfig::new(d).init(device);
+        let drop = || DropoutConfig::new(config.dropout).init();
+        Gpt {
+            wte: emb(config.vocab_size),
+            wpe: emb(config.block_size),
+            drop: drop(),
+            h: (0..config.n_layer)
+                .map(|_| Block {
+                    ln_1: ln(),
+                    attn: Attention {
+                        qkv: linear(d, 3 * d, INIT_STD, device),
+                        proj: linear(d, d, resid_std, device),
+                        dropout: drop(),
+                        n_head: config.n_head,
+                    },
+                    ln_2: ln(),
+                    mlp: Mlp {
+                        fc: linear(d, 4 * d, INIT_STD, device),
+                        proj: linear(4 * d, d, resid_std, device),
+                        dropout: drop(),
+                    },
+                })
+                .collect(),
+            ln_f: ln(),
+        }
+    }
+
+    /// Logits `[b, t, vocab]` for input tokens `[b, t]`.
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let [b, t] = tokens.dims();
+        let device = tokens.device();
+        let pos = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, t]);
+        let x = self.wte.forward(tokens) + self.wpe.forward(pos);
+        let mut x = self.drop.forward(x);
+        for block in &self.h {
+            x = block.forward(x);
+        }
+        let x = self.ln_f.forward(x);
+        let [_, _, d] = x.dims();
+        let w = self.wte.weight.val(); // [vocab, d]
+        let vocab = w.dims()[0];
+        x.reshape([b * t, d])
+            .matmul(w.transpose())
+            .reshape([b, t, vocab])
+    }
+
+    /// Mean cross-entropy of predicting `targets` from `inputs`.
+    pub fn loss(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
+        let [b, t] = inputs.dims();
+        let logits = self.forward(inputs);
+        let vocab = logits.dims()[2];
+        CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits.reshape([b * t, vocab]), targets.reshape([b * t]))
+    }
+
+    /// Mean cross-entropy on a [`Batch`].
+    pub fn batch_loss(&self, batch: &Batch, device: &Device) -> Tensor<1> {
+        let (x, y) = batch_tensors(batch, device);
+        self.loss(x, y)
+    }
+}
+
+/// Moves a batch onto `device` as `[batch, context]` integer tensors.
+pub fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let shape = [batch.batch_size, batch.context];
+    let t = |v: &Vec<i32>| Tensor::<2, Int>::from_data(TensorData::new(v.clone(), shape), device);
+    (t(&batch.inputs), t(&batch.targets))
+}

@@ -1,0 +1,152 @@
+//! AdamW for the inner loop, with PyTorch's semantics: global gradient-norm clipping,
+//! decoupled weight decay on matrices and embeddings only (nanoGPT's parameter groups), bias
+//! correction, and `eps` added outside the square root.
+//!
+//! burn's own `AdamW` clips each tensor's norm separately and decays every parameter; DiLoCo's
+//! inner loop and the PyTorch reference need the global clip and the groups, and the state has to
+//! be addressable by parameter order so that it can be checkpointed and reset per work unit.
+//! The state is kept per parameter, flat, in burn's layout and in the order of
+//! [`crate::params::specs`]; every update is a tensor op, so the step never waits on the device.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::Gradients;
+
+use crate::config::TrainConfig;
+use crate::params::restore_tracking;
+
+/// First and second moments of one parameter, flat.
+#[derive(Clone, Debug)]
+pub struct Moments {
+    /// Exponential average of the gradient.
+    pub exp_avg: Tensor<1>,
+    /// Exponential average of the squared gradient.
+    pub exp_avg_sq: Tensor<1>,
+}
+
+/// AdamW state: the step count and per-parameter moments (empty before the first step).
+#[derive(Clone, Debug, Default)]
+pub struct AdamW {
+    /// Number of steps taken.
+    pub step: u64,
+    /// Moments, in parameter order.
+    pub moments: Vec<Moments>,
+}
+
+struct SquaredNorm<'a> {
+    grads: &'a Gradients,
+    total: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = param.val().grad(self.grads) {
+            let s = g.square().sum();
+            self.total = Some(match self.total.take() {
+                Some(t) => t + s,
+                None => s,
+            });
+        }
+    }
+}
+
+struct Update<'a> {
+    grads: &'a Gradients,
+    state: &'a mut AdamW,
+    clip: Option<Tensor<1>>,
+    lr: f64,
+    cfg: &'a TrainConfig,
+    index: usize,
+}
+
+impl ModuleMapper for Update<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let index = self.index;
+        self.index += 1;
+        let Some(grad) = tensor.grad(self.grads) else {
+            // A parameter without a gradient keeps its value; zero moments keep the state aligned
+            // with the parameter order (zeros are what a first update starts from anyway).
+            if index >= self.state.moments.len() {
+                let zeros = tensor.clone().inner().reshape([-1]).zeros_like();
+                self.state.moments.push(Moments {
+                    exp_avg: zeros.clone(),
+                    exp_avg_sq: zeros,
+                });
+            }
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let dims = grad.dims();
+        let mut g = grad.reshape([-1]);
+        if let Some(c) = &self.clip {
+            g = g * c.clone();
+        }
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let m = match self.state.moments.get(index) {
+            Some(s) => s.exp_avg.clone() * b1 + g.clone() * (1.0 - b1),
+            None => g.clone() * (1.0 - b1),
+        };
+        let v = match self.state.moments.get(index) {
+            Some(s) => s.exp_avg_sq.clone() * b2 + g.square() * (1.0 - b2),
+            None => g.square() * (1.0 - b2),
+        };
+        let t = self.state.step as i32;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        let denom = (v.clone() / bc2).sqrt() + self.cfg.eps;
+        let update = (m.clone() / denom) * (self.lr / bc1);
+        let mut p = tensor.clone().inner().reshape([-1]);
+        if D >= 2 && self.cfg.weight_decay != 0.0 {
+            p = p * (1.0 - self.lr * self.cfg.weight_decay);
+        }
+        let p = (p - update).reshape(dims);
+        let moments = Moments {
+            exp_avg: m,
+            exp_avg_sq: v,
+        };
+        if index < self.state.moments.len() {
+            self.state.moments[index] = moments;
+        } else {
+            self.state.moments.push(moments);
+        }
+        Param::from_mapped_value(id, restore_tracking(p, &tensor), mapper)
+    }
+}
+
+impl AdamW {
+    /// A fresh optimizer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one AdamW step with learning rate `lr` to `model` from the gradients of a
+    /// backward pass. Returns the updated model and the global gradient norm (before clipping)
+    /// as a lazy scalar tensor.
+    pub fn step<M: Module>(
+        &mut self,
+        model: M,
+        grads: &Gradients,
+        lr: f64,
+        cfg: &TrainConfig,
+    ) -> (M, Tensor<1>) {
+        let mut norm = SquaredNorm { grads, total: None };
+        model.visit(&mut norm);
+        let norm = norm
+            .total
+            .expect("the model has parameters with gradients")
+            .sqrt();
+        let clip = (cfg.grad_clip > 0.0)
+            .then(|| (norm.clone().add_scalar(1e-6).recip() * cfg.grad_clip).clamp_max(1.0));
+        self.step += 1;
+        let mut update = Update {
+            grads,
+            state: self,
+            clip,
+            lr,
+            cfg,
+            index: 0,
+        };
+        let model = model.map(&mut update);
+        (model, norm)
+    }
+}

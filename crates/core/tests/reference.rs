@@ -1,0 +1,153 @@
+//! Forward pass, gradients and one AdamW step against golden values computed by PyTorch
+//! (float64) with `tools/reference/make_fixture.py`; and the cpu and wgpu backends against each
+//! other on the same batch.
+
+mod common;
+
+use common::{max_rel_err, read};
+use safetensors::SafeTensors;
+use tessera_core::burn::prelude::*;
+use tessera_core::checkpoint::{safetensors_metadata, weights_from_safetensors};
+use tessera_core::config::{ModelConfig, TrainConfig};
+use tessera_core::model::Gpt;
+use tessera_core::optim::AdamW;
+use tessera_core::params;
+
+const FIXTURE: &[u8] = include_bytes!("fixtures/reference_tiny.safetensors");
+const RTOL: f64 = 1e-4;
+
+struct Fixture {
+    model: ModelConfig,
+    train: TrainConfig,
+    weights: Vec<f32>,
+    input_ids: Vec<i32>,
+    targets: Vec<i32>,
+    shape: [usize; 2],
+}
+
+fn tensor_f32(st: &SafeTensors, name: &str) -> Vec<f32> {
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("fixture lacks {name}"));
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn tensor_i32(st: &SafeTensors, name: &str) -> (Vec<i32>, [usize; 2]) {
+    let t = st.tensor(name).unwrap();
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (v, [t.shape()[0], t.shape()[1]])
+}
+
+fn fixture(device: &Device) -> (Fixture, Vec<params::ParamSpec>) {
+    let meta = safetensors_metadata(FIXTURE).unwrap();
+    let model: ModelConfig = serde_json::from_str(&meta["model"]).unwrap();
+    let train: TrainConfig = serde_json::from_str(&meta["train"]).unwrap();
+    let specs = params::specs(&Gpt::new(&model, device));
+    // Our loader reads the PyTorch-written file: names and layouts agree.
+    let weights = weights_from_safetensors(&specs, FIXTURE).unwrap();
+    let st = SafeTensors::deserialize(FIXTURE).unwrap();
+    let (input_ids, shape) = tensor_i32(&st, "input_ids");
+    let (targets, _) = tensor_i32(&st, "targets");
+    (
+        Fixture {
+            model,
+            train,
+            weights,
+            input_ids,
+            targets,
+            shape,
+        },
+        specs,
+    )
+}
+
+fn ints(v: &[i32], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
+}
+
+/// Loss, logits and flat gradients of the fixture batch on `device`.
+fn forward_backward(
+    f: &Fixture,
+    device: &Device,
+) -> (
+    Gpt,
+    f32,
+    Vec<f32>,
+    Vec<f32>,
+    tessera_core::burn::tensor::Gradients,
+) {
+    let ad = device.clone().autodiff();
+    let model = params::load_vec(Gpt::new(&f.model, &ad), &f.weights).unwrap();
+    let logits = model.forward(ints(&f.input_ids, f.shape, &ad));
+    let loss = model.loss(
+        ints(&f.input_ids, f.shape, &ad),
+        ints(&f.targets, f.shape, &ad),
+    );
+    let grads = loss.backward();
+    let g = read(params::flat_grads(&model, &grads));
+    let logits = read(logits.inner().reshape([-1]));
+    (model, read(loss.inner())[0], logits, g, grads)
+}
+
+#[test]
+fn forward_gradients_and_adamw_step_match_pytorch() {
+    let device = Device::flex();
+    let (f, specs) = fixture(&device);
+    let st = SafeTensors::deserialize(FIXTURE).unwrap();
+    let (model, loss, logits, grads, tape) = forward_backward(&f, &device);
+
+    let want_loss = tensor_f32(&st, "loss")[0];
+    assert!(
+        ((loss - want_loss) / want_loss).abs() < RTOL as f32,
+        "loss {loss} vs {want_loss}"
+    );
+    let e = max_rel_err(&logits, &tensor_f32(&st, "logits"));
+    assert!(e < RTOL, "logits differ by {e:e}");
+    for s in &specs {
+        let got = &grads[s.offset..s.offset + s.numel()];
+        let e = max_rel_err(got, &tensor_f32(&st, &format!("grad.{}", s.name)));
+        assert!(e < RTOL, "gradient of {} differs by {e:e}", s.name);
+    }
+
+    let mut opt = AdamW::new();
+    let (model, norm) = opt.step(model, &tape, f.train.lr, &f.train);
+    let want_norm = tensor_f32(&st, "grad_norm")[0];
+    let norm = read(norm)[0];
+    assert!(
+        ((norm - want_norm) / want_norm).abs() < RTOL as f32,
+        "grad norm {norm} vs {want_norm}"
+    );
+    let updated = params::to_vec(&model);
+    for s in &specs {
+        let got = &updated[s.offset..s.offset + s.numel()];
+        let e = max_rel_err(got, &tensor_f32(&st, &format!("updated.{}", s.name)));
+        assert!(e < RTOL, "updated {} differs by {e:e}", s.name);
+    }
+}
+
+#[test]
+fn cpu_and_wgpu_agree_on_the_same_batch() {
+    let cpu = Device::flex();
+    let (f, _) = fixture(&cpu);
+    let (_, loss_c, logits_c, grads_c, _) = forward_backward(&f, &cpu);
+    let (_, loss_g, logits_g, grads_g, _) = forward_backward(&f, &common::wgpu_device());
+    assert!(
+        ((loss_c - loss_g) / loss_c).abs() < 1e-5,
+        "loss cpu {loss_c} vs wgpu {loss_g}"
+    );
+    let e = max_rel_err(&logits_g, &logits_c);
+    assert!(e < RTOL, "logits differ by {e:e}");
+    let e = max_rel_err(&grads_g, &grads_c);
+    assert!(e < RTOL, "gradients differ by {e:e}");
+    eprintln!(
+        "cpu vs wgpu: loss {loss_c} / {loss_g}, logits max rel err {:e}, grads {e:e}",
+        max_rel_err(&logits_g, &logits_c)
+    );
+}

@@ -1,0 +1,39 @@
+//! `tessera-host`: Tessera's native participant.
+//!
+//! `tessera-host train` trains the shared model locally on CPU or wgpu with the same core the
+//! browser runs; later subcommands join a relay.
+
+mod backend;
+mod corpus;
+mod store;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tessera-host", version, about = "Tessera native participant")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model locally and report its validation loss.
+    Train(train::TrainArgs),
+    /// Print text sampled from a checkpoint.
+    Sample(train::SampleArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Train(args) => train::run(args),
+        Command::Sample(args) => train::sample(args),
+    }
+}

@@ -1,0 +1,91 @@
+"""Tokens/s of `tessera-host train --config baby` on CPU against PyTorch CPU running the identical
+model, optimizer and batch shape with the same thread count, in one run.
+
+    cargo build --release -p tessera-host
+    python3 tools/bench/speed_vs_pytorch.py [--threads 2] [--steps 200]
+
+Both sides train for the same number of steps (batch 12, context 64, AdamW with global-norm
+clipping) on tinyshakespeare; both times exclude start-up and the first 10 steps. Prints one
+JSON line with both tokens/s figures and their ratio (Tessera / PyTorch).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "reference"))
+from gpt import GPT, adamw  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+DATA = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+CFG = dict(vocab_size=256, n_layer=4, n_head=4, n_embd=128, block_size=64)
+TRAIN = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+
+
+def tessera(threads, steps, warm):
+    binary = os.environ.get("TESSERA_HOST", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "tessera-host"))
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+
+    def run(n):
+        out = subprocess.run(
+            [binary, "train", "--config", "baby", "--backend", "cpu", "--data", DATA, "--steps", str(n),
+             "--batch", "12", "--eval-interval", "0", "--eval-iters", "1", "--json"],
+            env=env, check=True, capture_output=True, text=True,
+        ).stdout.strip().splitlines()[-1]
+        return json.loads(out)
+
+    # Subtract a short run from a long one: removes start-up and warm-up from the figure.
+    short, long = run(warm), run(warm + steps)
+    secs = long["wall_s"] - short["wall_s"]
+    return steps * 12 * 64 / secs
+
+
+def pytorch(threads, steps, warm):
+    torch.set_num_threads(threads)
+    data = torch.tensor(list(open(DATA, "rb").read()), dtype=torch.long)
+    torch.manual_seed(1337)
+    model = GPT(CFG)
+    opt = adamw(model, TRAIN)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        ix = torch.randint(len(data) - 65, (12,), generator=g)
+        x = torch.stack([data[i:i + 64] for i in ix])
+        y = torch.stack([data[i + 1:i + 65] for i in ix])
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    for _ in range(warm):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * 12 * 64 / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warm", type=int, default=10)
+    a = ap.parse_args()
+    ours = tessera(a.threads, a.steps, a.warm)
+    theirs = pytorch(a.threads, a.steps, a.warm)
+    print(json.dumps({
+        "threads": a.threads, "steps": a.steps,
+        "tessera_tokens_per_s": round(ours), "pytorch_tokens_per_s": round(theirs),
+        "ratio": round(ours / theirs, 3), "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
