@@ -1,10 +1,11 @@
 //! `tessera-host`: Tessera's native participant.
 //!
 //! `tessera-host train` trains the shared model locally on CPU or wgpu with the same core the
-//! browser runs; later subcommands join a relay.
+//! browser runs; `tessera-host join` contributes to a relay's run.
 
 mod backend;
 mod corpus;
+mod join;
 mod store;
 mod train;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Train a model locally and report its validation loss.
     Train(train::TrainArgs),
+    /// Join a relay's run and train work units until stopped.
+    Join(join::JoinArgs),
     /// Print text sampled from a checkpoint.
     Sample(train::SampleArgs),
 }
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train::run(args),
         Command::Sample(args) => train::sample(args),
+        Command::Join(args) => join::run(args),
     }
 }

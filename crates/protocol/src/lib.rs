@@ -1,0 +1,46 @@
+//! # tessera-protocol
+//!
+//! What crosses the wire between the relay and its participants, and nothing else:
+//!
+//! - [`messages`]: the versioned messages (`ClientMsg` from participants, `ServerMsg` from the
+//!   relay), sent as WebSocket binary frames encoded with postcard, each size-checked before it
+//!   is decoded;
+//! - [`update`]: the pseudo-gradient payload of a work unit and the fragment of the parameter
+//!   vector it covers;
+//! - [`identity`]: ed25519 identities, the hello challenge and update signatures.
+//!
+//! Model weights travel separately, over plain HTTP, as safetensors files named by version.
+
+pub mod identity;
+pub mod messages;
+pub mod update;
+
+pub use messages::{ClientMsg, ServerMsg, decode, encode};
+
+/// Version of this protocol. A relay refuses participants that speak another one.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest control message accepted (anything but an update submission).
+pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
+
+/// Errors of the protocol layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The frame is larger than the bound for its kind.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Size received.
+        size: usize,
+        /// Limit in force.
+        limit: usize,
+    },
+    /// The bytes are not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A signature or key does not verify.
+    #[error("bad signature: {0}")]
+    BadSignature(String),
+    /// An update payload is inconsistent.
+    #[error("bad update: {0}")]
+    BadUpdate(String),
+}

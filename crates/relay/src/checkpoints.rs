@@ -1,0 +1,96 @@
+//! Model versions on disk: `model-v<version>.safetensors` (weights, nanoGPT names, loadable by
+//! PyTorch) and `momentum-v<version>.safetensors` (the outer optimizer's buffer), each written
+//! atomically. Old versions are pruned, keeping the newest `keep`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tessera_core::checkpoint::{weights_from_safetensors, weights_to_safetensors};
+use tessera_core::params::ParamSpec;
+
+/// The checkpoint directory.
+pub struct Checkpoints {
+    dir: PathBuf,
+    specs: Vec<ParamSpec>,
+    keep: u64,
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomicwrites::AtomicFile::new(path, atomicwrites::AllowOverwrite)
+        .write(|f| f.write_all(bytes))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+impl Checkpoints {
+    /// Opens (creating) `dir` for a model with parameters `specs`.
+    pub fn open(dir: &Path, specs: Vec<ParamSpec>, keep: u64) -> Result<Self> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Checkpoints { dir: dir.to_path_buf(), specs, keep: keep.max(1) })
+    }
+
+    /// File name of a version's weights.
+    pub fn weights_name(version: u64) -> String {
+        format!("model-v{version:08}.safetensors")
+    }
+
+    fn momentum_name(version: u64) -> String {
+        format!("momentum-v{version:08}.safetensors")
+    }
+
+    /// Path of a version's weights.
+    pub fn weights_path(&self, version: u64) -> PathBuf {
+        self.dir.join(Self::weights_name(version))
+    }
+
+    /// Encodes weights as safetensors bytes (what `/api/model/{version}` serves).
+    pub fn encode(&self, version: u64, params: &[f32]) -> Result<Vec<u8>> {
+        let meta = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("tessera_version".to_string(), version.to_string()),
+        ]);
+        Ok(weights_to_safetensors(&self.specs, params, meta)?)
+    }
+
+    /// Writes a version (weights and momentum) durably; returns the weights' bytes.
+    pub fn save(&self, version: u64, params: &[f32], momentum: &[f32]) -> Result<Vec<u8>> {
+        let bytes = self.encode(version, params)?;
+        write_atomic(&self.dir.join(Self::momentum_name(version)), &self.encode(version, momentum)?)?;
+        write_atomic(&self.weights_path(version), &bytes)?;
+        self.prune(version);
+        Ok(bytes)
+    }
+
+    /// Reads a version's weights and momentum.
+    pub fn load(&self, version: u64) -> Result<(Vec<f32>, Vec<f32>)> {
+        let read = |name: String| -> Result<Vec<f32>> {
+            let path = self.dir.join(&name);
+            let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            Ok(weights_from_safetensors(&self.specs, &bytes).with_context(|| format!("decoding {}", path.display()))?)
+        };
+        Ok((read(Self::weights_name(version))?, read(Self::momentum_name(version))?))
+    }
+
+    /// Reads the raw weights file of a version, if it is still on disk.
+    pub fn read_weights(&self, version: u64) -> Option<Vec<u8>> {
+        fs::read(self.weights_path(version)).ok()
+    }
+
+    fn prune(&self, newest: u64) {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let version = name
+                .strip_suffix(".safetensors")
+                .and_then(|s| s.rsplit_once("-v"))
+                .and_then(|(_, v)| v.parse::<u64>().ok());
+            if let Some(v) = version {
+                if v + self.keep <= newest {
+                    fs::remove_file(e.path()).ok();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The SQLite ledger: the run, model versions, leases, participants and accepted updates.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+use tessera_coordinator::{Lease, ParticipantStats, Verdict};
+use tessera_protocol::messages::WorkUnit;
+use tessera_protocol::update::Fragment;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS run (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    checkpoint TEXT NOT NULL,
+    updates INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    val_loss REAL
+);
+CREATE TABLE IF NOT EXISTS participants (
+    id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    device TEXT NOT NULL,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    unit_id INTEGER PRIMARY KEY,
+    participant TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    shard INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    unit_id INTEGER NOT NULL,
+    participant TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    staleness INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    weight REAL NOT NULL,
+    loss_before REAL NOT NULL,
+    loss_after REAL NOT NULL,
+    received_ms INTEGER NOT NULL,
+    applied_version INTEGER,
+    payload BLOB
+);
+CREATE TABLE IF NOT EXISTS counters (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+";
+
+/// An accepted update not yet folded into a version.
+pub struct PendingUpdate {
+    /// Its verdict (weight, tokens, staleness).
+    pub verdict: Verdict,
+    /// The pseudo-gradient, f32 little-endian.
+    pub payload: Vec<u8>,
+    /// When it arrived.
+    pub received_ms: u64,
+}
+
+/// What an accepted update records.
+pub struct UpdateRecord<'a> {
+    /// The unit.
+    pub unit_id: u64,
+    /// Its participant.
+    pub participant: &'a str,
+    /// The version it started from.
+    pub base_version: u64,
+    /// Verdict it was accepted with.
+    pub verdict: Verdict,
+    /// Loss of its first inner step.
+    pub loss_before: f32,
+    /// Loss of its last inner step.
+    pub loss_after: f32,
+    /// When it arrived.
+    pub received_ms: u64,
+    /// The pseudo-gradient, f32 little-endian.
+    pub payload: &'a [u8],
+}
+
+/// The database.
+pub struct Db {
+    conn: Connection,
+}
+
+impl Db {
+    /// Opens (creating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Db { conn })
+    }
+
+    /// The stored run configuration, if the run exists.
+    pub fn run_config(&self) -> Result<Option<String>> {
+        Ok(self.conn.query_row("SELECT config_json FROM run WHERE id = 1", [], |r| r.get(0)).optional()?)
+    }
+
+    /// Creates the run with its version 0.
+    pub fn create_run(&mut self, name: &str, config_json: &str, checkpoint: &str, now: u64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("INSERT INTO run (id, name, config_json, created_ms) VALUES (1, ?1, ?2, ?3)", params![name, config_json, now as i64])?;
+        tx.execute("INSERT INTO versions (version, checkpoint, updates, created_ms) VALUES (0, ?1, 0, ?2)", params![checkpoint, now as i64])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The latest recorded version.
+    pub fn latest_version(&self) -> Result<u64> {
+        Ok(self.conn.query_row("SELECT MAX(version) FROM versions", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Validation-loss history: `(version, val_loss)`.
+    pub fn val_history(&self) -> Result<Vec<(u64, f32)>> {
+        let mut st = self.conn.prepare("SELECT version, val_loss FROM versions WHERE val_loss IS NOT NULL ORDER BY version")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, f64>(1)? as f32)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a version's validation loss.
+    pub fn set_val_loss(&self, version: u64, loss: f32) -> Result<()> {
+        self.conn.execute("UPDATE versions SET val_loss = ?1 WHERE version = ?2", params![loss as f64, version as i64])?;
+        Ok(())
+    }
+
+    /// A counter's value (0 if unset).
+    pub fn counter(&self, key: &str) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM counters WHERE key = ?1", [key], |r| r.get::<_, i64>(0))
+            .optional()?
+            .unwrap_or(0) as u64)
+    }
+
+    /// Inserts or refreshes a participant.
+    pub fn upsert_participant(&self, p: &ParticipantStats, public_key: &[u8], now: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO participants (id, public_key, kind, backend, device, first_seen_ms, last_seen_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT(id) DO UPDATE SET kind = ?3, backend = ?4, device = ?5, last_seen_ms = ?6",
+            params![p.id, public_key, p.kind, p.backend, p.device, now as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Every participant's ledger entry.
+    pub fn participants(&self) -> Result<Vec<ParticipantStats>> {
+        let mut st = self.conn.prepare("SELECT id, kind, backend, device, accepted, rejected, tokens, last_seen_ms FROM participants")?;
+        let rows = st.query_map([], |r| {
+            let kind: String = r.get(1)?;
+            Ok(ParticipantStats {
+                id: r.get(0)?,
+                kind: if kind == "browser" { "browser" } else { "native" },
+                backend: r.get(2)?,
+                device: r.get(3)?,
+                accepted_updates: r.get::<_, i64>(4)? as u64,
+                rejected_updates: r.get::<_, i64>(5)? as u64,
+                tokens_trained: r.get::<_, i64>(6)? as u64,
+                connected: false,
+                last_seen_ms: r.get::<_, i64>(7)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a lease and the counters it advanced.
+    pub fn put_lease(&mut self, participant: &str, unit: &WorkUnit, next_unit: u64, next_shard: u64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO leases (unit_id, participant, base_version, shard, deadline_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![unit.unit_id as i64, participant, unit.base_version as i64, unit.shard as i64, unit.deadline_ms as i64],
+        )?;
+        tx.execute("INSERT OR REPLACE INTO counters (key, value) VALUES ('next_unit', ?1)", [next_unit as i64])?;
+        tx.execute("INSERT OR REPLACE INTO counters (key, value) VALUES ('next_shard', ?1)", [next_shard as i64])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets leases.
+    pub fn delete_leases(&self, unit_ids: &[u64]) -> Result<()> {
+        for u in unit_ids {
+            self.conn.execute("DELETE FROM leases WHERE unit_id = ?1", [*u as i64])?;
+        }
+        Ok(())
+    }
+
+    /// Every stored lease, as the coordinator holds them. `template` supplies the per-run fields.
+    pub fn leases(&self, template: &WorkUnit) -> Result<Vec<Lease>> {
+        let mut st = self.conn.prepare("SELECT unit_id, participant, base_version, shard, deadline_ms FROM leases")?;
+        let rows = st.query_map([], |r| {
+            Ok(Lease {
+                participant: r.get(1)?,
+                unit: WorkUnit {
+                    unit_id: r.get::<_, i64>(0)? as u64,
+                    base_version: r.get::<_, i64>(2)? as u64,
+                    shard: r.get::<_, i64>(3)? as u64,
+                    deadline_ms: r.get::<_, i64>(4)? as u64,
+                    fragment: Fragment::ALL,
+                    ..template.clone()
+                },
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Durably records an accepted update, its participant's ledger and the end of its lease,
+    /// in one transaction.
+    pub fn record_accepted(&mut self, u: &UpdateRecord<'_>) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO updates (unit_id, participant, base_version, staleness, tokens, weight, loss_before, loss_after, received_ms, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                u.unit_id as i64,
+                u.participant,
+                u.base_version as i64,
+                u.verdict.staleness as i64,
+                u.verdict.tokens as i64,
+                u.verdict.weight as f64,
+                u.loss_before as f64,
+                u.loss_after as f64,
+                u.received_ms as i64,
+                u.payload
+            ],
+        )?;
+        tx.execute(
+            "UPDATE participants SET accepted = accepted + 1, tokens = tokens + ?2, last_seen_ms = ?3 WHERE id = ?1",
+            params![u.participant, u.verdict.tokens as i64, u.received_ms as i64],
+        )?;
+        tx.execute("DELETE FROM leases WHERE unit_id = ?1", [u.unit_id as i64])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Counts a rejection against a participant.
+    pub fn record_rejected(&self, participant: &str) -> Result<()> {
+        self.conn.execute("UPDATE participants SET rejected = rejected + 1 WHERE id = ?1", [participant])?;
+        Ok(())
+    }
+
+    /// Records a new version (its checkpoint already on disk) and marks every pending update
+    /// applied, in one transaction. Applied payloads are dropped: the version holds them.
+    pub fn record_version(&mut self, version: u64, checkpoint: &str, now: u64) -> Result<usize> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute("UPDATE updates SET applied_version = ?1, payload = NULL WHERE applied_version IS NULL", [version as i64])?;
+        tx.execute(
+            "INSERT INTO versions (version, checkpoint, updates, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![version as i64, checkpoint, n as i64, now as i64],
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Accepted updates not yet folded into a recorded version, in arrival order.
+    pub fn pending_updates(&self) -> Result<Vec<PendingUpdate>> {
+        let mut st = self.conn.prepare(
+            "SELECT staleness, tokens, weight, payload, received_ms FROM updates WHERE applied_version IS NULL ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(PendingUpdate {
+                verdict: Verdict {
+                    staleness: r.get::<_, i64>(0)? as u64,
+                    tokens: r.get::<_, i64>(1)? as u64,
+                    weight: r.get::<_, f64>(2)? as f32,
+                },
+                payload: r.get(3)?,
+                received_ms: r.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Total accepted updates in the ledger.
+    pub fn accepted_count(&self) -> Result<u64> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM updates", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+}

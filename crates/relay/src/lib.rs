@@ -1,0 +1,29 @@
+//! # tessera-relay
+//!
+//! The I/O shell around [`tessera_coordinator::Coordinator`]: it accepts participants over
+//! WebSockets (axum), feeds the coordinator their messages and the time, and makes what it
+//! decides durable:
+//!
+//! - [`db`]: the SQLite ledger (run, versions, leases, participants, accepted updates);
+//! - [`checkpoints`]: model versions as safetensors files, written atomically;
+//! - [`run`]: start-up and crash recovery, the accept and round-close paths, evaluation;
+//! - [`server`]: HTTP routes (`/ws`, `/api/status`, `/metrics`, `/api/model/{version}`,
+//!   `/api/corpus`, the page) and the per-connection protocol.
+//!
+//! Durability rule: an update is acknowledged only after it is committed to the database; a
+//! model version is recorded only after its checkpoint file is on disk, in the same transaction
+//! that marks its updates applied. A relay killed at any point restarts from the last recorded
+//! version and replays the accepted, not yet applied updates: none lost, none applied twice.
+
+pub mod checkpoints;
+pub mod db;
+pub mod run;
+pub mod server;
+
+/// Milliseconds since the Unix epoch (the only clock the relay reads).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,220 @@
+//! HTTP and WebSocket: the routes, and the protocol on one participant connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use tessera_protocol::messages::{ClientMsg, Hello, ServerMsg};
+use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity};
+
+use crate::run::Relay;
+
+/// How long a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds the router.
+pub fn router(relay: Arc<Relay>, page: Option<String>) -> Router {
+    let page = Arc::new(page.unwrap_or_else(|| include_str!("../../../index.html").to_string()));
+    Router::new()
+        .route("/", get(move || { let p = page.clone(); async move { Html((*p).clone()) } }))
+        .route("/ws", get(ws))
+        .route("/api/status", get(status))
+        .route("/api/run", get(run_info))
+        .route("/api/model/latest", get(latest_model))
+        .route("/api/model/{version}", get(model))
+        .route("/api/corpus", get(corpus))
+        .route("/metrics", get(metrics))
+        .with_state(relay)
+}
+
+/// Serves until the process ends.
+pub async fn serve(relay: Arc<Relay>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+    let app = router(relay, None);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+    Ok(())
+}
+
+async fn status(State(r): State<Arc<Relay>>) -> impl IntoResponse {
+    axum::Json(r.status())
+}
+
+async fn run_info(State(r): State<Arc<Relay>>) -> impl IntoResponse {
+    axum::Json(r.run_info.clone())
+}
+
+fn safetensors(version: u64, bytes: Arc<Vec<u8>>) -> Response {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
+        .header("x-tessera-version", version.to_string())
+        .body(Body::from((*bytes).clone()))
+        .expect("valid response")
+}
+
+async fn model(State(r): State<Arc<Relay>>, Path(version): Path<String>) -> Response {
+    let Ok(v) = version.trim_end_matches(".safetensors").parse::<u64>() else {
+        return (StatusCode::BAD_REQUEST, "version must be a number").into_response();
+    };
+    match r.weights(v) {
+        Some(bytes) => safetensors(v, bytes),
+        None => (StatusCode::NOT_FOUND, format!("version {v} is not kept")).into_response(),
+    }
+}
+
+async fn latest_model(State(r): State<Arc<Relay>>) -> Response {
+    let (v, bytes) = r.latest();
+    let mut resp = safetensors(v, bytes);
+    resp.headers_mut().insert(header::CACHE_CONTROL, "no-cache".parse().expect("header"));
+    resp
+}
+
+async fn corpus(State(r): State<Arc<Relay>>) -> Response {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header("x-tessera-sha256", r.run_info.corpus_sha256.clone())
+        .body(Body::from((*r.corpus_bytes).clone()))
+        .expect("valid response")
+}
+
+async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
+    let s = serde_json::to_value(r.status()).unwrap_or_default();
+    let g = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    };
+    metric("tessera_model_version", "gauge", "Current model version.", g("model_version"));
+    metric("tessera_accepted_updates_total", "counter", "Updates accepted.", g("accepted_updates"));
+    metric("tessera_rejected_updates_total", "counter", "Updates rejected.", g("rejected_updates"));
+    metric("tessera_tokens_trained_total", "counter", "Tokens in accepted updates.", g("tokens_trained"));
+    metric("tessera_pending_updates", "gauge", "Updates in the open round.", g("pending_updates"));
+    let leases = s.get("leases").and_then(|l| l.as_array()).map_or(0, |l| l.len());
+    metric("tessera_leases", "gauge", "Work units leased.", leases as f64);
+    metric("tessera_val_loss", "gauge", "Latest validation loss.", g("val_loss"));
+    metric("tessera_connections", "gauge", "Open participant connections.", r.metrics.connections.load(Ordering::Relaxed) as f64);
+    metric("tessera_messages_total", "counter", "Messages received.", r.metrics.messages.load(Ordering::Relaxed) as f64);
+    metric("tessera_update_bytes_total", "counter", "Bytes of update payloads received.", r.metrics.update_bytes.load(Ordering::Relaxed) as f64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+async fn ws(State(r): State<Arc<Relay>>, upgrade: WebSocketUpgrade) -> Response {
+    // A submission carries the whole pseudo-gradient: bound frames by that, plus headroom.
+    let limit = r.run_info.num_params as usize * 4 + MAX_CONTROL_BYTES;
+    upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| async move {
+            r.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = connection(r.clone(), socket, limit).await {
+                tracing::debug!("connection ended: {e:#}");
+            }
+            r.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+        })
+}
+
+async fn send(socket: &mut WebSocket, msg: &ServerMsg) -> anyhow::Result<()> {
+    socket.send(Message::Binary(encode(msg).into())).await?;
+    Ok(())
+}
+
+async fn recv(socket: &mut WebSocket) -> anyhow::Result<Option<Vec<u8>>> {
+    loop {
+        match socket.recv().await {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(Message::Binary(b))) => return Ok(Some(b.to_vec())),
+            Some(Ok(Message::Close(_))) => return Ok(None),
+            Some(Ok(Message::Text(_))) => anyhow::bail!("text frames are not part of the protocol"),
+            Some(Ok(_)) => continue, // ping/pong
+        }
+    }
+}
+
+async fn fail(socket: &mut WebSocket, message: String) -> anyhow::Result<()> {
+    send(socket, &ServerMsg::Error { message: message.clone() }).await.ok();
+    socket.send(Message::Close(None)).await.ok();
+    anyhow::bail!(message)
+}
+
+async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyhow::Result<()> {
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    send(&mut socket, &ServerMsg::Challenge { nonce, protocol_version: PROTOCOL_VERSION }).await?;
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, recv(&mut socket)).await {
+        Ok(Ok(Some(b))) => b,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return fail(&mut socket, "no hello within 10 s".into()).await,
+    };
+    let hello: Hello = match decode::<ClientMsg>(&first, MAX_CONTROL_BYTES) {
+        Ok(ClientMsg::Hello(h)) => h,
+        Ok(_) => return fail(&mut socket, "the first message must be a hello".into()).await,
+        Err(e) => return fail(&mut socket, format!("bad hello: {e}")).await,
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return fail(&mut socket, format!("protocol {} is not supported (relay speaks {PROTOCOL_VERSION})", hello.protocol_version)).await;
+    }
+    if let Err(e) = identity::verify(&hello.public_key, &identity::hello_message(&nonce), &hello.signature) {
+        return fail(&mut socket, format!("hello signature: {e}")).await;
+    }
+    let id = identity::short_id(&hello.public_key);
+    let version = r.join(&id, &hello.public_key, hello.kind, &hello.backend, &hello.device)?;
+    tracing::info!(participant = id, kind = hello.kind.as_str(), backend = hello.backend, "joined");
+    send(&mut socket, &ServerMsg::Welcome { participant_id: id.clone(), run: r.run_info.clone(), model_version: version }).await?;
+
+    let mut versions = r.versions.subscribe();
+    let result = async {
+        loop {
+            tokio::select! {
+                v = versions.recv() => {
+                    if let Ok(v) = v {
+                        send(&mut socket, &ServerMsg::NewVersion { model_version: v }).await?;
+                    }
+                }
+                frame = recv(&mut socket) => {
+                    let Some(bytes) = frame? else { return Ok(()) };
+                    r.metrics.messages.fetch_add(1, Ordering::Relaxed);
+                    let msg = match decode::<ClientMsg>(&bytes, limit) {
+                        Ok(m) => m,
+                        Err(e) => return fail(&mut socket, format!("bad message: {e}")).await,
+                    };
+                    let reply = match msg {
+                        ClientMsg::Hello(_) => return fail(&mut socket, "hello sent twice".into()).await,
+                        ClientMsg::RequestWork => match r.request_work(&id)? {
+                            Some(unit) => ServerMsg::Work(unit),
+                            None => ServerMsg::NoWork { retry_ms: 2_000 },
+                        },
+                        ClientMsg::Heartbeat { .. } => {
+                            r.heartbeat(&id);
+                            ServerMsg::HeartbeatAck
+                        }
+                        ClientMsg::Submit(s) => {
+                            r.metrics.update_bytes.fetch_add(s.payload.data.len() as u64, Ordering::Relaxed);
+                            let r2 = r.clone();
+                            let id2 = id.clone();
+                            let key = hello.public_key;
+                            tokio::task::spawn_blocking(move || r2.submit(&id2, &key, s)).await??
+                        }
+                        ClientMsg::Leave => {
+                            r.leave(&id)?;
+                            return Ok(());
+                        }
+                    };
+                    send(&mut socket, &reply).await?;
+                }
+            }
+        }
+    }
+    .await;
+    r.disconnect(&id);
+    tracing::info!(participant = id, "disconnected");
+    result
+}

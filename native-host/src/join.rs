@@ -1,0 +1,324 @@
+//! `tessera-host join`: a participant of a relay's run. Connects, proves its identity, then
+//! loops: lease a unit, fetch its base weights, train H inner steps with the shared core,
+//! send the signed pseudo-gradient. Reconnects with backoff when the relay goes away.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use tessera_core::burn::prelude::Device;
+use tessera_core::checkpoint::weights_from_safetensors;
+use tessera_core::config::{ModelConfig, TrainConfig};
+use tessera_core::data::{BatchKey, Corpus, Split};
+use tessera_core::model::Gpt;
+use tessera_core::params;
+use tessera_core::train::Trainer;
+use tessera_protocol::messages::{ClientMsg, Hello, ParticipantKind, RunInfo, ServerMsg, Submission, WorkUnit};
+use tessera_protocol::update::Payload;
+use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::backend::{self, Backend};
+
+/// Options of `tessera-host join`.
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// The relay's WebSocket URL, e.g. ws://127.0.0.1:8700/ws.
+    url: String,
+    /// cpu or wgpu (default: the fastest available here).
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+    /// Identity key file (created on first run).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Leave after this many accepted or rejected units.
+    #[arg(long)]
+    max_units: Option<u64>,
+}
+
+/// Heartbeat period while training (leases outlive several of them).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Loads the ed25519 secret key at `path`, creating it (mode 0600) on first use.
+pub fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let bytes = hex::decode(text.trim()).with_context(|| format!("{} is not a hex key", path.display()))?;
+        return bytes.try_into().map_err(|_| anyhow!("{} does not hold a 32-byte key", path.display()));
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow!("no randomness: {e}"))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, hex::encode(secret)).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(secret)
+}
+
+fn default_key_path() -> PathBuf {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("tessera").join("host.key")
+}
+
+struct Participant {
+    secret: [u8; 32],
+    backend: Backend,
+    device: Device,
+    device_name: String,
+    http: String,
+    client: reqwest::Client,
+    corpus: Option<Arc<Corpus>>,
+    weights: Option<(u64, Arc<Vec<f32>>)>,
+    units_done: u64,
+    max_units: Option<u64>,
+}
+
+/// Runs `tessera-host join`.
+pub fn run(args: JoinArgs) -> Result<()> {
+    let key_path = args.key.clone().unwrap_or_else(default_key_path);
+    let secret = load_or_create_key(&key_path)?;
+    let backend = args.backend.unwrap_or_else(backend::fastest);
+    let (device, device_name) = backend::device(backend)?;
+    let http = args
+        .url
+        .replacen("ws://", "http://", 1)
+        .replacen("wss://", "https://", 1)
+        .trim_end_matches("/ws")
+        .trim_end_matches('/')
+        .to_string();
+    eprintln!("participant {} on {device_name}", identity::short_id(&identity::public_key(&secret)));
+    let mut p = Participant {
+        secret,
+        backend,
+        device,
+        device_name,
+        http,
+        client: reqwest::Client::new(),
+        corpus: None,
+        weights: None,
+        units_done: 0,
+        max_units: args.max_units,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async move {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match p.session(&args.url).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    eprintln!("relay connection lost: {e:#}; retrying in {:.1} s", backoff.as_secs_f64());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    })
+}
+
+async fn send(ws: &mut Ws, msg: &ClientMsg) -> Result<()> {
+    ws.send(Message::Binary(encode(msg).into())).await?;
+    Ok(())
+}
+
+async fn recv(ws: &mut Ws) -> Result<ServerMsg> {
+    loop {
+        match ws.next().await {
+            None => bail!("the relay closed the connection"),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(Message::Binary(b))) => {
+                let msg: ServerMsg = decode(&b, MAX_CONTROL_BYTES)?;
+                if let ServerMsg::Error { message } = &msg {
+                    bail!("relay error: {message}");
+                }
+                return Ok(msg);
+            }
+            Some(Ok(Message::Close(_))) => bail!("the relay closed the connection"),
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+impl Participant {
+    async fn session(&mut self, url: &str) -> Result<()> {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.with_context(|| format!("connecting to {url}"))?;
+        let ServerMsg::Challenge { nonce, protocol_version } = recv(&mut ws).await? else {
+            bail!("the relay did not send a challenge");
+        };
+        if protocol_version != PROTOCOL_VERSION {
+            bail!("relay speaks protocol {protocol_version}, this host {PROTOCOL_VERSION}");
+        }
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            public_key: identity::public_key(&self.secret),
+            signature: identity::sign(&self.secret, &identity::hello_message(&nonce)).to_vec(),
+            kind: ParticipantKind::Native,
+            backend: self.backend.to_string(),
+            device: self.device_name.clone(),
+            tokens_per_s: 0.0,
+        };
+        send(&mut ws, &ClientMsg::Hello(hello)).await?;
+        let ServerMsg::Welcome { participant_id, run, model_version } = recv(&mut ws).await? else {
+            bail!("the relay did not welcome us");
+        };
+        eprintln!("joined run {:?} as {participant_id}; model version {model_version}", run.name);
+        let corpus = self.corpus(&run).await?;
+        loop {
+            if self.max_units.is_some_and(|m| self.units_done >= m) {
+                send(&mut ws, &ClientMsg::Leave).await.ok();
+                ws.close(None).await.ok();
+                return Ok(());
+            }
+            send(&mut ws, &ClientMsg::RequestWork).await?;
+            let unit = loop {
+                match recv(&mut ws).await? {
+                    ServerMsg::Work(u) => break Some(u),
+                    ServerMsg::NoWork { retry_ms } => {
+                        tokio::time::sleep(Duration::from_millis(retry_ms)).await;
+                        break None;
+                    }
+                    _ => continue,
+                }
+            };
+            let Some(unit) = unit else { continue };
+            let base = self.fetch_weights(unit.base_version, &run.model).await?;
+            let started = Instant::now();
+            let (submission, first, last) = self.train(&mut ws, &run, &unit, base, corpus.clone()).await?;
+            send(&mut ws, &ClientMsg::Submit(submission)).await?;
+            let reply = loop {
+                match recv(&mut ws).await? {
+                    m @ (ServerMsg::Accepted { .. } | ServerMsg::Rejected { .. }) => break m,
+                    _ => continue,
+                }
+            };
+            self.units_done += 1;
+            let secs = started.elapsed().as_secs_f64();
+            match reply {
+                ServerMsg::Accepted { model_version, .. } => eprintln!(
+                    "unit {} (shard {}, base v{}): loss {first:.4} -> {last:.4} in {secs:.1} s; accepted, model now v{model_version}",
+                    unit.unit_id, unit.shard, unit.base_version
+                ),
+                ServerMsg::Rejected { reason, detail, .. } => {
+                    eprintln!("unit {} rejected: {reason:?}: {detail}", unit.unit_id)
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+
+    async fn corpus(&mut self, run: &RunInfo) -> Result<Arc<Corpus>> {
+        if let Some(c) = &self.corpus {
+            return Ok(c.clone());
+        }
+        let bytes = self.client.get(format!("{}/api/corpus", self.http)).send().await?.error_for_status()?.bytes().await?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        if digest != run.corpus_sha256 {
+            bail!("corpus checksum {digest} does not match the run's {}", run.corpus_sha256);
+        }
+        let corpus = Arc::new(Corpus::from_documents([("relay corpus", bytes.as_ref())], run.model.block_size)?);
+        self.corpus = Some(corpus.clone());
+        Ok(corpus)
+    }
+
+    async fn fetch_weights(&mut self, version: u64, model: &ModelConfig) -> Result<Arc<Vec<f32>>> {
+        if let Some((v, w)) = &self.weights {
+            if *v == version {
+                return Ok(w.clone());
+            }
+        }
+        let url = format!("{}/api/model/{version}", self.http);
+        let bytes = self.client.get(&url).send().await?.error_for_status().with_context(|| format!("GET {url}"))?.bytes().await?;
+        let weights = Arc::new(decode_weights(model, &bytes).with_context(|| format!("decoding {url}"))?);
+        self.weights = Some((version, weights.clone()));
+        Ok(weights)
+    }
+
+    async fn train(
+        &mut self,
+        ws: &mut Ws,
+        run: &RunInfo,
+        unit: &WorkUnit,
+        base: Arc<Vec<f32>>,
+        corpus: Arc<Corpus>,
+    ) -> Result<(Submission, f32, f32)> {
+        let progress = Arc::new(AtomicU32::new(0));
+        let job = {
+            let (device, model_cfg, unit, progress, base) = (self.device.clone(), run.model, unit.clone(), progress.clone(), base.clone());
+            let mut train = run.train.clone();
+            train.batch_size = unit.batch_size as usize;
+            tokio::task::spawn_blocking(move || train_unit(&device, model_cfg, train, &unit, &base, &corpus, &progress))
+        };
+        tokio::pin!(job);
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        let (delta, first, last) = loop {
+            tokio::select! {
+                r = &mut job => break r??,
+                _ = beat.tick() => {
+                    let step = progress.load(Ordering::Relaxed);
+                    send(ws, &ClientMsg::Heartbeat { unit_id: Some(unit.unit_id), step }).await?;
+                }
+                m = recv(ws) => { m?; } // acks and version news
+            }
+        };
+        let payload = Payload::f32(&delta);
+        let signature = identity::sign(&self.secret, &identity::update_message(unit.unit_id, unit.base_version, &payload.data)).to_vec();
+        let tokens = unit.inner_steps as u64 * unit.batch_size as u64 * run.model.block_size as u64;
+        Ok((
+            Submission { unit_id: unit.unit_id, base_version: unit.base_version, payload, tokens, loss_before: first, loss_after: last, signature },
+            first,
+            last,
+        ))
+    }
+}
+
+/// Trains one unit: H AdamW steps at the unit's learning rate from `base`, on the batches
+/// `(seed, shard, 0..H)`. Returns the pseudo-gradient (base − trained) and the first and last
+/// losses.
+pub fn train_unit(
+    device: &Device,
+    model: ModelConfig,
+    train: TrainConfig,
+    unit: &WorkUnit,
+    base: &[f32],
+    corpus: &Corpus,
+    progress: &AtomicU32,
+) -> Result<(Vec<f32>, f32, f32)> {
+    let mut trainer = Trainer::with_weights(model, train, device, base)?;
+    let (mut first, mut last) = (f32::NAN, f32::NAN);
+    for step in 0..unit.inner_steps {
+        let key = BatchKey { seed: unit.seed, shard: unit.shard, step: step as u64 };
+        let batch = corpus.batch(Split::Train, key, unit.batch_size as usize, model.block_size);
+        let out = trainer.step_with_lr(&batch, unit.lr);
+        if step == 0 || step + 1 == unit.inner_steps {
+            let v: Vec<f32> = out.loss.into_data().try_into_vec().map_err(|e| anyhow!("{e:?}"))?;
+            if step == 0 {
+                first = v[0];
+            }
+            last = v[0];
+        }
+        progress.store(step + 1, Ordering::Relaxed);
+    }
+    let trained = params::to_vec(trainer.model());
+    let range = unit.fragment.range(base.len())?;
+    let delta = base[range.clone()].iter().zip(&trained[range]).map(|(b, t)| b - t).collect();
+    Ok((delta, first, last))
+}
+
+/// Decodes a version's safetensors into the flat parameter vector of `model`.
+fn decode_weights(model: &ModelConfig, bytes: &[u8]) -> Result<Vec<f32>> {
+    let specs = params::specs(&Gpt::new(model, &Device::flex()));
+    Ok(weights_from_safetensors(&specs, bytes)?)
+}
