@@ -19,4 +19,6 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
+# The end-to-end tests start the real binaries.
+cargo build --release --workspace --bins
 cargo test --release --workspace 2>&1

@@ -18,7 +18,9 @@ use tessera_core::data::{BatchKey, Corpus, Split};
 use tessera_core::model::Gpt;
 use tessera_core::params;
 use tessera_core::train::Trainer;
-use tessera_protocol::messages::{ClientMsg, Hello, ParticipantKind, RunInfo, ServerMsg, Submission, WorkUnit};
+use tessera_protocol::messages::{
+    ClientMsg, Hello, ParticipantKind, RunInfo, ServerMsg, Submission, WorkUnit,
+};
 use tessera_protocol::update::Payload;
 use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity};
 use tokio_tungstenite::tungstenite::Message;
@@ -44,20 +46,25 @@ pub struct JoinArgs {
 /// Heartbeat period while training (leases outlive several of them).
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Loads the ed25519 secret key at `path`, creating it (mode 0600) on first use.
 pub fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
     if let Ok(text) = std::fs::read_to_string(path) {
-        let bytes = hex::decode(text.trim()).with_context(|| format!("{} is not a hex key", path.display()))?;
-        return bytes.try_into().map_err(|_| anyhow!("{} does not hold a 32-byte key", path.display()));
+        let bytes = hex::decode(text.trim())
+            .with_context(|| format!("{} is not a hex key", path.display()))?;
+        return bytes
+            .try_into()
+            .map_err(|_| anyhow!("{} does not hold a 32-byte key", path.display()));
     }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow!("no randomness: {e}"))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(path, hex::encode(secret)).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(path, hex::encode(secret))
+        .with_context(|| format!("writing {}", path.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -100,7 +107,10 @@ pub fn run(args: JoinArgs) -> Result<()> {
         .trim_end_matches("/ws")
         .trim_end_matches('/')
         .to_string();
-    eprintln!("participant {} on {device_name}", identity::short_id(&identity::public_key(&secret)));
+    eprintln!(
+        "participant {} on {device_name}",
+        identity::short_id(&identity::public_key(&secret))
+    );
     let mut p = Participant {
         secret,
         backend,
@@ -113,14 +123,20 @@ pub fn run(args: JoinArgs) -> Result<()> {
         units_done: 0,
         max_units: args.max_units,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let mut backoff = Duration::from_millis(250);
         loop {
             match p.session(&args.url).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    eprintln!("relay connection lost: {e:#}; retrying in {:.1} s", backoff.as_secs_f64());
+                    eprintln!(
+                        "relay connection lost: {e:#}; retrying in {:.1} s",
+                        backoff.as_secs_f64()
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -154,8 +170,14 @@ async fn recv(ws: &mut Ws) -> Result<ServerMsg> {
 
 impl Participant {
     async fn session(&mut self, url: &str) -> Result<()> {
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.with_context(|| format!("connecting to {url}"))?;
-        let ServerMsg::Challenge { nonce, protocol_version } = recv(&mut ws).await? else {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        let ServerMsg::Challenge {
+            nonce,
+            protocol_version,
+        } = recv(&mut ws).await?
+        else {
             bail!("the relay did not send a challenge");
         };
         if protocol_version != PROTOCOL_VERSION {
@@ -171,10 +193,18 @@ impl Participant {
             tokens_per_s: 0.0,
         };
         send(&mut ws, &ClientMsg::Hello(hello)).await?;
-        let ServerMsg::Welcome { participant_id, run, model_version } = recv(&mut ws).await? else {
+        let ServerMsg::Welcome {
+            participant_id,
+            run,
+            model_version,
+        } = recv(&mut ws).await?
+        else {
             bail!("the relay did not welcome us");
         };
-        eprintln!("joined run {:?} as {participant_id}; model version {model_version}", run.name);
+        eprintln!(
+            "joined run {:?} as {participant_id}; model version {model_version}",
+            run.name
+        );
         let corpus = self.corpus(&run).await?;
         loop {
             if self.max_units.is_some_and(|m| self.units_done >= m) {
@@ -196,7 +226,9 @@ impl Participant {
             let Some(unit) = unit else { continue };
             let base = self.fetch_weights(unit.base_version, &run.model).await?;
             let started = Instant::now();
-            let (submission, first, last) = self.train(&mut ws, &run, &unit, base, corpus.clone()).await?;
+            let (submission, first, last) = self
+                .train(&mut ws, &run, &unit, base, corpus.clone())
+                .await?;
             send(&mut ws, &ClientMsg::Submit(submission)).await?;
             let reply = loop {
                 match recv(&mut ws).await? {
@@ -223,25 +255,47 @@ impl Participant {
         if let Some(c) = &self.corpus {
             return Ok(c.clone());
         }
-        let bytes = self.client.get(format!("{}/api/corpus", self.http)).send().await?.error_for_status()?.bytes().await?;
+        let bytes = self
+            .client
+            .get(format!("{}/api/corpus", self.http))
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
         let digest = hex::encode(Sha256::digest(&bytes));
         if digest != run.corpus_sha256 {
-            bail!("corpus checksum {digest} does not match the run's {}", run.corpus_sha256);
+            bail!(
+                "corpus checksum {digest} does not match the run's {}",
+                run.corpus_sha256
+            );
         }
-        let corpus = Arc::new(Corpus::from_documents([("relay corpus", bytes.as_ref())], run.model.block_size)?);
+        let corpus = Arc::new(Corpus::from_documents(
+            [("relay corpus", bytes.as_ref())],
+            run.model.block_size,
+        )?);
         self.corpus = Some(corpus.clone());
         Ok(corpus)
     }
 
     async fn fetch_weights(&mut self, version: u64, model: &ModelConfig) -> Result<Arc<Vec<f32>>> {
-        if let Some((v, w)) = &self.weights {
-            if *v == version {
-                return Ok(w.clone());
-            }
+        if let Some((v, w)) = &self.weights
+            && *v == version
+        {
+            return Ok(w.clone());
         }
         let url = format!("{}/api/model/{version}", self.http);
-        let bytes = self.client.get(&url).send().await?.error_for_status().with_context(|| format!("GET {url}"))?.bytes().await?;
-        let weights = Arc::new(decode_weights(model, &bytes).with_context(|| format!("decoding {url}"))?);
+        let bytes = self
+            .client
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()
+            .with_context(|| format!("GET {url}"))?
+            .bytes()
+            .await?;
+        let weights =
+            Arc::new(decode_weights(model, &bytes).with_context(|| format!("decoding {url}"))?);
         self.weights = Some((version, weights.clone()));
         Ok(weights)
     }
@@ -256,10 +310,18 @@ impl Participant {
     ) -> Result<(Submission, f32, f32)> {
         let progress = Arc::new(AtomicU32::new(0));
         let job = {
-            let (device, model_cfg, unit, progress, base) = (self.device.clone(), run.model, unit.clone(), progress.clone(), base.clone());
+            let (device, model_cfg, unit, progress, base) = (
+                self.device.clone(),
+                run.model,
+                unit.clone(),
+                progress.clone(),
+                base.clone(),
+            );
             let mut train = run.train.clone();
             train.batch_size = unit.batch_size as usize;
-            tokio::task::spawn_blocking(move || train_unit(&device, model_cfg, train, &unit, &base, &corpus, &progress))
+            tokio::task::spawn_blocking(move || {
+                train_unit(&device, model_cfg, train, &unit, &base, &corpus, &progress)
+            })
         };
         tokio::pin!(job);
         let mut beat = tokio::time::interval(HEARTBEAT);
@@ -274,10 +336,22 @@ impl Participant {
             }
         };
         let payload = Payload::f32(&delta);
-        let signature = identity::sign(&self.secret, &identity::update_message(unit.unit_id, unit.base_version, &payload.data)).to_vec();
+        let signature = identity::sign(
+            &self.secret,
+            &identity::update_message(unit.unit_id, unit.base_version, &payload.data),
+        )
+        .to_vec();
         let tokens = unit.inner_steps as u64 * unit.batch_size as u64 * run.model.block_size as u64;
         Ok((
-            Submission { unit_id: unit.unit_id, base_version: unit.base_version, payload, tokens, loss_before: first, loss_after: last, signature },
+            Submission {
+                unit_id: unit.unit_id,
+                base_version: unit.base_version,
+                payload,
+                tokens,
+                loss_before: first,
+                loss_after: last,
+                signature,
+            },
             first,
             last,
         ))
@@ -299,11 +373,24 @@ pub fn train_unit(
     let mut trainer = Trainer::with_weights(model, train, device, base)?;
     let (mut first, mut last) = (f32::NAN, f32::NAN);
     for step in 0..unit.inner_steps {
-        let key = BatchKey { seed: unit.seed, shard: unit.shard, step: step as u64 };
-        let batch = corpus.batch(Split::Train, key, unit.batch_size as usize, model.block_size);
+        let key = BatchKey {
+            seed: unit.seed,
+            shard: unit.shard,
+            step: step as u64,
+        };
+        let batch = corpus.batch(
+            Split::Train,
+            key,
+            unit.batch_size as usize,
+            model.block_size,
+        );
         let out = trainer.step_with_lr(&batch, unit.lr);
         if step == 0 || step + 1 == unit.inner_steps {
-            let v: Vec<f32> = out.loss.into_data().try_into_vec().map_err(|e| anyhow!("{e:?}"))?;
+            let v: Vec<f32> = out
+                .loss
+                .into_data()
+                .try_into_vec()
+                .map_err(|e| anyhow!("{e:?}"))?;
             if step == 0 {
                 first = v[0];
             }
@@ -313,7 +400,11 @@ pub fn train_unit(
     }
     let trained = params::to_vec(trainer.model());
     let range = unit.fragment.range(base.len())?;
-    let delta = base[range.clone()].iter().zip(&trained[range]).map(|(b, t)| b - t).collect();
+    let delta = base[range.clone()]
+        .iter()
+        .zip(&trained[range])
+        .map(|(b, t)| b - t)
+        .collect();
     Ok((delta, first, last))
 }
 

@@ -173,10 +173,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
             ));
             val_loss = Some(v);
         }
-        if let Some(dir) = &args.out {
-            if args.save_interval > 0 && step % args.save_interval as u64 == 0 {
-                store::save(dir, &trainer, val_loss)?;
-            }
+        if let Some(dir) = &args.out
+            && args.save_interval > 0
+            && step % args.save_interval as u64 == 0
+        {
+            store::save(dir, &trainer, val_loss)?;
         }
         bar.set_position(step);
     }

@@ -19,13 +19,20 @@ pub fn fold_le_bytes(sum: &mut [f32], bytes: &[u8], weight: f32) {
 
 /// Euclidean norm, accumulated in f64.
 pub fn l2_norm(values: &[f32]) -> f64 {
-    values.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
+    values
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// The DiLoCo outer step, Nesterov momentum SGD on the averaged pseudo-gradient `g`:
 /// `m = μ m + g; θ = θ − lr (g + μ m)` (PyTorch's SGD with `nesterov=True`).
 pub fn nesterov_step(params: &mut [f32], momentum: &mut [f32], g: &[f32], lr: f32, mu: f32) {
-    assert!(params.len() == momentum.len() && params.len() == g.len(), "outer step: length mismatch");
+    assert!(
+        params.len() == momentum.len() && params.len() == g.len(),
+        "outer step: length mismatch"
+    );
     for ((p, m), &g) in params.iter_mut().zip(momentum.iter_mut()).zip(g) {
         *m = mu * *m + g;
         *p -= lr * (g + mu * *m);

@@ -158,8 +158,19 @@ pub struct Coordinator {
 impl Coordinator {
     /// A coordinator at `version` with the given weights and outer momentum.
     /// `next_unit` and `next_shard` continue the counters of a restarted run.
-    pub fn new(cfg: Config, version: u64, params: Vec<f32>, momentum: Vec<f32>, next_unit: u64, next_shard: u64) -> Self {
-        assert_eq!(params.len(), momentum.len(), "weights and momentum differ in length");
+    pub fn new(
+        cfg: Config,
+        version: u64,
+        params: Vec<f32>,
+        momentum: Vec<f32>,
+        next_unit: u64,
+        next_shard: u64,
+    ) -> Self {
+        assert_eq!(
+            params.len(),
+            momentum.len(),
+            "weights and momentum differ in length"
+        );
         let n = params.len();
         Coordinator {
             cfg,
@@ -223,7 +234,13 @@ impl Coordinator {
         self.accepted_total += stats.accepted_updates;
         self.rejected_total += stats.rejected_updates;
         self.tokens_total += stats.tokens_trained;
-        self.participants.insert(stats.id.clone(), ParticipantStats { connected: false, ..stats });
+        self.participants.insert(
+            stats.id.clone(),
+            ParticipantStats {
+                connected: false,
+                ..stats
+            },
+        );
     }
 
     /// Restores a lease (after a restart).
@@ -233,17 +250,20 @@ impl Coordinator {
 
     /// A participant connected and proved its identity.
     pub fn join(&mut self, id: &str, kind: ParticipantKind, backend: &str, device: &str, now: u64) {
-        let p = self.participants.entry(id.to_string()).or_insert_with(|| ParticipantStats {
-            id: id.to_string(),
-            kind: kind.as_str(),
-            backend: backend.to_string(),
-            device: device.to_string(),
-            accepted_updates: 0,
-            rejected_updates: 0,
-            tokens_trained: 0,
-            connected: true,
-            last_seen_ms: now,
-        });
+        let p = self
+            .participants
+            .entry(id.to_string())
+            .or_insert_with(|| ParticipantStats {
+                id: id.to_string(),
+                kind: kind.as_str(),
+                backend: backend.to_string(),
+                device: device.to_string(),
+                accepted_updates: 0,
+                rejected_updates: 0,
+                tokens_trained: 0,
+                connected: true,
+                last_seen_ms: now,
+            });
         p.kind = kind.as_str();
         p.backend = backend.to_string();
         p.device = device.to_string();
@@ -263,7 +283,12 @@ impl Coordinator {
     /// A participant left on purpose: its leases are released at once.
     pub fn leave(&mut self, id: &str, now: u64) -> Vec<u64> {
         self.disconnect(id, now);
-        let units: Vec<u64> = self.leases.values().filter(|l| l.participant == id).map(|l| l.unit.unit_id).collect();
+        let units: Vec<u64> = self
+            .leases
+            .values()
+            .filter(|l| l.participant == id)
+            .map(|l| l.unit.unit_id)
+            .collect();
         for u in &units {
             self.release(*u);
         }
@@ -279,7 +304,9 @@ impl Coordinator {
     /// Hands `id` a unit: the one it already holds, else an expired one, else a new one.
     /// `None` when the run has reached its last version or `id` is unknown.
     pub fn request_work(&mut self, id: &str, now: u64) -> Option<WorkUnit> {
-        if self.cfg.max_version.is_some_and(|m| self.version >= m) || !self.participants.contains_key(id) {
+        if self.cfg.max_version.is_some_and(|m| self.version >= m)
+            || !self.participants.contains_key(id)
+        {
             return None;
         }
         if let Some(p) = self.participants.get_mut(id) {
@@ -305,7 +332,13 @@ impl Coordinator {
             fragment: self.cfg.fragment,
             deadline_ms: now + self.cfg.lease_ms,
         };
-        self.leases.insert(unit_id, Lease { participant: id.to_string(), unit: unit.clone() });
+        self.leases.insert(
+            unit_id,
+            Lease {
+                participant: id.to_string(),
+                unit: unit.clone(),
+            },
+        );
         Some(unit)
     }
 
@@ -321,23 +354,41 @@ impl Coordinator {
     }
 
     /// Checks a submission without changing anything. `delta` is the decoded pseudo-gradient.
-    pub fn check(&self, id: &str, unit_id: u64, base_version: u64, delta: &[f32], tokens: u64) -> Result<Verdict, Rejection> {
+    pub fn check(
+        &self,
+        id: &str,
+        unit_id: u64,
+        base_version: u64,
+        delta: &[f32],
+        tokens: u64,
+    ) -> Result<Verdict, Rejection> {
         let lease = self
             .leases
             .get(&unit_id)
             .filter(|l| l.participant == id)
-            .ok_or_else(|| reject(RejectReason::UnknownLease, format!("unit {unit_id} is not leased to you (expired or reassigned)")))?;
+            .ok_or_else(|| {
+                reject(
+                    RejectReason::UnknownLease,
+                    format!("unit {unit_id} is not leased to you (expired or reassigned)"),
+                )
+            })?;
         if base_version != lease.unit.base_version {
             return Err(reject(
                 RejectReason::Malformed,
-                format!("unit {unit_id} was leased at version {}, not {base_version}", lease.unit.base_version),
+                format!(
+                    "unit {unit_id} was leased at version {}, not {base_version}",
+                    lease.unit.base_version
+                ),
             ));
         }
         let staleness = self.version.saturating_sub(base_version);
         if staleness > self.cfg.max_staleness {
             return Err(reject(
                 RejectReason::TooStale,
-                format!("based on version {base_version}, {staleness} behind {} (limit {})", self.version, self.cfg.max_staleness),
+                format!(
+                    "based on version {base_version}, {staleness} behind {} (limit {})",
+                    self.version, self.cfg.max_staleness
+                ),
             ));
         }
         let range = self
@@ -346,14 +397,23 @@ impl Coordinator {
             .range(self.params.len())
             .map_err(|e| reject(RejectReason::Malformed, e.to_string()))?;
         if delta.len() != range.len() {
-            return Err(reject(RejectReason::Malformed, format!("{} values, the fragment has {}", delta.len(), range.len())));
+            return Err(reject(
+                RejectReason::Malformed,
+                format!("{} values, the fragment has {}", delta.len(), range.len()),
+            ));
         }
         if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
-            return Err(reject(RejectReason::Malformed, format!("value {i} is not finite")));
+            return Err(reject(
+                RejectReason::Malformed,
+                format!("value {i} is not finite"),
+            ));
         }
         let norm = aggregate::l2_norm(delta);
         if norm > self.cfg.max_update_norm {
-            return Err(reject(RejectReason::OutOfBounds, format!("norm {norm:.3} exceeds {}", self.cfg.max_update_norm)));
+            return Err(reject(
+                RejectReason::OutOfBounds,
+                format!("norm {norm:.3} exceeds {}", self.cfg.max_update_norm),
+            ));
         }
         let tokens = tokens.min(self.cfg.unit_tokens());
         Ok(Verdict {
@@ -370,14 +430,26 @@ impl Coordinator {
         if let Some(p) = self.participants.get_mut(id) {
             p.rejected_updates += 1;
         }
-        if reason == RejectReason::TooStale && self.leases.get(&unit_id).is_some_and(|l| l.participant == id) {
+        if reason == RejectReason::TooStale
+            && self
+                .leases
+                .get(&unit_id)
+                .is_some_and(|l| l.participant == id)
+        {
             self.release(unit_id);
         }
     }
 
     /// Folds a checked submission into the round (call after it is durably stored). Closes the
     /// round when it has K updates.
-    pub fn accept(&mut self, id: &str, unit_id: u64, delta: &[f32], verdict: Verdict, now: u64) -> Accepted {
+    pub fn accept(
+        &mut self,
+        id: &str,
+        unit_id: u64,
+        delta: &[f32],
+        verdict: Verdict,
+        now: u64,
+    ) -> Accepted {
         self.leases.remove(&unit_id);
         if let Some(p) = self.participants.get_mut(id) {
             p.accepted_updates += 1;
@@ -394,7 +466,11 @@ impl Coordinator {
     /// Folds an already-accepted update into the open round without any check or counting
     /// (restart: the ledger already counts it).
     pub fn replay(&mut self, delta: &[f32], verdict: Verdict, now: u64) {
-        let range = self.cfg.fragment.range(self.params.len()).expect("checked fragment");
+        let range = self
+            .cfg
+            .fragment
+            .range(self.params.len())
+            .expect("checked fragment");
         aggregate::fold(&mut self.round_sum[range], delta, verdict.weight);
         self.round_weight += verdict.weight as f64;
         self.round_updates += 1;
@@ -407,10 +483,17 @@ impl Coordinator {
     }
 
     fn close_round(&mut self) -> u64 {
-        let range = self.cfg.fragment.range(self.params.len()).expect("checked fragment");
+        let range = self
+            .cfg
+            .fragment
+            .range(self.params.len())
+            .expect("checked fragment");
         if self.round_weight > 0.0 {
             let inv = (1.0 / self.round_weight) as f32;
-            let g: Vec<f32> = self.round_sum[range.clone()].iter().map(|s| s * inv).collect();
+            let g: Vec<f32> = self.round_sum[range.clone()]
+                .iter()
+                .map(|s| s * inv)
+                .collect();
             aggregate::nesterov_step(
                 &mut self.params[range.clone()],
                 &mut self.momentum[range.clone()],
@@ -430,18 +513,27 @@ impl Coordinator {
     /// Time passes: expire leases, close a round that ran past its deadline.
     pub fn tick(&mut self, now: u64) -> Vec<Event> {
         let mut events = Vec::new();
-        let expired: Vec<u64> = self.leases.values().filter(|l| l.unit.deadline_ms < now).map(|l| l.unit.unit_id).collect();
+        let expired: Vec<u64> = self
+            .leases
+            .values()
+            .filter(|l| l.unit.deadline_ms < now)
+            .map(|l| l.unit.unit_id)
+            .collect();
         for unit_id in expired {
             let participant = self.leases[&unit_id].participant.clone();
             self.release(unit_id);
-            events.push(Event::LeaseExpired { unit_id, participant });
+            events.push(Event::LeaseExpired {
+                unit_id,
+                participant,
+            });
         }
-        if let Some(start) = self.round_started_ms {
-            if self.round_updates > 0 && now.saturating_sub(start) >= self.cfg.round_timeout_ms {
-                let updates = self.round_updates;
-                let version = self.close_round();
-                events.push(Event::RoundClosed { version, updates });
-            }
+        if let Some(start) = self.round_started_ms
+            && self.round_updates > 0
+            && now.saturating_sub(start) >= self.cfg.round_timeout_ms
+        {
+            let updates = self.round_updates;
+            let version = self.close_round();
+            events.push(Event::RoundClosed { version, updates });
         }
         events
     }
@@ -478,7 +570,13 @@ mod tests {
         c.join(id, ParticipantKind::Native, "cpu", "test", 0);
     }
 
-    fn submit(c: &mut Coordinator, id: &str, unit: &WorkUnit, delta: &[f32], now: u64) -> Result<Accepted, Rejection> {
+    fn submit(
+        c: &mut Coordinator,
+        id: &str,
+        unit: &WorkUnit,
+        delta: &[f32],
+        now: u64,
+    ) -> Result<Accepted, Rejection> {
         match c.check(id, unit.unit_id, unit.base_version, delta, 160) {
             Ok(v) => Ok(c.accept(id, unit.unit_id, delta, v, now)),
             Err(r) => {
@@ -502,7 +600,11 @@ mod tests {
         let second = submit(&mut c, "b", &ub, &[0.4, 0.2], 20).unwrap();
         assert_eq!(second.closed, Some(1));
         // outer lr 1, no momentum: params -= mean(delta)
-        assert!((c.params()[0] - 0.7).abs() < 1e-6 && (c.params()[1] - 0.9).abs() < 1e-6, "{:?}", c.params());
+        assert!(
+            (c.params()[0] - 0.7).abs() < 1e-6 && (c.params()[1] - 0.9).abs() < 1e-6,
+            "{:?}",
+            c.params()
+        );
         assert_eq!(c.totals(), (2, 0, 320));
     }
 
@@ -517,7 +619,13 @@ mod tests {
         assert!(c.tick(8_000).is_empty());
         // then silence
         let ev = c.tick(9_001 + 1);
-        assert_eq!(ev, vec![Event::LeaseExpired { unit_id: u.unit_id, participant: "slow".into() }]);
+        assert_eq!(
+            ev,
+            vec![Event::LeaseExpired {
+                unit_id: u.unit_id,
+                participant: "slow".into()
+            }]
+        );
         let again = c.request_work("fast", 10_000).unwrap();
         assert_eq!((again.unit_id, again.shard), (u.unit_id, u.shard));
         let r = submit(&mut c, "slow", &u, &[0.0, 0.0], 11_000).unwrap_err();
@@ -566,12 +674,26 @@ mod tests {
             (vec![0.0, f32::NAN, 0.0], RejectReason::Malformed),
             (vec![1e6, 0.0, 0.0], RejectReason::OutOfBounds),
         ] {
-            assert_eq!(c.check("a", u.unit_id, 0, &delta, 1).unwrap_err().reason, reason);
+            assert_eq!(
+                c.check("a", u.unit_id, 0, &delta, 1).unwrap_err().reason,
+                reason
+            );
         }
-        assert_eq!(c.check("b", u.unit_id, 0, &[0.0; 3], 1).unwrap_err().reason, RejectReason::UnknownLease);
-        assert_eq!(c.check("a", u.unit_id, 7, &[0.0; 3], 1).unwrap_err().reason, RejectReason::Malformed);
+        assert_eq!(
+            c.check("b", u.unit_id, 0, &[0.0; 3], 1).unwrap_err().reason,
+            RejectReason::UnknownLease
+        );
+        assert_eq!(
+            c.check("a", u.unit_id, 7, &[0.0; 3], 1).unwrap_err().reason,
+            RejectReason::Malformed
+        );
         // claimed tokens are capped at the unit's
-        assert_eq!(c.check("a", u.unit_id, 0, &[0.0; 3], 1 << 40).unwrap().tokens, 160);
+        assert_eq!(
+            c.check("a", u.unit_id, 0, &[0.0; 3], 1 << 40)
+                .unwrap()
+                .tokens,
+            160
+        );
         assert_eq!(c.params(), before.as_slice());
         assert_eq!(c.pending_updates(), 0);
     }
@@ -583,7 +705,13 @@ mod tests {
         let u = c.request_work("a", 0).unwrap();
         submit(&mut c, "a", &u, &[0.5], 1_000).unwrap();
         assert!(c.tick(30_000).is_empty());
-        assert_eq!(c.tick(61_000), vec![Event::RoundClosed { version: 1, updates: 1 }]);
+        assert_eq!(
+            c.tick(61_000),
+            vec![Event::RoundClosed {
+                version: 1,
+                updates: 1
+            }]
+        );
         assert!((c.params()[0] - 0.5).abs() < 1e-6);
     }
 
@@ -602,14 +730,16 @@ mod tests {
     fn thousands_of_participants_with_churn() {
         let mut cfg = cfg();
         cfg.updates_per_round = 100;
+        cfg.max_staleness = 100;
         let mut c = Coordinator::new(cfg, 0, vec![0.0; 16], vec![0.0; 16], 0, 0);
-        let n = 5_000;
+        let n: usize = 5_000;
         let ids: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
         let mut now = 0;
         for id in &ids {
             join(&mut c, id);
         }
-        let mut units: Vec<Option<WorkUnit>> = ids.iter().map(|id| c.request_work(id, now)).collect();
+        let mut units: Vec<Option<WorkUnit>> =
+            ids.iter().map(|id| c.request_work(id, now)).collect();
         // every third participant vanishes; the others submit
         for (i, id) in ids.iter().enumerate() {
             if i % 3 == 0 {
@@ -621,7 +751,11 @@ mod tests {
         assert_eq!(c.totals().0 as usize, n - n.div_ceil(3));
         assert!(c.version() >= 33);
         now += 10_000;
-        let expired = c.tick(now).iter().filter(|e| matches!(e, Event::LeaseExpired { .. })).count();
+        let expired = c
+            .tick(now)
+            .iter()
+            .filter(|e| matches!(e, Event::LeaseExpired { .. }))
+            .count();
         assert_eq!(expired, n.div_ceil(3));
         // the expired units are handed out again before any new one
         let (next_unit, _) = c.counters();

@@ -16,4 +16,6 @@
 pub mod aggregate;
 mod coordinator;
 
-pub use coordinator::{Accepted, Config, Coordinator, Event, Lease, ParticipantStats, Rejection, Verdict};
+pub use coordinator::{
+    Accepted, Config, Coordinator, Event, Lease, ParticipantStats, Rejection, Verdict,
+};

@@ -59,7 +59,7 @@ impl ModelConfig {
 
     /// Checks that the configuration is usable.
     pub fn validate(&self) -> Result<(), crate::Error> {
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(crate::Error::Config(format!(
                 "n_embd {} is not divisible by n_head {}",
                 self.n_embd, self.n_head

@@ -42,7 +42,8 @@ pub fn public_key(secret: &[u8; 32]) -> PublicKey {
 pub fn verify(key: &PublicKey, message: &[u8], signature: &[u8]) -> Result<(), Error> {
     let key = VerifyingKey::from_bytes(key).map_err(|e| Error::BadSignature(e.to_string()))?;
     let sig = Signature::from_slice(signature).map_err(|e| Error::BadSignature(e.to_string()))?;
-    key.verify(message, &sig).map_err(|e| Error::BadSignature(e.to_string()))
+    key.verify(message, &sig)
+        .map_err(|e| Error::BadSignature(e.to_string()))
 }
 
 /// A short, stable, printable id for a public key (first 8 bytes as hex).

@@ -25,11 +25,14 @@ impl Fragment {
     /// The concrete `[start, end)` range for a vector of `total` elements, or an error if the
     /// fragment does not fit.
     pub fn range(&self, total: usize) -> Result<std::ops::Range<usize>, Error> {
-        let start = usize::try_from(self.offset).map_err(|_| Error::BadUpdate("fragment offset".into()))?;
+        let start =
+            usize::try_from(self.offset).map_err(|_| Error::BadUpdate("fragment offset".into()))?;
         let end = if self.len == u64::MAX {
             total
         } else {
-            start.checked_add(self.len as usize).ok_or_else(|| Error::BadUpdate("fragment overflows".into()))?
+            start
+                .checked_add(self.len as usize)
+                .ok_or_else(|| Error::BadUpdate("fragment overflows".into()))?
         };
         if start > end || end > total {
             return Err(Error::BadUpdate(format!(
@@ -107,7 +110,14 @@ mod tests {
         assert_eq!(Fragment::ALL.range(10).unwrap(), 0..10);
         assert_eq!(Fragment { offset: 2, len: 3 }.range(10).unwrap(), 2..5);
         assert!(Fragment { offset: 8, len: 3 }.range(10).is_err());
-        assert!(Fragment { offset: 11, len: u64::MAX }.range(10).is_err());
+        assert!(
+            Fragment {
+                offset: 11,
+                len: u64::MAX
+            }
+            .range(10)
+            .is_err()
+        );
     }
 
     #[test]
@@ -117,6 +127,12 @@ mod tests {
         let mut short = p.clone();
         short.data.pop();
         assert!(short.decode().is_err());
-        assert!(Payload::f32(&[f32::NAN]).decode().unwrap_err().to_string().contains("finite"));
+        assert!(
+            Payload::f32(&[f32::NAN])
+                .decode()
+                .unwrap_err()
+                .to_string()
+                .contains("finite")
+        );
     }
 }

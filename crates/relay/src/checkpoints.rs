@@ -28,7 +28,11 @@ impl Checkpoints {
     /// Opens (creating) `dir` for a model with parameters `specs`.
     pub fn open(dir: &Path, specs: Vec<ParamSpec>, keep: u64) -> Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Checkpoints { dir: dir.to_path_buf(), specs, keep: keep.max(1) })
+        Ok(Checkpoints {
+            dir: dir.to_path_buf(),
+            specs,
+            keep: keep.max(1),
+        })
     }
 
     /// File name of a version's weights.
@@ -57,7 +61,10 @@ impl Checkpoints {
     /// Writes a version (weights and momentum) durably; returns the weights' bytes.
     pub fn save(&self, version: u64, params: &[f32], momentum: &[f32]) -> Result<Vec<u8>> {
         let bytes = self.encode(version, params)?;
-        write_atomic(&self.dir.join(Self::momentum_name(version)), &self.encode(version, momentum)?)?;
+        write_atomic(
+            &self.dir.join(Self::momentum_name(version)),
+            &self.encode(version, momentum)?,
+        )?;
         write_atomic(&self.weights_path(version), &bytes)?;
         self.prune(version);
         Ok(bytes)
@@ -68,9 +75,13 @@ impl Checkpoints {
         let read = |name: String| -> Result<Vec<f32>> {
             let path = self.dir.join(&name);
             let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            Ok(weights_from_safetensors(&self.specs, &bytes).with_context(|| format!("decoding {}", path.display()))?)
+            weights_from_safetensors(&self.specs, &bytes)
+                .with_context(|| format!("decoding {}", path.display()))
         };
-        Ok((read(Self::weights_name(version))?, read(Self::momentum_name(version))?))
+        Ok((
+            read(Self::weights_name(version))?,
+            read(Self::momentum_name(version))?,
+        ))
     }
 
     /// Reads the raw weights file of a version, if it is still on disk.
@@ -79,17 +90,19 @@ impl Checkpoints {
     }
 
     fn prune(&self, newest: u64) {
-        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let version = name
                 .strip_suffix(".safetensors")
                 .and_then(|s| s.rsplit_once("-v"))
                 .and_then(|(_, v)| v.parse::<u64>().ok());
-            if let Some(v) = version {
-                if v + self.keep <= newest {
-                    fs::remove_file(e.path()).ok();
-                }
+            if let Some(v) = version
+                && v + self.keep <= newest
+            {
+                fs::remove_file(e.path()).ok();
             }
         }
     }

@@ -111,33 +111,59 @@ impl Db {
 
     /// The stored run configuration, if the run exists.
     pub fn run_config(&self) -> Result<Option<String>> {
-        Ok(self.conn.query_row("SELECT config_json FROM run WHERE id = 1", [], |r| r.get(0)).optional()?)
+        Ok(self
+            .conn
+            .query_row("SELECT config_json FROM run WHERE id = 1", [], |r| r.get(0))
+            .optional()?)
     }
 
     /// Creates the run with its version 0.
-    pub fn create_run(&mut self, name: &str, config_json: &str, checkpoint: &str, now: u64) -> Result<()> {
+    pub fn create_run(
+        &mut self,
+        name: &str,
+        config_json: &str,
+        checkpoint: &str,
+        now: u64,
+    ) -> Result<()> {
         let tx = self.conn.transaction()?;
-        tx.execute("INSERT INTO run (id, name, config_json, created_ms) VALUES (1, ?1, ?2, ?3)", params![name, config_json, now as i64])?;
-        tx.execute("INSERT INTO versions (version, checkpoint, updates, created_ms) VALUES (0, ?1, 0, ?2)", params![checkpoint, now as i64])?;
+        tx.execute(
+            "INSERT INTO run (id, name, config_json, created_ms) VALUES (1, ?1, ?2, ?3)",
+            params![name, config_json, now as i64],
+        )?;
+        tx.execute(
+            "INSERT INTO versions (version, checkpoint, updates, created_ms) VALUES (0, ?1, 0, ?2)",
+            params![checkpoint, now as i64],
+        )?;
         tx.commit()?;
         Ok(())
     }
 
     /// The latest recorded version.
     pub fn latest_version(&self) -> Result<u64> {
-        Ok(self.conn.query_row("SELECT MAX(version) FROM versions", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self
+            .conn
+            .query_row("SELECT MAX(version) FROM versions", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
     }
 
     /// Validation-loss history: `(version, val_loss)`.
     pub fn val_history(&self) -> Result<Vec<(u64, f32)>> {
-        let mut st = self.conn.prepare("SELECT version, val_loss FROM versions WHERE val_loss IS NOT NULL ORDER BY version")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, f64>(1)? as f32)))?;
+        let mut st = self.conn.prepare(
+            "SELECT version, val_loss FROM versions WHERE val_loss IS NOT NULL ORDER BY version",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, f64>(1)? as f32))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records a version's validation loss.
     pub fn set_val_loss(&self, version: u64, loss: f32) -> Result<()> {
-        self.conn.execute("UPDATE versions SET val_loss = ?1 WHERE version = ?2", params![loss as f64, version as i64])?;
+        self.conn.execute(
+            "UPDATE versions SET val_loss = ?1 WHERE version = ?2",
+            params![loss as f64, version as i64],
+        )?;
         Ok(())
     }
 
@@ -145,13 +171,20 @@ impl Db {
     pub fn counter(&self, key: &str) -> Result<u64> {
         Ok(self
             .conn
-            .query_row("SELECT value FROM counters WHERE key = ?1", [key], |r| r.get::<_, i64>(0))
+            .query_row("SELECT value FROM counters WHERE key = ?1", [key], |r| {
+                r.get::<_, i64>(0)
+            })
             .optional()?
             .unwrap_or(0) as u64)
     }
 
     /// Inserts or refreshes a participant.
-    pub fn upsert_participant(&self, p: &ParticipantStats, public_key: &[u8], now: u64) -> Result<()> {
+    pub fn upsert_participant(
+        &self,
+        p: &ParticipantStats,
+        public_key: &[u8],
+        now: u64,
+    ) -> Result<()> {
         self.conn.execute(
             "INSERT INTO participants (id, public_key, kind, backend, device, first_seen_ms, last_seen_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
@@ -168,7 +201,11 @@ impl Db {
             let kind: String = r.get(1)?;
             Ok(ParticipantStats {
                 id: r.get(0)?,
-                kind: if kind == "browser" { "browser" } else { "native" },
+                kind: if kind == "browser" {
+                    "browser"
+                } else {
+                    "native"
+                },
                 backend: r.get(2)?,
                 device: r.get(3)?,
                 accepted_updates: r.get::<_, i64>(4)? as u64,
@@ -182,14 +219,26 @@ impl Db {
     }
 
     /// Records a lease and the counters it advanced.
-    pub fn put_lease(&mut self, participant: &str, unit: &WorkUnit, next_unit: u64, next_shard: u64) -> Result<()> {
+    pub fn put_lease(
+        &mut self,
+        participant: &str,
+        unit: &WorkUnit,
+        next_unit: u64,
+        next_shard: u64,
+    ) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT OR REPLACE INTO leases (unit_id, participant, base_version, shard, deadline_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![unit.unit_id as i64, participant, unit.base_version as i64, unit.shard as i64, unit.deadline_ms as i64],
         )?;
-        tx.execute("INSERT OR REPLACE INTO counters (key, value) VALUES ('next_unit', ?1)", [next_unit as i64])?;
-        tx.execute("INSERT OR REPLACE INTO counters (key, value) VALUES ('next_shard', ?1)", [next_shard as i64])?;
+        tx.execute(
+            "INSERT OR REPLACE INTO counters (key, value) VALUES ('next_unit', ?1)",
+            [next_unit as i64],
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO counters (key, value) VALUES ('next_shard', ?1)",
+            [next_shard as i64],
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -197,14 +246,17 @@ impl Db {
     /// Forgets leases.
     pub fn delete_leases(&self, unit_ids: &[u64]) -> Result<()> {
         for u in unit_ids {
-            self.conn.execute("DELETE FROM leases WHERE unit_id = ?1", [*u as i64])?;
+            self.conn
+                .execute("DELETE FROM leases WHERE unit_id = ?1", [*u as i64])?;
         }
         Ok(())
     }
 
     /// Every stored lease, as the coordinator holds them. `template` supplies the per-run fields.
     pub fn leases(&self, template: &WorkUnit) -> Result<Vec<Lease>> {
-        let mut st = self.conn.prepare("SELECT unit_id, participant, base_version, shard, deadline_ms FROM leases")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT unit_id, participant, base_version, shard, deadline_ms FROM leases")?;
         let rows = st.query_map([], |r| {
             Ok(Lease {
                 participant: r.get(1)?,
@@ -252,7 +304,10 @@ impl Db {
 
     /// Counts a rejection against a participant.
     pub fn record_rejected(&self, participant: &str) -> Result<()> {
-        self.conn.execute("UPDATE participants SET rejected = rejected + 1 WHERE id = ?1", [participant])?;
+        self.conn.execute(
+            "UPDATE participants SET rejected = rejected + 1 WHERE id = ?1",
+            [participant],
+        )?;
         Ok(())
     }
 
@@ -260,7 +315,10 @@ impl Db {
     /// applied, in one transaction. Applied payloads are dropped: the version holds them.
     pub fn record_version(&mut self, version: u64, checkpoint: &str, now: u64) -> Result<usize> {
         let tx = self.conn.transaction()?;
-        let n = tx.execute("UPDATE updates SET applied_version = ?1, payload = NULL WHERE applied_version IS NULL", [version as i64])?;
+        let n = tx.execute(
+            "UPDATE updates SET applied_version = ?1, payload = NULL WHERE applied_version IS NULL",
+            [version as i64],
+        )?;
         tx.execute(
             "INSERT INTO versions (version, checkpoint, updates, created_ms) VALUES (?1, ?2, ?3, ?4)",
             params![version as i64, checkpoint, n as i64, now as i64],
@@ -290,6 +348,9 @@ impl Db {
 
     /// Total accepted updates in the ledger.
     pub fn accepted_count(&self) -> Result<u64> {
-        Ok(self.conn.query_row("SELECT COUNT(*) FROM updates", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM updates", [], |r| r.get::<_, i64>(0))?
+            as u64)
     }
 }

@@ -13,7 +13,11 @@ use tessera_relay::run::{Relay, RunSpec, Tuning};
 use tessera_relay::server;
 
 #[derive(Parser, Debug)]
-#[command(name = "tessera-relay", version, about = "Tessera relay: hands out work and aggregates the shared model")]
+#[command(
+    name = "tessera-relay",
+    version,
+    about = "Tessera relay: hands out work and aggregates the shared model"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8700")]
@@ -79,7 +83,10 @@ fn read_corpus(path: Option<&std::path::Path>) -> Result<Vec<u8>> {
         return Ok(tessera_core::corpus::default_corpus().into_bytes());
     };
     if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
         files.sort();
         let mut out = Vec::new();
         for f in files {
@@ -94,12 +101,18 @@ fn read_corpus(path: Option<&std::path::Path>) -> Result<Vec<u8>> {
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
     let Some(model) = ModelConfig::named(&a.config) else {
-        bail!("unknown config {:?}: choose one of {}", a.config, CONFIG_NAMES.join(", "));
+        bail!(
+            "unknown config {:?}: choose one of {}",
+            a.config,
+            CONFIG_NAMES.join(", ")
+        );
     };
     let mut train = TrainConfig::nanogpt(a.inner_steps as usize);
     train.seed = a.seed;
@@ -141,7 +154,9 @@ async fn main() -> Result<()> {
     };
     let corpus = read_corpus(a.data.as_deref())?;
     let relay = Relay::open(spec, coord, &tuning, corpus, &a.db, &a.checkpoints)?;
-    let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("listening on {}", a.listen))?;
     let addr = listener.local_addr()?;
     // The line tests and scripts wait for.
     println!("tessera-relay listening on http://{addr}/");
@@ -158,7 +173,11 @@ async fn main() -> Result<()> {
             }
         }
     });
-    let _child = if a.demo { Some(spawn_demo_participant(&addr.to_string())?) } else { None };
+    let _child = if a.demo {
+        Some(spawn_demo_participant(&addr.to_string())?)
+    } else {
+        None
+    };
     if a.demo {
         tokio::spawn(report_progress(relay.clone()));
     }
@@ -169,11 +188,20 @@ fn spawn_demo_participant(addr: &str) -> Result<tokio::process::Child> {
     let exe = std::env::current_exe()?;
     let host = exe.with_file_name(format!("tessera-host{}", std::env::consts::EXE_SUFFIX));
     if !host.exists() {
-        bail!("--demo needs tessera-host next to tessera-relay ({}): cargo build --release -p tessera-host", host.display());
+        bail!(
+            "--demo needs tessera-host next to tessera-relay ({}): cargo build --release -p tessera-host",
+            host.display()
+        );
     }
     let key = std::path::Path::new("relay-data").join("demo-host.key");
     let child = tokio::process::Command::new(host)
-        .args(["join", &format!("ws://{addr}/ws"), "--backend", "cpu", "--key"])
+        .args([
+            "join",
+            &format!("ws://{addr}/ws"),
+            "--backend",
+            "cpu",
+            "--key",
+        ])
         .arg(key)
         .kill_on_drop(true)
         .spawn()
@@ -186,10 +214,17 @@ async fn report_progress(relay: Arc<Relay>) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let s = serde_json::to_value(relay.status()).unwrap_or_default();
-        let v = s["val_loss_history"].as_array().and_then(|h| h.last()).cloned();
+        let v = s["val_loss_history"]
+            .as_array()
+            .and_then(|h| h.last())
+            .cloned();
         if v != last {
             if let Some(h) = &v {
-                eprintln!("model version {}: validation loss {:.4}", h[0], h[1].as_f64().unwrap_or(f64::NAN));
+                eprintln!(
+                    "model version {}: validation loss {:.4}",
+                    h[0],
+                    h[1].as_f64().unwrap_or(f64::NAN)
+                );
             }
             last = v;
         }

@@ -14,7 +14,9 @@ use tessera_core::model::Gpt;
 use tessera_core::params;
 use tessera_core::train::{Trainer, eval_loss};
 use tessera_protocol::identity;
-use tessera_protocol::messages::{ParticipantKind, RejectReason, RunInfo, ServerMsg, Submission, WorkUnit};
+use tessera_protocol::messages::{
+    ParticipantKind, RejectReason, RunInfo, ServerMsg, Submission, WorkUnit,
+};
 use tokio::sync::{broadcast, watch};
 
 use crate::checkpoints::Checkpoints;
@@ -134,7 +136,10 @@ impl Relay {
         db_path: &std::path::Path,
         ckpt_dir: &std::path::Path,
     ) -> Result<Arc<Self>> {
-        let corpus = Corpus::from_documents([("corpus", corpus_text.as_slice())], spec_in.model.block_size)?;
+        let corpus = Corpus::from_documents(
+            [("corpus", corpus_text.as_slice())],
+            spec_in.model.block_size,
+        )?;
         let mut spec = spec_in;
         spec.corpus_sha256 = sha256_hex(&corpus_text);
         let cpu = Device::flex();
@@ -146,7 +151,8 @@ impl Relay {
         let spec_json = serde_json::to_string(&spec)?;
         let coord = match db.run_config()? {
             Some(stored) => {
-                let stored: RunSpec = serde_json::from_str(&stored).context("reading the stored run")?;
+                let stored: RunSpec =
+                    serde_json::from_str(&stored).context("reading the stored run")?;
                 if stored != spec {
                     bail!(
                         "{} holds a different run ({}, config {:?}); use another --db or the same settings",
@@ -156,8 +162,17 @@ impl Relay {
                     );
                 }
                 let version = db.latest_version()?;
-                let (p, m) = ckpt.load(version).with_context(|| format!("loading version {version}"))?;
-                let mut coord = Coordinator::new(coord_cfg.clone(), version, p, m, db.counter("next_unit")?, db.counter("next_shard")?);
+                let (p, m) = ckpt
+                    .load(version)
+                    .with_context(|| format!("loading version {version}"))?;
+                let mut coord = Coordinator::new(
+                    coord_cfg.clone(),
+                    version,
+                    p,
+                    m,
+                    db.counter("next_unit")?,
+                    db.counter("next_shard")?,
+                );
                 for p in db.participants()? {
                     coord.restore_participant(p);
                 }
@@ -188,7 +203,12 @@ impl Relay {
                     .decode()?;
                     coord.replay(&delta, u.verdict, u.received_ms);
                 }
-                tracing::info!(version, pending = pending.len(), "recovered run {}", spec.name);
+                tracing::info!(
+                    version,
+                    pending = pending.len(),
+                    "recovered run {}",
+                    spec.name
+                );
                 coord
             }
             None => {
@@ -202,7 +222,9 @@ impl Relay {
             }
         };
         let version = coord.version();
-        let latest = ckpt.read_weights(version).context("current version's weights")?;
+        let latest = ckpt
+            .read_weights(version)
+            .context("current version's weights")?;
         let history = db.val_history()?;
         let (eval_trigger, _) = watch::channel(version);
         let run_info = RunInfo {
@@ -251,12 +273,21 @@ impl Relay {
         if v == version {
             return Some(bytes);
         }
-        self.inner.lock().expect("relay lock").ckpt.read_weights(version).map(Arc::new)
+        self.inner
+            .lock()
+            .expect("relay lock")
+            .ckpt
+            .read_weights(version)
+            .map(Arc::new)
     }
 
     fn persist_version(&self, inner: &mut Inner, version: u64) -> Result<()> {
-        let bytes = inner.ckpt.save(version, inner.coord.params(), inner.coord.momentum())?;
-        let n = inner.db.record_version(version, &Checkpoints::weights_name(version), now_ms())?;
+        let bytes = inner
+            .ckpt
+            .save(version, inner.coord.params(), inner.coord.momentum())?;
+        let n = inner
+            .db
+            .record_version(version, &Checkpoints::weights_name(version), now_ms())?;
         *self.latest.write().expect("latest lock") = (version, Arc::new(bytes));
         tracing::info!(version, updates = n, "model advanced");
         let _ = self.versions.send(version);
@@ -265,11 +296,23 @@ impl Relay {
     }
 
     /// A participant proved its key.
-    pub fn join(&self, id: &str, public_key: &[u8], kind: ParticipantKind, backend: &str, device: &str) -> Result<u64> {
+    pub fn join(
+        &self,
+        id: &str,
+        public_key: &[u8],
+        kind: ParticipantKind,
+        backend: &str,
+        device: &str,
+    ) -> Result<u64> {
         let mut inner = self.inner.lock().expect("relay lock");
         let now = now_ms();
         inner.coord.join(id, kind, backend, device, now);
-        let stats = inner.coord.participants().find(|p| p.id == id).cloned().expect("just joined");
+        let stats = inner
+            .coord
+            .participants()
+            .find(|p| p.id == id)
+            .cloned()
+            .expect("just joined");
         inner.db.upsert_participant(&stats, public_key, now)?;
         Ok(inner.coord.version())
     }
@@ -287,12 +330,20 @@ impl Relay {
 
     /// A heartbeat.
     pub fn heartbeat(&self, id: &str) {
-        self.inner.lock().expect("relay lock").coord.heartbeat(id, now_ms());
+        self.inner
+            .lock()
+            .expect("relay lock")
+            .coord
+            .heartbeat(id, now_ms());
     }
 
     /// The connection closed.
     pub fn disconnect(&self, id: &str) {
-        self.inner.lock().expect("relay lock").coord.disconnect(id, now_ms());
+        self.inner
+            .lock()
+            .expect("relay lock")
+            .coord
+            .disconnect(id, now_ms());
     }
 
     /// The participant left on purpose.
@@ -304,11 +355,18 @@ impl Relay {
 
     /// Handles a submission: verifies, checks, stores durably, folds in; returns the reply.
     pub fn submit(&self, id: &str, public_key: &[u8; 32], s: Submission) -> Result<ServerMsg> {
-        let reject = |reason: RejectReason, detail: String| ServerMsg::Rejected { unit_id: s.unit_id, reason, detail };
+        let reject = |reason: RejectReason, detail: String| ServerMsg::Rejected {
+            unit_id: s.unit_id,
+            reason,
+            detail,
+        };
         let msg = identity::update_message(s.unit_id, s.base_version, &s.payload.data);
         let verdict_input = match identity::verify(public_key, &msg, &s.signature) {
             Err(e) => Err((RejectReason::BadSignature, e.to_string())),
-            Ok(()) => s.payload.decode().map_err(|e| (RejectReason::Malformed, e.to_string())),
+            Ok(()) => s
+                .payload
+                .decode()
+                .map_err(|e| (RejectReason::Malformed, e.to_string())),
         };
         let mut inner = self.inner.lock().expect("relay lock");
         let delta = match verdict_input {
@@ -319,7 +377,10 @@ impl Relay {
                 return Ok(reject(reason, detail));
             }
         };
-        let verdict = match inner.coord.check(id, s.unit_id, s.base_version, &delta, s.tokens) {
+        let verdict = match inner
+            .coord
+            .check(id, s.unit_id, s.base_version, &delta, s.tokens)
+        {
             Ok(v) => v,
             Err(r) => {
                 inner.coord.record_rejection(id, s.unit_id, r.reason);
@@ -343,7 +404,10 @@ impl Relay {
         if let Some(v) = accepted.closed {
             self.persist_version(&mut inner, v)?;
         }
-        Ok(ServerMsg::Accepted { unit_id: s.unit_id, model_version: inner.coord.version() })
+        Ok(ServerMsg::Accepted {
+            unit_id: s.unit_id,
+            model_version: inner.coord.version(),
+        })
     }
 
     /// Time passes: expire leases, close late rounds.
@@ -351,7 +415,10 @@ impl Relay {
         let mut inner = self.inner.lock().expect("relay lock");
         for e in inner.coord.tick(now_ms()) {
             match e {
-                Event::LeaseExpired { unit_id, participant } => {
+                Event::LeaseExpired {
+                    unit_id,
+                    participant,
+                } => {
                     tracing::info!(unit_id, participant, "lease expired");
                     inner.db.delete_leases(&[unit_id])?;
                 }
@@ -394,7 +461,12 @@ impl Relay {
     /// versions evaluates only the newest).
     pub async fn evaluate_forever(self: Arc<Self>, eval_iters: usize) {
         let mut rx = self.eval_trigger.subscribe();
-        let mut done: Option<u64> = self.history.lock().expect("history lock").last().map(|h| h.0);
+        let mut done: Option<u64> = self
+            .history
+            .lock()
+            .expect("history lock")
+            .last()
+            .map(|h| h.0);
         loop {
             let version = *rx.borrow_and_update();
             if done != Some(version) {
@@ -403,7 +475,10 @@ impl Relay {
                     (inner.coord.version(), inner.coord.params().to_vec())
                 };
                 let me = self.clone();
-                let res = tokio::task::spawn_blocking(move || me.eval(&params.1, eval_iters).map(|l| (params.0, l))).await;
+                let res = tokio::task::spawn_blocking(move || {
+                    me.eval(&params.1, eval_iters).map(|l| (params.0, l))
+                })
+                .await;
                 match res {
                     Ok(Ok((v, loss))) => {
                         tracing::info!(version = v, val_loss = loss, "evaluated");
@@ -432,8 +507,18 @@ impl Relay {
     fn eval(&self, weights: &[f32], eval_iters: usize) -> Result<f32> {
         let device = Device::flex();
         let model = params::load_vec(Gpt::new(&self.spec.model, &device), weights)?;
-        let loss = eval_loss(&model, &self.corpus, self.spec.train.seed, eval_iters, self.spec.train.batch_size, &device);
-        let v: Vec<f32> = loss.into_data().try_into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let loss = eval_loss(
+            &model,
+            &self.corpus,
+            self.spec.train.seed,
+            eval_iters,
+            self.spec.train.batch_size,
+            &device,
+        );
+        let v: Vec<f32> = loss
+            .into_data()
+            .try_into_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         Ok(v[0])
     }
 }

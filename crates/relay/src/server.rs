@@ -24,7 +24,13 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn router(relay: Arc<Relay>, page: Option<String>) -> Router {
     let page = Arc::new(page.unwrap_or_else(|| include_str!("../../../index.html").to_string()));
     Router::new()
-        .route("/", get(move || { let p = page.clone(); async move { Html((*p).clone()) } }))
+        .route(
+            "/",
+            get(move || {
+                let p = page.clone();
+                async move { Html((*p).clone()) }
+            }),
+        )
         .route("/ws", get(ws))
         .route("/api/status", get(status))
         .route("/api/run", get(run_info))
@@ -38,7 +44,11 @@ pub fn router(relay: Arc<Relay>, page: Option<String>) -> Router {
 /// Serves until the process ends.
 pub async fn serve(relay: Arc<Relay>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let app = router(relay, None);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -72,7 +82,8 @@ async fn model(State(r): State<Arc<Relay>>, Path(version): Path<String>) -> Resp
 async fn latest_model(State(r): State<Arc<Relay>>) -> Response {
     let (v, bytes) = r.latest();
     let mut resp = safetensors(v, bytes);
-    resp.headers_mut().insert(header::CACHE_CONTROL, "no-cache".parse().expect("header"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, "no-cache".parse().expect("header"));
     resp
 }
 
@@ -89,19 +100,74 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
     let g = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
     };
-    metric("tessera_model_version", "gauge", "Current model version.", g("model_version"));
-    metric("tessera_accepted_updates_total", "counter", "Updates accepted.", g("accepted_updates"));
-    metric("tessera_rejected_updates_total", "counter", "Updates rejected.", g("rejected_updates"));
-    metric("tessera_tokens_trained_total", "counter", "Tokens in accepted updates.", g("tokens_trained"));
-    metric("tessera_pending_updates", "gauge", "Updates in the open round.", g("pending_updates"));
-    let leases = s.get("leases").and_then(|l| l.as_array()).map_or(0, |l| l.len());
-    metric("tessera_leases", "gauge", "Work units leased.", leases as f64);
-    metric("tessera_val_loss", "gauge", "Latest validation loss.", g("val_loss"));
-    metric("tessera_connections", "gauge", "Open participant connections.", r.metrics.connections.load(Ordering::Relaxed) as f64);
-    metric("tessera_messages_total", "counter", "Messages received.", r.metrics.messages.load(Ordering::Relaxed) as f64);
-    metric("tessera_update_bytes_total", "counter", "Bytes of update payloads received.", r.metrics.update_bytes.load(Ordering::Relaxed) as f64);
+    metric(
+        "tessera_model_version",
+        "gauge",
+        "Current model version.",
+        g("model_version"),
+    );
+    metric(
+        "tessera_accepted_updates_total",
+        "counter",
+        "Updates accepted.",
+        g("accepted_updates"),
+    );
+    metric(
+        "tessera_rejected_updates_total",
+        "counter",
+        "Updates rejected.",
+        g("rejected_updates"),
+    );
+    metric(
+        "tessera_tokens_trained_total",
+        "counter",
+        "Tokens in accepted updates.",
+        g("tokens_trained"),
+    );
+    metric(
+        "tessera_pending_updates",
+        "gauge",
+        "Updates in the open round.",
+        g("pending_updates"),
+    );
+    let leases = s
+        .get("leases")
+        .and_then(|l| l.as_array())
+        .map_or(0, |l| l.len());
+    metric(
+        "tessera_leases",
+        "gauge",
+        "Work units leased.",
+        leases as f64,
+    );
+    metric(
+        "tessera_val_loss",
+        "gauge",
+        "Latest validation loss.",
+        g("val_loss"),
+    );
+    metric(
+        "tessera_connections",
+        "gauge",
+        "Open participant connections.",
+        r.metrics.connections.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "tessera_messages_total",
+        "counter",
+        "Messages received.",
+        r.metrics.messages.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "tessera_update_bytes_total",
+        "counter",
+        "Bytes of update payloads received.",
+        r.metrics.update_bytes.load(Ordering::Relaxed) as f64,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
@@ -139,7 +205,14 @@ async fn recv(socket: &mut WebSocket) -> anyhow::Result<Option<Vec<u8>>> {
 }
 
 async fn fail(socket: &mut WebSocket, message: String) -> anyhow::Result<()> {
-    send(socket, &ServerMsg::Error { message: message.clone() }).await.ok();
+    send(
+        socket,
+        &ServerMsg::Error {
+            message: message.clone(),
+        },
+    )
+    .await
+    .ok();
     socket.send(Message::Close(None)).await.ok();
     anyhow::bail!(message)
 }
@@ -147,7 +220,14 @@ async fn fail(socket: &mut WebSocket, message: String) -> anyhow::Result<()> {
 async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyhow::Result<()> {
     let mut nonce = [0u8; 32];
     getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    send(&mut socket, &ServerMsg::Challenge { nonce, protocol_version: PROTOCOL_VERSION }).await?;
+    send(
+        &mut socket,
+        &ServerMsg::Challenge {
+            nonce,
+            protocol_version: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
     let first = match tokio::time::timeout(HELLO_TIMEOUT, recv(&mut socket)).await {
         Ok(Ok(Some(b))) => b,
         Ok(Ok(None)) => return Ok(()),
@@ -160,15 +240,45 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
         Err(e) => return fail(&mut socket, format!("bad hello: {e}")).await,
     };
     if hello.protocol_version != PROTOCOL_VERSION {
-        return fail(&mut socket, format!("protocol {} is not supported (relay speaks {PROTOCOL_VERSION})", hello.protocol_version)).await;
+        return fail(
+            &mut socket,
+            format!(
+                "protocol {} is not supported (relay speaks {PROTOCOL_VERSION})",
+                hello.protocol_version
+            ),
+        )
+        .await;
     }
-    if let Err(e) = identity::verify(&hello.public_key, &identity::hello_message(&nonce), &hello.signature) {
+    if let Err(e) = identity::verify(
+        &hello.public_key,
+        &identity::hello_message(&nonce),
+        &hello.signature,
+    ) {
         return fail(&mut socket, format!("hello signature: {e}")).await;
     }
     let id = identity::short_id(&hello.public_key);
-    let version = r.join(&id, &hello.public_key, hello.kind, &hello.backend, &hello.device)?;
-    tracing::info!(participant = id, kind = hello.kind.as_str(), backend = hello.backend, "joined");
-    send(&mut socket, &ServerMsg::Welcome { participant_id: id.clone(), run: r.run_info.clone(), model_version: version }).await?;
+    let version = r.join(
+        &id,
+        &hello.public_key,
+        hello.kind,
+        &hello.backend,
+        &hello.device,
+    )?;
+    tracing::info!(
+        participant = id,
+        kind = hello.kind.as_str(),
+        backend = hello.backend,
+        "joined"
+    );
+    send(
+        &mut socket,
+        &ServerMsg::Welcome {
+            participant_id: id.clone(),
+            run: r.run_info.clone(),
+            model_version: version,
+        },
+    )
+    .await?;
 
     let mut versions = r.versions.subscribe();
     let result = async {

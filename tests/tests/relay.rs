@@ -1,0 +1,230 @@
+//! Relay and native participants as real processes on loopback.
+
+use std::time::Duration;
+
+use tessera_e2e::*;
+
+fn u(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn three_participants_complete_rounds_and_loss_falls() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _relay = start_relay(
+        dir.path(),
+        port,
+        &[
+            "--inner-steps",
+            "20",
+            "--updates-per-round",
+            "3",
+            "--max-versions",
+            "4",
+        ],
+    );
+    let mut hosts: Vec<Proc> = (0..3)
+        .map(|i| start_host(dir.path(), port, &format!("h{i}"), &[]))
+        .collect();
+    wait_until(
+        Duration::from_secs(180),
+        "model version 4 with its validation loss",
+        || {
+            let s = status(port);
+            u(&s["model_version"]) >= 4
+                && s["val_loss_history"]
+                    .as_array()
+                    .is_some_and(|h| h.last().is_some_and(|l| l[0] == 4))
+        },
+    );
+    // Units leased before the last version still come back; wait until every host is idle and
+    // has printed its last reply.
+    let accepted_seen = |hosts: &Vec<Proc>| -> u64 {
+        hosts
+            .iter()
+            .map(|h| {
+                h.output()
+                    .lines()
+                    .filter(|l| l.contains("accepted, model now"))
+                    .count() as u64
+            })
+            .sum()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "all leases returned and acknowledged",
+        || {
+            let s = status(port);
+            s["leases"].as_array().unwrap().is_empty()
+                && accepted_seen(&hosts) == u(&s["accepted_updates"])
+        },
+    );
+    let s = status(port);
+    let history = s["val_loss_history"].as_array().unwrap();
+    let first = history.first().unwrap()[1].as_f64().unwrap();
+    let last = history.last().unwrap()[1].as_f64().unwrap();
+    assert!(
+        last < first - 0.5,
+        "validation loss did not fall: {first} -> {last}"
+    );
+    // K = 3: four versions folded twelve updates; later ones wait in the open round.
+    let accepted = u(&s["accepted_updates"]);
+    assert_eq!(
+        accepted,
+        3 * u(&s["model_version"]) + u(&s["pending_updates"]),
+        "{s}"
+    );
+    assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
+    assert_eq!(u(&s["tokens_trained"]), accepted * 20 * 12 * 32);
+    // What the relay credits each participant is what that participant saw accepted.
+    let mut total = 0;
+    for h in &mut hosts {
+        let id = host_id(h).expect("host printed its id");
+        let p = participant(&s, &id).unwrap_or_else(|| panic!("{id} missing from {s}"));
+        assert_eq!(p["kind"], "native");
+        assert_eq!(p["backend"], "cpu");
+        let seen = h
+            .output()
+            .lines()
+            .filter(|l| l.contains("accepted, model now"))
+            .count() as u64;
+        assert_eq!(
+            u(&p["accepted_updates"]),
+            seen,
+            "{id}: relay and participant disagree"
+        );
+        assert!(seen >= 1, "{id} contributed nothing");
+        total += seen;
+    }
+    assert_eq!(total, accepted);
+    // Prometheus text agrees.
+    let metrics = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("tessera_accepted_updates_total {accepted}")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tessera_model_version 4"), "{metrics}");
+}
+
+#[test]
+fn a_killed_participants_unit_is_trained_by_someone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Long units (several seconds) and short leases.
+    let _relay = start_relay(
+        dir.path(),
+        port,
+        &["--inner-steps", "1500", "--lease-secs", "3"],
+    );
+    let mut a = start_host(dir.path(), port, "a", &[]);
+    let mut leased = None;
+    wait_until(
+        Duration::from_secs(60),
+        "participant a holds a lease",
+        || {
+            let s = status(port);
+            leased = s["leases"].as_array().and_then(|l| l.first()).map(|l| {
+                (
+                    u(&l["unit_id"]),
+                    l["participant"].as_str().unwrap().to_string(),
+                )
+            });
+            leased.is_some()
+        },
+    );
+    let (unit, holder) = leased.unwrap();
+    assert_eq!(Some(holder.clone()), host_id(&a));
+    a.kill9();
+    let b = start_host(dir.path(), port, "b", &[]);
+    wait_until(Duration::from_secs(30), "b id", || host_id(&b).is_some());
+    let b_id = host_id(&b).unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the unit passes to b after the lease expires",
+        || {
+            let s = status(port);
+            s["leases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| u(&l["unit_id"]) == unit && l["participant"] == b_id.as_str())
+        },
+    );
+    // b may have started a fresh unit first; the expired one is the next it is given.
+    let done = format!("unit {unit} (");
+    wait_until(
+        Duration::from_secs(120),
+        "b's update for the unit is accepted",
+        || {
+            b.output()
+                .lines()
+                .any(|l| l.starts_with(&done) && l.contains("accepted"))
+        },
+    );
+    let s = status(port);
+    assert_eq!(u(&participant(&s, &holder).unwrap()["accepted_updates"]), 0);
+    assert!(u(&participant(&s, &b_id).unwrap()["accepted_updates"]) >= 1);
+}
+
+#[test]
+fn a_relay_killed_mid_run_resumes_from_what_it_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let args = ["--inner-steps", "30", "--updates-per-round", "2"];
+    let mut relay = start_relay(dir.path(), port, &args);
+    let _hosts: Vec<Proc> = (0..2)
+        .map(|i| start_host(dir.path(), port, &format!("h{i}"), &[]))
+        .collect();
+    wait_until(Duration::from_secs(120), "version 3", || {
+        u(&status(port)["model_version"]) >= 3
+    });
+    relay.kill9();
+
+    // What was committed at the moment of the kill.
+    let db = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
+    let version: i64 = db
+        .query_row("SELECT MAX(version) FROM versions", [], |r| r.get(0))
+        .unwrap();
+    let accepted: i64 = db
+        .query_row("SELECT COUNT(*) FROM updates", [], |r| r.get(0))
+        .unwrap();
+    let pending: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM updates WHERE applied_version IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(db);
+    assert!(version >= 3);
+
+    let _relay = start_relay(dir.path(), port, &args);
+    let s = status(port);
+    let expect_version = version as u64 + u64::from(pending >= 2);
+    assert_eq!(u(&s["model_version"]), expect_version, "{s}");
+    assert_eq!(u(&s["accepted_updates"]), accepted as u64, "{s}");
+    // The participants reconnect by themselves and the run goes on.
+    wait_until(
+        Duration::from_secs(120),
+        "the run continues after the restart",
+        || u(&status(port)["model_version"]) >= expect_version + 2,
+    );
+    // No update was applied twice: every version folded exactly K = 2 updates.
+    let db = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
+    let mut st = db.prepare("SELECT applied_version, COUNT(*) FROM updates WHERE applied_version IS NOT NULL GROUP BY applied_version").unwrap();
+    let rows: Vec<(i64, i64)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(!rows.is_empty());
+    for (v, n) in rows {
+        assert_eq!(n, 2, "version {v} folded {n} updates");
+    }
+}

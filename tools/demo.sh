@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The README's run command: builds the relay and the native host, then starts the relay on
+# 127.0.0.1:8700 with the embedded corpus and one native participant, printing the page's URL
+# and the validation loss as it falls. Extra arguments go to tessera-relay (see --help).
+# State lives in ./relay-data: run it again to continue the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -p tessera-relay -p tessera-host
+exec "${CARGO_TARGET_DIR:-target}/release/tessera-relay" --demo "$@"
