@@ -19,6 +19,9 @@ pub struct Config {
     pub context: u32,
     /// Peak inner learning rate.
     pub inner_lr: f64,
+    /// Cosine decay of the inner learning rate over model versions: `(versions, final lr)`.
+    /// Units started at version `v` train at the decayed rate (`None`: constant).
+    pub inner_lr_decay: Option<(u64, f64)>,
     /// The run seed.
     pub seed: u64,
     /// A round closes after this many accepted updates (K)…
@@ -42,6 +45,17 @@ pub struct Config {
 }
 
 impl Config {
+    /// Inner learning rate for a unit based on `version`.
+    pub fn inner_lr_at(&self, version: u64) -> f64 {
+        match self.inner_lr_decay {
+            None => self.inner_lr,
+            Some((total, min_lr)) => {
+                let t = (version as f64 / total.max(1) as f64).min(1.0);
+                min_lr + 0.5 * (1.0 + (std::f64::consts::PI * t).cos()) * (self.inner_lr - min_lr)
+            }
+        }
+    }
+
     /// Tokens one unit trains on.
     pub fn unit_tokens(&self) -> u64 {
         self.inner_steps as u64 * self.batch_size as u64 * self.context as u64
@@ -327,7 +341,7 @@ impl Coordinator {
             shard,
             inner_steps: self.cfg.inner_steps,
             batch_size: self.cfg.batch_size,
-            lr: self.cfg.inner_lr,
+            lr: self.cfg.inner_lr_at(self.version),
             seed: self.cfg.seed,
             fragment: self.cfg.fragment,
             deadline_ms: now + self.cfg.lease_ms,
@@ -549,6 +563,7 @@ mod tests {
             batch_size: 2,
             context: 8,
             inner_lr: 1e-3,
+            inner_lr_decay: None,
             seed: 1,
             updates_per_round: 2,
             round_timeout_ms: 60_000,

@@ -46,6 +46,9 @@ struct Args {
     /// Inner AdamW learning rate.
     #[arg(long, default_value_t = 1e-3)]
     inner_lr: f64,
+    /// Decay the inner learning rate (cosine, to a tenth) over this many versions.
+    #[arg(long)]
+    inner_lr_decay_versions: Option<u64>,
     /// Updates per round (K).
     #[arg(long, default_value_t = 1)]
     updates_per_round: usize,
@@ -141,6 +144,7 @@ async fn main() -> Result<()> {
         batch_size: a.batch,
         context: model.block_size as u32,
         inner_lr: a.inner_lr,
+        inner_lr_decay: a.inner_lr_decay_versions.map(|v| (v, a.inner_lr / 10.0)),
         seed: a.seed,
         updates_per_round: spec.updates_per_round,
         round_timeout_ms: tuning.round_timeout_ms,

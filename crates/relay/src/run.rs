@@ -61,9 +61,9 @@ pub struct Tuning {
     pub max_update_norm: f64,
 }
 
+/// State that changes together. Lock order: `inner`, then `db`.
 struct Inner {
     coord: Coordinator,
-    db: Db,
     ckpt: Checkpoints,
 }
 
@@ -81,6 +81,7 @@ pub struct Metrics {
 /// The live relay state shared by every connection.
 pub struct Relay {
     inner: Mutex<Inner>,
+    db: Mutex<Db>,
     /// The run as participants see it.
     pub run_info: RunInfo,
     spec: RunSpec,
@@ -182,7 +183,7 @@ impl Relay {
                     shard: 0,
                     inner_steps: coord_cfg.inner_steps,
                     batch_size: coord_cfg.batch_size,
-                    lr: coord_cfg.inner_lr,
+                    lr: coord_cfg.inner_lr_at(version),
                     seed: coord_cfg.seed,
                     fragment: coord_cfg.fragment,
                     deadline_ms: 0,
@@ -235,7 +236,8 @@ impl Relay {
             corpus_sha256: spec.corpus_sha256.clone(),
         };
         let relay = Arc::new(Relay {
-            inner: Mutex::new(Inner { coord, db, ckpt }),
+            inner: Mutex::new(Inner { coord, ckpt }),
+            db: Mutex::new(db),
             run_info,
             spec,
             corpus: Arc::new(corpus),
@@ -254,6 +256,10 @@ impl Relay {
             }
         }
         Ok(relay)
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Db> {
+        self.db.lock().expect("db lock")
     }
 
     /// The run's immutable settings.
@@ -285,8 +291,8 @@ impl Relay {
         let bytes = inner
             .ckpt
             .save(version, inner.coord.params(), inner.coord.momentum())?;
-        let n = inner
-            .db
+        let n = self
+            .db()
             .record_version(version, &Checkpoints::weights_name(version), now_ms())?;
         *self.latest.write().expect("latest lock") = (version, Arc::new(bytes));
         tracing::info!(version, updates = n, "model advanced");
@@ -313,7 +319,7 @@ impl Relay {
             .find(|p| p.id == id)
             .cloned()
             .expect("just joined");
-        inner.db.upsert_participant(&stats, public_key, now)?;
+        self.db().upsert_participant(&stats, public_key, now)?;
         Ok(inner.coord.version())
     }
 
@@ -323,7 +329,7 @@ impl Relay {
         let unit = inner.coord.request_work(id, now_ms());
         if let Some(u) = &unit {
             let (next_unit, next_shard) = inner.coord.counters();
-            inner.db.put_lease(id, u, next_unit, next_shard)?;
+            self.db().put_lease(id, u, next_unit, next_shard)?;
         }
         Ok(unit)
     }
@@ -350,7 +356,7 @@ impl Relay {
     pub fn leave(&self, id: &str) -> Result<()> {
         let mut inner = self.inner.lock().expect("relay lock");
         let released = inner.coord.leave(id, now_ms());
-        inner.db.delete_leases(&released)
+        self.db().delete_leases(&released)
     }
 
     /// Handles a submission: verifies, checks, stores durably, folds in; returns the reply.
@@ -373,7 +379,7 @@ impl Relay {
             Ok(d) => d,
             Err((reason, detail)) => {
                 inner.coord.record_rejection(id, s.unit_id, reason);
-                inner.db.record_rejected(id)?;
+                self.db().record_rejected(id)?;
                 return Ok(reject(reason, detail));
             }
         };
@@ -384,13 +390,13 @@ impl Relay {
             Ok(v) => v,
             Err(r) => {
                 inner.coord.record_rejection(id, s.unit_id, r.reason);
-                inner.db.record_rejected(id)?;
+                self.db().record_rejected(id)?;
                 tracing::info!(participant = id, unit = s.unit_id, reason = ?r.reason, "rejected: {}", r.detail);
                 return Ok(reject(r.reason, r.detail));
             }
         };
         let now = now_ms();
-        inner.db.record_accepted(&UpdateRecord {
+        self.db().record_accepted(&UpdateRecord {
             unit_id: s.unit_id,
             participant: id,
             base_version: s.base_version,
@@ -420,7 +426,7 @@ impl Relay {
                     participant,
                 } => {
                     tracing::info!(unit_id, participant, "lease expired");
-                    inner.db.delete_leases(&[unit_id])?;
+                    self.db().delete_leases(&[unit_id])?;
                 }
                 Event::RoundClosed { version, .. } => self.persist_version(&mut inner, version)?,
             }
@@ -483,7 +489,7 @@ impl Relay {
                     Ok(Ok((v, loss))) => {
                         tracing::info!(version = v, val_loss = loss, "evaluated");
                         let inner = self.inner.lock().expect("relay lock");
-                        if let Err(e) = inner.db.set_val_loss(v, loss) {
+                        if let Err(e) = self.db().set_val_loss(v, loss) {
                             tracing::warn!("storing val loss: {e:#}");
                         }
                         drop(inner);

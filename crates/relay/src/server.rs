@@ -177,6 +177,9 @@ async fn ws(State(r): State<Arc<Relay>>, upgrade: WebSocketUpgrade) -> Response 
     upgrade
         .max_message_size(limit)
         .max_frame_size(limit)
+        // Small per-connection buffers: thousands of mostly idle connections.
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| async move {
             r.metrics.connections.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = connection(r.clone(), socket, limit).await {
