@@ -16,6 +16,7 @@ use tessera_core::checkpoint::weights_from_safetensors;
 use tessera_core::config::{ModelConfig, TrainConfig};
 use tessera_core::data::{BatchKey, Corpus, Split};
 use tessera_core::model::Gpt;
+use tessera_core::optim::AdamW;
 use tessera_core::params;
 use tessera_core::train::Trainer;
 use tessera_protocol::messages::{
@@ -92,6 +93,10 @@ struct Participant {
     weights: Option<(u64, Arc<Vec<f32>>)>,
     units_done: u64,
     max_units: Option<u64>,
+    /// Inner AdamW state carried from one unit to the next, as a DiLoCo worker keeps it.
+    optim: Option<AdamW>,
+    /// Training speed of the last unit (0 before the first): the capability sent in a hello.
+    tokens_per_s: f32,
 }
 
 /// Runs `tessera-host join`.
@@ -122,6 +127,8 @@ pub fn run(args: JoinArgs) -> Result<()> {
         weights: None,
         units_done: 0,
         max_units: args.max_units,
+        tokens_per_s: 0.0,
+        optim: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -190,7 +197,7 @@ impl Participant {
             kind: ParticipantKind::Native,
             backend: self.backend.to_string(),
             device: self.device_name.clone(),
-            tokens_per_s: 0.0,
+            tokens_per_s: self.tokens_per_s,
         };
         send(&mut ws, &ClientMsg::Hello(hello)).await?;
         let ServerMsg::Welcome {
@@ -319,22 +326,39 @@ impl Participant {
             );
             let mut train = run.train.clone();
             train.batch_size = unit.batch_size as usize;
+            let optim = self.optim.take().unwrap_or_default();
             tokio::task::spawn_blocking(move || {
-                train_unit(&device, model_cfg, train, &unit, &base, &corpus, &progress)
+                train_unit(
+                    &device, model_cfg, train, &unit, &base, &corpus, &progress, optim,
+                )
             })
         };
         tokio::pin!(job);
+        let bar = indicatif::ProgressBar::new(unit.inner_steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "unit {msg} {bar:30} {pos}/{len} inner steps [{elapsed}<{eta}]",
+            )
+            .expect("valid template"),
+        );
+        bar.set_message(unit.unit_id.to_string());
         let mut beat = tokio::time::interval(HEARTBEAT);
         let (delta, first, last) = loop {
             tokio::select! {
-                r = &mut job => break r??,
+                r = &mut job => {
+                    let (delta, first, last, optim) = r??;
+                    self.optim = Some(optim);
+                    break (delta, first, last);
+                }
                 _ = beat.tick() => {
                     let step = progress.load(Ordering::Relaxed);
+                    bar.set_position(step as u64);
                     send(ws, &ClientMsg::Heartbeat { unit_id: Some(unit.unit_id), step }).await?;
                 }
                 m = recv(ws) => { m?; } // acks and version news
             }
         };
+        bar.finish_and_clear();
         let payload = Payload::f32(&delta);
         let signature = identity::sign(
             &self.secret,
@@ -359,8 +383,9 @@ impl Participant {
 }
 
 /// Trains one unit: H AdamW steps at the unit's learning rate from `base`, on the batches
-/// `(seed, shard, 0..H)`. Returns the pseudo-gradient (base − trained) and the first and last
-/// losses.
+/// `(seed, shard, 0..H)`, continuing from `optim` (the previous unit's inner state, or fresh).
+/// Returns the pseudo-gradient (base − trained), the first and last losses, and the optimizer.
+#[allow(clippy::too_many_arguments)]
 pub fn train_unit(
     device: &Device,
     model: ModelConfig,
@@ -369,8 +394,10 @@ pub fn train_unit(
     base: &[f32],
     corpus: &Corpus,
     progress: &AtomicU32,
-) -> Result<(Vec<f32>, f32, f32)> {
+    optim: AdamW,
+) -> Result<(Vec<f32>, f32, f32, AdamW)> {
     let mut trainer = Trainer::with_weights(model, train, device, base)?;
+    trainer.set_optimizer(optim);
     let (mut first, mut last) = (f32::NAN, f32::NAN);
     for step in 0..unit.inner_steps {
         let key = BatchKey {
@@ -405,7 +432,7 @@ pub fn train_unit(
         .zip(&trained[range])
         .map(|(b, t)| b - t)
         .collect();
-    Ok((delta, first, last))
+    Ok((delta, first, last, trainer.take_optimizer()))
 }
 
 /// Decodes a version's safetensors into the flat parameter vector of `model`.

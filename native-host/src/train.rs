@@ -57,6 +57,9 @@ pub struct TrainArgs {
     /// Validation batches per measurement.
     #[arg(long, default_value_t = 50)]
     eval_iters: usize,
+    /// Stop after this step (the schedule still spans --steps): with --resume, training in parts.
+    #[arg(long)]
+    stop_at: Option<usize>,
     /// Save a checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     save_interval: usize,
@@ -133,7 +136,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         n_params as f64 / 1e6
     );
 
-    let total = args.steps as u64;
+    let total = args.stop_at.unwrap_or(args.steps).min(args.steps) as u64;
     let bar = ProgressBar::new(total).with_position(trainer.step.min(total));
     bar.set_style(
         ProgressStyle::with_template(

@@ -124,6 +124,16 @@ impl Trainer {
         &self.optim
     }
 
+    /// Replaces the optimizer state (a participant carrying its inner AdamW across units).
+    pub fn set_optimizer(&mut self, optim: AdamW) {
+        self.optim = optim;
+    }
+
+    /// Takes the optimizer state out, leaving a fresh one.
+    pub fn take_optimizer(&mut self) -> AdamW {
+        std::mem::take(&mut self.optim)
+    }
+
     /// The (autodiff) device.
     pub fn device(&self) -> &Device {
         &self.device

@@ -1,0 +1,217 @@
+//! A participant that lies: bad signatures, wrong lengths, non-finite values, oversized and
+//! garbage frames. Each gets a clear answer and nothing enters the model.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tessera_e2e::*;
+use tessera_protocol::messages::{
+    ClientMsg, Hello, ParticipantKind, RejectReason, ServerMsg, Submission, WorkUnit,
+};
+use tessera_protocol::update::Payload;
+use tessera_protocol::{PROTOCOL_VERSION, decode, encode, identity};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn recv(ws: &mut Ws) -> Option<ServerMsg> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .ok()??
+        {
+            Ok(Message::Binary(b)) => return Some(decode(&b, 1 << 20).unwrap()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+async fn joined(port: u16, secret: [u8; 32]) -> (Ws, u64) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .unwrap();
+    let Some(ServerMsg::Challenge { nonce, .. }) = recv(&mut ws).await else {
+        panic!("no challenge")
+    };
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        public_key: identity::public_key(&secret),
+        signature: identity::sign(&secret, &identity::hello_message(&nonce)).to_vec(),
+        kind: ParticipantKind::Native,
+        backend: "cpu".into(),
+        device: "test".into(),
+        tokens_per_s: 0.0,
+    };
+    ws.send(Message::Binary(encode(&ClientMsg::Hello(hello)).into()))
+        .await
+        .unwrap();
+    let Some(ServerMsg::Welcome { run, .. }) = recv(&mut ws).await else {
+        panic!("no welcome")
+    };
+    (ws, run.num_params)
+}
+
+async fn work(ws: &mut Ws) -> WorkUnit {
+    ws.send(Message::Binary(encode(&ClientMsg::RequestWork).into()))
+        .await
+        .unwrap();
+    loop {
+        if let Some(ServerMsg::Work(u)) = recv(ws).await {
+            return u;
+        }
+    }
+}
+
+async fn submit(ws: &mut Ws, s: Submission) -> ServerMsg {
+    ws.send(Message::Binary(encode(&ClientMsg::Submit(s)).into()))
+        .await
+        .unwrap();
+    loop {
+        match recv(ws).await.expect("an answer") {
+            m @ (ServerMsg::Accepted { .. } | ServerMsg::Rejected { .. }) => return m,
+            _ => continue,
+        }
+    }
+}
+
+fn signed(secret: &[u8; 32], unit: &WorkUnit, values: &[f32]) -> Submission {
+    let payload = Payload::f32(values);
+    let signature = identity::sign(
+        secret,
+        &identity::update_message(unit.unit_id, unit.base_version, &payload.data),
+    )
+    .to_vec();
+    Submission {
+        unit_id: unit.unit_id,
+        base_version: unit.base_version,
+        payload,
+        tokens: 1000,
+        loss_before: 1.0,
+        loss_after: 0.5,
+        signature,
+    }
+}
+
+#[test]
+fn lies_are_rejected_with_reasons_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _relay = start_relay(dir.path(), port, &[]);
+    let before = status(port);
+    let weights_before = ureq::get(&format!("http://127.0.0.1:{port}/api/model/0"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_vec()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let secret = [3u8; 32];
+        let (mut ws, n) = joined(port, secret).await;
+        let n = n as usize;
+        let unit = work(&mut ws).await;
+        let expect = |m: ServerMsg, want: RejectReason| match m {
+            ServerMsg::Rejected { reason, detail, .. } => {
+                assert_eq!(reason, want, "{detail}");
+                assert!(!detail.is_empty());
+            }
+            other => panic!("expected a rejection ({want:?}), got {other:?}"),
+        };
+        // Signed by someone else.
+        expect(
+            submit(&mut ws, signed(&[9u8; 32], &unit, &vec![0.0; n])).await,
+            RejectReason::BadSignature,
+        );
+        // Wrong length.
+        expect(
+            submit(&mut ws, signed(&secret, &unit, &vec![0.0; n - 1])).await,
+            RejectReason::Malformed,
+        );
+        // Non-finite values.
+        let mut nan = vec![0.0; n];
+        nan[7] = f32::NAN;
+        expect(
+            submit(&mut ws, signed(&secret, &unit, &nan)).await,
+            RejectReason::Malformed,
+        );
+        // Absurd norm.
+        expect(
+            submit(&mut ws, signed(&secret, &unit, &vec![1e3; n])).await,
+            RejectReason::OutOfBounds,
+        );
+        // A unit that was never leased to us.
+        let mut other = unit.clone();
+        other.unit_id += 1000;
+        expect(
+            submit(&mut ws, signed(&secret, &other, &vec![0.0; n])).await,
+            RejectReason::UnknownLease,
+        );
+        // Garbage bytes: an error, then the connection closes.
+        ws.send(Message::Binary(vec![0xde, 0xad, 0xbe, 0xef].into()))
+            .await
+            .unwrap();
+        match recv(&mut ws).await {
+            Some(ServerMsg::Error { message }) => {
+                assert!(message.contains("bad message"), "{message}")
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+        assert!(
+            recv(&mut ws).await.is_none(),
+            "the connection stays open after garbage"
+        );
+
+        // A frame over the size bound is refused before decoding.
+        let (mut ws, n) = joined(port, [4u8; 32]).await;
+        let huge = vec![0u8; n as usize * 4 + 128 * 1024];
+        ws.send(Message::Binary(huge.into())).await.ok();
+        assert!(
+            recv(&mut ws).await.is_none(),
+            "an oversized frame was accepted"
+        );
+
+        // A wrong hello signature never joins.
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
+            .await
+            .unwrap();
+        let Some(ServerMsg::Challenge { .. }) = recv(&mut ws).await else {
+            panic!()
+        };
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            public_key: identity::public_key(&[5u8; 32]),
+            signature: vec![0; 64],
+            kind: ParticipantKind::Native,
+            backend: "cpu".into(),
+            device: "test".into(),
+            tokens_per_s: 0.0,
+        };
+        ws.send(Message::Binary(encode(&ClientMsg::Hello(hello)).into()))
+            .await
+            .unwrap();
+        match recv(&mut ws).await {
+            Some(ServerMsg::Error { message }) => {
+                assert!(message.contains("signature"), "{message}")
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    });
+    let after = status(port);
+    assert_eq!(after["rejected_updates"], 5, "{after}");
+    assert_eq!(after["accepted_updates"], 0);
+    assert_eq!(after["model_version"], before["model_version"]);
+    let weights_after = ureq::get(&format!("http://127.0.0.1:{port}/api/model/0"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_vec()
+        .unwrap();
+    assert!(weights_before == weights_after, "the model changed");
+    assert_eq!(
+        after["participants"].as_array().unwrap().len(),
+        2,
+        "the forged hello joined: {after}"
+    );
+}
