@@ -26,8 +26,13 @@ impl std::fmt::Display for Backend {
 
 /// The kind of the best wgpu adapter, if any (`None` when there is no adapter at all).
 pub fn best_adapter() -> Option<wgpu::AdapterInfo> {
-    let instance = wgpu::Instance::default();
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::PRIMARY,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    // Vulkan, Metal, DX12 (not GL: burn's wgpu runtime does not train on it, and probing EGL
+    // prints loader noise on headless machines).
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
     adapters
         .into_iter()
         .map(|a| a.get_info())

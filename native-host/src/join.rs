@@ -39,6 +39,10 @@ pub struct JoinArgs {
     /// Identity key file (created on first run).
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Carry the inner AdamW state from one unit to the next (off: a fresh AdamW per unit,
+    /// which reached the lower loss in the parity benchmark, see BENCHMARKS.md).
+    #[arg(long)]
+    keep_optimizer: bool,
     /// Leave after this many accepted or rejected units.
     #[arg(long)]
     max_units: Option<u64>,
@@ -93,8 +97,9 @@ struct Participant {
     weights: Option<(u64, Arc<Vec<f32>>)>,
     units_done: u64,
     max_units: Option<u64>,
-    /// Inner AdamW state carried from one unit to the next, as a DiLoCo worker keeps it.
+    /// Inner AdamW state carried from one unit to the next (with --keep-optimizer).
     optim: Option<AdamW>,
+    keep_optimizer: bool,
     /// Training speed of the last unit (0 before the first): the capability sent in a hello.
     tokens_per_s: f32,
 }
@@ -129,6 +134,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
         max_units: args.max_units,
         tokens_per_s: 0.0,
         optim: None,
+        keep_optimizer: args.keep_optimizer,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -326,7 +332,11 @@ impl Participant {
             );
             let mut train = run.train.clone();
             train.batch_size = unit.batch_size as usize;
-            let optim = self.optim.take().unwrap_or_default();
+            let optim = self
+                .optim
+                .take()
+                .filter(|_| self.keep_optimizer)
+                .unwrap_or_default();
             tokio::task::spawn_blocking(move || {
                 train_unit(
                     &device, model_cfg, train, &unit, &base, &corpus, &progress, optim,

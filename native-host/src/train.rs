@@ -1,5 +1,6 @@
 //! `tessera-host train` and `tessera-host sample`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -171,9 +172,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         if args.eval_interval > 0 && step % args.eval_interval as u64 == 0 && step < total {
             let v = read_scalar(trainer.validation_loss(&corpus, args.eval_iters, batch_size));
-            bar.println(format!(
-                "step {step}: train loss {train_loss:.4}, val loss {v:.4}"
-            ));
+            let line = format!("step {step}: train loss {train_loss:.4}, val loss {v:.4}");
+            // Without a terminal the bar draws nothing and drops println: print plainly.
+            if std::io::stderr().is_terminal() {
+                bar.println(line);
+            } else {
+                eprintln!("{line}");
+            }
             val_loss = Some(v);
         }
         if let Some(dir) = &args.out

@@ -7,9 +7,12 @@
 #
 #     cargo build --release --workspace --bins
 #     tools/bench/diloco_parity.sh [H [relay options…]]     # default H = 25
+#     HOST_ARGS=--keep-optimizer tools/bench/diloco_parity.sh 25   # participants' options
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 H="${1:-25}"
+RELAY_ARGS=("${@:2}")
+read -r -a HOST_ARGS <<< "${HOST_ARGS:-}"
 BIN="${CARGO_TARGET_DIR:-target}/release"
 DATA="../shared/data/tinyshakespeare.txt"
 VERSIONS=$((2000 / (4 * H)))
@@ -19,11 +22,11 @@ trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 "$BIN/tessera-relay" --listen 127.0.0.1:$PORT --db "$WORK/relay.db" --checkpoints "$WORK/ckpt" \
   --config baby --data "$DATA" --inner-steps "$H" --batch 12 --inner-lr 1e-3 \
   --inner-lr-decay-versions "$VERSIONS" --updates-per-round 4 --max-versions "$VERSIONS" \
-  --max-staleness 4 --eval-iters 50 "${@:2}" > "$WORK/relay.log" 2>&1 &
+  --max-staleness 4 --eval-iters 50 "${RELAY_ARGS[@]}" > "$WORK/relay.log" 2>&1 &
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/api/status" >/dev/null && break; sleep 0.2; done
 start=$(date +%s)
 for i in 1 2 3 4; do
-  "$BIN/tessera-host" join "ws://127.0.0.1:$PORT/ws" --backend cpu --key "$WORK/h$i.key" > "$WORK/h$i.log" 2>&1 &
+  "$BIN/tessera-host" join "ws://127.0.0.1:$PORT/ws" --backend cpu --key "$WORK/h$i.key" "${HOST_ARGS[@]}" > "$WORK/h$i.log" 2>&1 &
 done
 while :; do
   s=$(curl -sf "http://127.0.0.1:$PORT/api/status")
