@@ -5,5 +5,6 @@
 # State lives in ./relay-data: run it again to continue the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -p tessera-relay -p tessera-host
+# The same build as the test command (one feature set, one cache).
+cargo build --release --workspace --bins
 exec "${CARGO_TARGET_DIR:-target}/release/tessera-relay" --demo "$@"
