@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tessera_protocol::messages::{Hello, ParticipantKind};
+use tessera_protocol::{PROTOCOL_VERSION, identity};
 
 /// Path of a workspace binary next to the test executable's `deps/` folder.
 pub fn bin(name: &str) -> PathBuf {
@@ -165,4 +167,17 @@ pub fn host_id(p: &Proc) -> Option<String> {
         l.strip_prefix("participant ")
             .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
     })
+}
+
+/// A native participant's hello answering `nonce`, signed with `secret`.
+pub fn signed_hello(secret: &[u8; 32], nonce: &[u8; 32], backend: &str) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        public_key: identity::public_key(secret),
+        signature: identity::sign(secret, &identity::hello_message(nonce)).to_vec(),
+        kind: ParticipantKind::Native,
+        backend: backend.into(),
+        device: backend.into(),
+        tokens_per_s: 0.0,
+    }
 }

@@ -35,15 +35,7 @@ async fn joined(port: u16, secret: [u8; 32]) -> (Ws, u64) {
     let Some(ServerMsg::Challenge { nonce, .. }) = recv(&mut ws).await else {
         panic!("no challenge")
     };
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        public_key: identity::public_key(&secret),
-        signature: identity::sign(&secret, &identity::hello_message(&nonce)).to_vec(),
-        kind: ParticipantKind::Native,
-        backend: "cpu".into(),
-        device: "test".into(),
-        tokens_per_s: 0.0,
-    };
+    let hello = signed_hello(&secret, &nonce, "cpu");
     ws.send(Message::Binary(encode(&ClientMsg::Hello(hello)).into()))
         .await
         .unwrap();

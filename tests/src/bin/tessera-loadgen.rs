@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tessera_protocol::messages::{ClientMsg, Hello, ParticipantKind, ServerMsg};
-use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity};
+use tessera_protocol::messages::{ClientMsg, ServerMsg};
+use tessera_protocol::{MAX_CONTROL_BYTES, decode, encode};
 use tokio_tungstenite::tungstenite::Message;
 
 struct Args {
@@ -74,15 +74,7 @@ async fn participant(
     let mut secret = [0u8; 32];
     secret[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
     secret[8] = 0x5a;
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        public_key: identity::public_key(&secret),
-        signature: identity::sign(&secret, &identity::hello_message(&nonce)).to_vec(),
-        kind: ParticipantKind::Native,
-        backend: "loadgen".into(),
-        device: "loadgen".into(),
-        tokens_per_s: 0.0,
-    };
+    let hello = tessera_e2e::signed_hello(&secret, &nonce, "loadgen");
     ws.send(Message::Binary(encode(&ClientMsg::Hello(hello)).into()))
         .await
         .map_err(|e| e.to_string())?;
