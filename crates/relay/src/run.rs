@@ -64,7 +64,6 @@ pub struct Tuning {
 /// State that changes together. Lock order: `inner`, then `db`.
 struct Inner {
     coord: Coordinator,
-    ckpt: Checkpoints,
 }
 
 /// Counters for `/metrics`.
@@ -81,6 +80,8 @@ pub struct Metrics {
 /// The live relay state shared by every connection.
 pub struct Relay {
     inner: Mutex<Inner>,
+    /// Version files (immutable settings: no lock needed to read them).
+    ckpt: Checkpoints,
     db: Mutex<Db>,
     /// The run as participants see it.
     pub run_info: RunInfo,
@@ -236,7 +237,8 @@ impl Relay {
             corpus_sha256: spec.corpus_sha256.clone(),
         };
         let relay = Arc::new(Relay {
-            inner: Mutex::new(Inner { coord, ckpt }),
+            inner: Mutex::new(Inner { coord }),
+            ckpt,
             db: Mutex::new(db),
             run_info,
             spec,
@@ -279,16 +281,11 @@ impl Relay {
         if v == version {
             return Some(bytes);
         }
-        self.inner
-            .lock()
-            .expect("relay lock")
-            .ckpt
-            .read_weights(version)
-            .map(Arc::new)
+        self.ckpt.read_weights(version).map(Arc::new)
     }
 
     fn persist_version(&self, inner: &mut Inner, version: u64) -> Result<()> {
-        let bytes = inner
+        let bytes = self
             .ckpt
             .save(version, inner.coord.params(), inner.coord.momentum())?;
         let n = self
