@@ -5,11 +5,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tessera_e2e::*;
-use tessera_protocol::messages::{
-    ClientMsg, Hello, ParticipantKind, RejectReason, ServerMsg, Submission, WorkUnit,
-};
+use tessera_protocol::messages::{ClientMsg, RejectReason, ServerMsg, Submission, WorkUnit};
 use tessera_protocol::update::Payload;
-use tessera_protocol::{PROTOCOL_VERSION, decode, encode, identity};
+use tessera_protocol::{decode, encode, identity};
 use tokio_tungstenite::tungstenite::Message;
 
 type Ws =
@@ -171,15 +169,8 @@ fn lies_are_rejected_with_reasons_and_change_nothing() {
         let Some(ServerMsg::Challenge { .. }) = recv(&mut ws).await else {
             panic!()
         };
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            public_key: identity::public_key(&[5u8; 32]),
-            signature: vec![0; 64],
-            kind: ParticipantKind::Native,
-            backend: "cpu".into(),
-            device: "test".into(),
-            tokens_per_s: 0.0,
-        };
+        // Signed over another nonce: a replayed or forged hello.
+        let hello = signed_hello(&[5u8; 32], &[0u8; 32], "cpu");
         ws.send(Message::Binary(encode(&ClientMsg::Hello(hello)).into()))
             .await
             .unwrap();

@@ -30,11 +30,6 @@ impl ParamSpec {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-
-    /// True for matrices and embeddings, which take weight decay (biases and norms do not).
-    pub fn decays(&self) -> bool {
-        self.shape.len() >= 2
-    }
 }
 
 /// Maps a burn module path (`h.0.attn.qkv.weight`) to its nanoGPT name.

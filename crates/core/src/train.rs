@@ -109,11 +109,6 @@ impl Trainer {
         self.model.as_ref().expect("model present between steps")
     }
 
-    /// Replaces the model (keeping the optimizer state).
-    pub fn set_model(&mut self, model: Gpt) {
-        self.model = Some(model);
-    }
-
     /// Takes the model out.
     pub fn into_model(mut self) -> Gpt {
         self.model.take().expect("model present between steps")

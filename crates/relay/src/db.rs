@@ -345,12 +345,4 @@ impl Db {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
-
-    /// Total accepted updates in the ledger.
-    pub fn accepted_count(&self) -> Result<u64> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM updates", [], |r| r.get::<_, i64>(0))?
-            as u64)
-    }
 }

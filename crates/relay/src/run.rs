@@ -264,11 +264,6 @@ impl Relay {
         self.db.lock().expect("db lock")
     }
 
-    /// The run's immutable settings.
-    pub fn spec(&self) -> &RunSpec {
-        &self.spec
-    }
-
     /// Current version and its safetensors bytes.
     pub fn latest(&self) -> (u64, Arc<Vec<u8>>) {
         let l = self.latest.read().expect("latest lock");
