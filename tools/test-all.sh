@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh Debian machine: installs what the tests need
-# (lavapipe, a software Vulkan driver, so the wgpu backend has an adapter without a GPU), checks
-# formatting and lints, then runs the whole test suite. CI (.ci/run) calls exactly this.
+# (lavapipe, a software Vulkan driver, so the wgpu backend has an adapter without a GPU; Debian's
+# Chromium for the browser tests), checks formatting and lints (native and wasm32), builds the
+# binaries and the browser bundle, then runs the whole test suite. CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(mesa-vulkan-drivers libvulkan1)
+packages=(mesa-vulkan-drivers libvulkan1 chromium fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -19,8 +20,10 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
-# The end-to-end tests start the real binaries.
+# The end-to-end tests start the real binaries, and the browser tests load the real bundle.
 cargo build --release --workspace --bins
+tools/build-web.sh
+cargo clippy --release --target wasm32-unknown-unknown -p tessera-web -- -D warnings
 log="$(mktemp)"
 set +e
 cargo test --release --workspace 2>&1 | tee "$log"

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tessera_core::burn::prelude::Device;
 use tessera_core::checkpoint::weights_from_safetensors;
 use tessera_core::config::{ModelConfig, TrainConfig};
-use tessera_core::data::{BatchKey, Corpus, Split};
+use tessera_core::data::Corpus;
 use tessera_core::model::Gpt;
 use tessera_core::optim::AdamW;
 use tessera_core::params;
@@ -22,8 +22,7 @@ use tessera_core::train::Trainer;
 use tessera_protocol::messages::{
     ClientMsg, Hello, ParticipantKind, RunInfo, ServerMsg, Submission, WorkUnit,
 };
-use tessera_protocol::update::Payload;
-use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity};
+use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity, work};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::backend::{self, Backend};
@@ -369,26 +368,8 @@ impl Participant {
             }
         };
         bar.finish_and_clear();
-        let payload = Payload::f32(&delta);
-        let signature = identity::sign(
-            &self.secret,
-            &identity::update_message(unit.unit_id, unit.base_version, &payload.data),
-        )
-        .to_vec();
-        let tokens = unit.inner_steps as u64 * unit.batch_size as u64 * run.model.block_size as u64;
-        Ok((
-            Submission {
-                unit_id: unit.unit_id,
-                base_version: unit.base_version,
-                payload,
-                tokens,
-                loss_before: first,
-                loss_after: last,
-                signature,
-            },
-            first,
-            last,
-        ))
+        let submission = work::submission(&self.secret, unit, &run.model, &delta, first, last);
+        Ok((submission, first, last))
     }
 }
 
@@ -410,17 +391,7 @@ pub fn train_unit(
     trainer.set_optimizer(optim);
     let (mut first, mut last) = (f32::NAN, f32::NAN);
     for step in 0..unit.inner_steps {
-        let key = BatchKey {
-            seed: unit.seed,
-            shard: unit.shard,
-            step: step as u64,
-        };
-        let batch = corpus.batch(
-            Split::Train,
-            key,
-            unit.batch_size as usize,
-            model.block_size,
-        );
+        let batch = work::batch(unit, &model, corpus, step);
         let out = trainer.step_with_lr(&batch, unit.lr);
         if step == 0 || step + 1 == unit.inner_steps {
             let v: Vec<f32> = out
@@ -435,13 +406,7 @@ pub fn train_unit(
         }
         progress.store(step + 1, Ordering::Relaxed);
     }
-    let trained = params::to_vec(trainer.model());
-    let range = unit.fragment.range(base.len())?;
-    let delta = base[range.clone()]
-        .iter()
-        .zip(&trained[range])
-        .map(|(b, t)| b - t)
-        .collect();
+    let delta = work::pseudo_gradient(unit, base, &params::to_vec(trainer.model()))?;
     Ok((delta, first, last, trainer.take_optimizer()))
 }
 

@@ -2,7 +2,10 @@
 //!
 //! Helpers for the end-to-end tests in `tests/`: start the real `tessera-relay` and
 //! `tessera-host` binaries (built by `cargo build --release --workspace --bins`, which the test
-//! command runs first) on loopback, read `/api/status`, and wait with bounded deadlines.
+//! command runs first) on loopback, read `/api/status`, and wait with bounded deadlines;
+//! [`browser`] drives a real headless Chromium tab over the DevTools protocol.
+
+pub mod browser;
 
 use std::fs::File;
 use std::net::TcpListener;

@@ -135,6 +135,17 @@ pub fn to_vec(model: &Gpt) -> Vec<f32> {
         .expect("model parameters are f32")
 }
 
+/// Reads all parameters into one `f32` vector without blocking: the only way to read a WebGPU
+/// tensor in a browser, and equivalent to [`to_vec`] elsewhere.
+pub async fn to_vec_async(model: &Gpt) -> Result<Vec<f32>, Error> {
+    flat_tensor(model)
+        .into_data_async()
+        .await
+        .map_err(|e| Error::Shape(format!("reading parameters: {e:?}")))?
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::Shape(format!("parameters are not f32: {e:?}")))
+}
+
 struct Assign<'a> {
     path: Vec<String>,
     values: &'a [f32],

@@ -7,13 +7,16 @@
 //!   is decoded;
 //! - [`update`]: the pseudo-gradient payload of a work unit and the fragment of the parameter
 //!   vector it covers;
-//! - [`identity`]: ed25519 identities, the hello challenge and update signatures.
+//! - [`identity`]: ed25519 identities, the hello challenge and update signatures;
+//! - [`work`]: what a work unit means (its batches, its pseudo-gradient, its signed submission),
+//!   shared by the native and the browser participant.
 //!
 //! Model weights travel separately, over plain HTTP, as safetensors files named by version.
 
 pub mod identity;
 pub mod messages;
 pub mod update;
+pub mod work;
 
 pub use messages::{ClientMsg, ServerMsg, decode, encode};
 

@@ -79,6 +79,9 @@ struct Args {
     /// Also start one native participant (tessera-host, found next to this binary).
     #[arg(long)]
     demo: bool,
+    /// Folder of the built browser participant (tools/build-web.sh writes it), served at /pkg.
+    #[arg(long, default_value = "web/pkg")]
+    web_bundle: PathBuf,
 }
 
 fn read_corpus(path: Option<&std::path::Path>) -> Result<Vec<u8>> {
@@ -177,6 +180,17 @@ async fn main() -> Result<()> {
             }
         }
     });
+    if a.web_bundle.join("tessera_web_bg.wasm").is_file() {
+        tracing::info!(
+            "serving the browser participant from {}",
+            a.web_bundle.display()
+        );
+    } else {
+        tracing::warn!(
+            "no browser bundle in {}: tabs cannot join until tools/build-web.sh has run",
+            a.web_bundle.display()
+        );
+    }
     let _child = if a.demo {
         Some(spawn_demo_participant(&addr.to_string())?)
     } else {
@@ -185,7 +199,7 @@ async fn main() -> Result<()> {
     if a.demo {
         tokio::spawn(report_progress(relay.clone()));
     }
-    server::serve(relay, listener).await
+    server::serve(relay, listener, &a.web_bundle).await
 }
 
 fn spawn_demo_participant(addr: &str) -> Result<tokio::process::Child> {

@@ -14,23 +14,53 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use tessera_protocol::messages::{ClientMsg, Hello, ServerMsg};
 use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity};
+use tower_http::services::ServeDir;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::run::Relay;
 
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Builds the router.
-pub fn router(relay: Arc<Relay>, page: Option<String>) -> Router {
-    let page = Arc::new(page.unwrap_or_else(|| include_str!("../../../index.html").to_string()));
+/// The page and its scripts, compiled into the binary.
+const INDEX_HTML: &str = include_str!("../../../index.html");
+const ASSETS: [(&str, &str, &str); 4] = [
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../../web/app.js"),
+    ),
+    (
+        "worker.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../../web/worker.js"),
+    ),
+    (
+        "chart.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../../web/chart.js"),
+    ),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_str!("../../../web/style.css"),
+    ),
+];
+
+/// Builds the router. `bundle` is the folder of the built browser participant
+/// (`tools/build-web.sh` writes `web/pkg`), served under `/pkg`.
+pub fn router(relay: Arc<Relay>, bundle: &std::path::Path) -> Router {
+    // The bundle changes with every build: revalidate instead of caching.
+    let pkg = tower::ServiceBuilder::new()
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-cache"),
+        ))
+        .service(ServeDir::new(bundle).precompressed_gzip());
     Router::new()
-        .route(
-            "/",
-            get(move || {
-                let p = page.clone();
-                async move { Html((*p).clone()) }
-            }),
-        )
+        .route("/", get(|| async { Html(INDEX_HTML) }))
+        .route("/web/{file}", get(asset))
+        .nest_service("/pkg", pkg)
         .route("/ws", get(ws))
         .route("/api/status", get(status))
         .route("/api/run", get(run_info))
@@ -42,14 +72,32 @@ pub fn router(relay: Arc<Relay>, page: Option<String>) -> Router {
 }
 
 /// Serves until the process ends.
-pub async fn serve(relay: Arc<Relay>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-    let app = router(relay, None);
+pub async fn serve(
+    relay: Arc<Relay>,
+    listener: tokio::net::TcpListener,
+    bundle: &std::path::Path,
+) -> anyhow::Result<()> {
+    let app = router(relay, bundle);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .await?;
     Ok(())
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    match ASSETS.iter().find(|(name, _, _)| *name == file) {
+        Some((_, mime, body)) => (
+            [
+                (header::CONTENT_TYPE, *mime),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            *body,
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no such file").into_response(),
+    }
 }
 
 async fn status(State(r): State<Arc<Relay>>) -> impl IntoResponse {

@@ -1,0 +1,213 @@
+//! The browser participant in a real headless Chromium, against a real relay process: a tab on
+//! WebGPU (SwiftShader's adapter on a machine without a GPU), a tab without WebGPU on the WASM
+//! CPU backend, and a tab beside a native host. Screenshots land in target/test-artifacts.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tessera_e2e::browser::{Browser, Gpu, artifacts_dir, web_bundle};
+use tessera_e2e::*;
+
+/// A relay whose units are small enough for SwiftShader (seconds per step) to finish quickly.
+fn relay(dir: &std::path::Path, port: u16, extra: &[&str]) -> Proc {
+    let bundle = web_bundle().display().to_string();
+    let mut args = vec![
+        "--web-bundle",
+        bundle.as_str(),
+        "--lease-secs",
+        "120",
+        "--batch",
+        "4",
+        "--eval-iters",
+        "4",
+    ];
+    args.extend_from_slice(extra);
+    start_relay(dir, port, &args)
+}
+
+fn browsers(s: &Value) -> Vec<Value> {
+    s["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["kind"] == "browser")
+        .cloned()
+        .collect()
+}
+
+fn accepted(p: &Value) -> u64 {
+    p["accepted_updates"].as_u64().unwrap()
+}
+
+/// Waits for `cond` on the relay's status, failing with the tab's own account of itself.
+fn wait_for(
+    port: u16,
+    tab: &mut Browser,
+    secs: u64,
+    what: &str,
+    mut cond: impl FnMut(&Value) -> bool,
+) {
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = status(port);
+        if cond(&s) {
+            return;
+        }
+        if std::time::Instant::now() > end {
+            panic!(
+                "timed out waiting for {what}\nstatus: {s}\ntab: {}\nchromium log tail: {}",
+                tab.tab(),
+                tail(&tab.output())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+#[test]
+fn tab_trains_on_webgpu_and_its_update_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _relay = relay(dir.path(), port, &["--inner-steps", "3"]);
+    let mut tab = Browser::open(
+        &format!("http://127.0.0.1:{port}/?autojoin=1&backend=webgpu"),
+        Gpu::WebGpu,
+        dir.path().join("chromium.log"),
+    );
+    wait_for(
+        port,
+        &mut tab,
+        400,
+        "an accepted update from a WebGPU tab",
+        |s| {
+            browsers(s)
+                .iter()
+                .any(|p| p["backend"] == "webgpu" && accepted(p) >= 1)
+        },
+    );
+    let t = tab.tab();
+    assert_eq!(t["backend"], "webgpu", "{t}");
+    assert!(
+        t["device"].as_str().unwrap().len() > 3,
+        "adapter named: {t}"
+    );
+    assert!(t["accepted"].as_u64().unwrap() >= 1, "{t}");
+    assert!(t["loss"].as_f64().unwrap().is_finite(), "{t}");
+    let s = status(port);
+    let me = browsers(&s)
+        .into_iter()
+        .find(|p| p["id"] == t["participantId"])
+        .expect("the tab's participant id is in the ledger");
+    assert!(me["tokens_trained"].as_u64().unwrap() > 0, "{me}");
+    tab.screenshot(&artifacts_dir().join("browser-webgpu.png"));
+}
+
+#[test]
+fn tab_without_webgpu_trains_on_the_cpu_and_pause_and_leave_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _relay = relay(dir.path(), port, &["--inner-steps", "40"]);
+    let mut tab = Browser::open(
+        &format!("http://127.0.0.1:{port}/?autojoin=1"),
+        Gpu::None,
+        dir.path().join("chromium.log"),
+    );
+    wait_for(
+        port,
+        &mut tab,
+        300,
+        "an accepted update from a CPU tab",
+        |s| {
+            browsers(s)
+                .iter()
+                .any(|p| p["backend"] == "wasm-cpu" && accepted(p) >= 1)
+        },
+    );
+    let t = tab.tab();
+    assert_eq!(t["backend"], "wasm-cpu", "{t}");
+    assert!(
+        t["reason"]
+            .as_str()
+            .unwrap()
+            .contains("WebGPU is not available"),
+        "the page says why: {t}"
+    );
+    // The page shows the reason to the visitor.
+    let shown = tab.eval("document.getElementById('notice').textContent");
+    assert!(shown.as_str().unwrap().contains("WebGPU"), "{shown}");
+    tab.screenshot(&artifacts_dir().join("browser-cpu.png"));
+
+    // Pause: training stops at a step boundary and stays stopped.
+    tab.eval("document.getElementById('pause').click()");
+    wait_until(Duration::from_secs(20), "the tab pauses", || {
+        tab.tab()["state"] == "paused"
+    });
+    let steps = tab.tab()["losses"].as_array().unwrap().len();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tab.tab()["losses"].as_array().unwrap().len(), steps);
+    // Resume: steps advance again.
+    tab.eval("document.getElementById('pause').click()");
+    wait_until(Duration::from_secs(30), "training resumes", || {
+        tab.tab()["losses"].as_array().unwrap().len() > steps
+    });
+    // Leave: the relay sees the participant go and its lease released.
+    let id = tab.tab()["participantId"].as_str().unwrap().to_string();
+    tab.eval("document.getElementById('leave').click()");
+    wait_until(Duration::from_secs(30), "the tab leaves", || {
+        tab.tab()["state"] == "left"
+    });
+    wait_until(Duration::from_secs(10), "the relay sees it leave", || {
+        let s = status(port);
+        let gone = participant(&s, &id).is_some_and(|p| p["connected"] == false);
+        let no_lease = s["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["participant"] != id.as_str());
+        gone && no_lease
+    });
+}
+
+#[test]
+fn mixed_run_of_a_tab_and_a_native_host_lowers_validation_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _relay = relay(dir.path(), port, &["--inner-steps", "10"]);
+    let _host = start_host(dir.path(), port, "native", &[]);
+    let mut tab = Browser::open(
+        &format!("http://127.0.0.1:{port}/?autojoin=1"),
+        Gpu::WebGpu,
+        dir.path().join("chromium.log"),
+    );
+    wait_for(
+        port,
+        &mut tab,
+        300,
+        "accepted updates from both kinds, 4+ versions, a lower validation loss",
+        |s| {
+            let kinds_ok = ["browser", "native"].iter().all(|k| {
+                s["participants"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["kind"] == *k && accepted(p) >= 1)
+            });
+            let h = s["val_loss_history"].as_array().unwrap();
+            let lower = h.len() >= 2
+                && h.last().unwrap()[1].as_f64().unwrap() < h[0][1].as_f64().unwrap() - 0.1;
+            kinds_ok && s["model_version"].as_u64().unwrap() >= 4 && lower
+        },
+    );
+    // The page shows the global curve and a sample of the current model.
+    wait_until(Duration::from_secs(10), "the page shows a sample", || {
+        tab.eval("document.getElementById('sample-version').textContent")
+            .as_str()
+            .is_some_and(|t| t.contains("version"))
+    });
+    tab.screenshot(&artifacts_dir().join("browser-mixed.png"));
+}

@@ -1,0 +1,173 @@
+// The page: Join / Pause / Leave for this tab's participant (which trains in web/worker.js),
+// and the shared model's state from /api/status. `window.tessera` holds what the page shows,
+// for tests and kiosks; `?autojoin=1` joins on load, `?backend=auto|webgpu|cpu` picks the backend.
+import { drawChart } from '/web/chart.js';
+
+const $ = id => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const KEY = 'tessera.identity';
+
+const tab = (window.tessera = {
+  state: 'idle', backend: null, device: null, reason: null, participantId: null,
+  unit: null, step: 0, of: 0, loss: null, tokensPerS: null, accepted: 0, rejected: 0,
+  tokens: 0, losses: [], firstStepAtMs: null, joinClickedAtMs: null, loadedMs: null,
+  errors: [], modelVersion: null, joined: false,
+});
+
+let worker = null;
+
+function setState(state, detail = '') {
+  tab.state = state;
+  const pill = $('state');
+  pill.textContent = detail ? `${state}: ${detail}` : state;
+  pill.className = `pill ${state}`;
+  const active = !['idle', 'left'].includes(state);
+  $('join').disabled = active;
+  $('backend').disabled = active;
+  $('pause').disabled = !active;
+  $('leave').disabled = !active;
+  $('pause').textContent = state === 'paused' ? 'Resume' : 'Pause';
+}
+
+function notice(text) {
+  $('notice').hidden = !text;
+  $('notice').textContent = text || '';
+}
+
+const fmt = n => Math.round(n).toLocaleString();
+
+function onEvent(e) {
+  switch (e.type) {
+    case 'loaded':
+      tab.loadedMs = e.ms;
+      break;
+    case 'identity':
+      tab.participantId = e.participantId;
+      if (!localStorage.getItem(KEY)) localStorage.setItem(KEY, e.secret);
+      break;
+    case 'backend':
+      Object.assign(tab, { backend: e.backend, device: e.device, reason: e.reason });
+      $('device').textContent = `${e.backend === 'webgpu' ? 'WebGPU' : 'CPU (WASM)'} — ${e.device}`;
+      $('why').textContent = e.reason;
+      notice(e.backend === 'webgpu' ? '' : e.reason);
+      break;
+    case 'state':
+      setState(e.state, e.detail);
+      break;
+    case 'joined':
+      tab.joined = true;
+      tab.participantId = e.participant_id;
+      tab.modelVersion = e.model_version;
+      break;
+    case 'unit':
+      Object.assign(tab, { unit: e.unit_id, step: 0, of: e.inner_steps });
+      $('unit').textContent = `#${e.unit_id} (shard ${e.shard}, from v${e.base_version})`;
+      $('progress').max = e.inner_steps;
+      $('progress').value = 0;
+      break;
+    case 'step':
+      if (tab.firstStepAtMs === null) tab.firstStepAtMs = performance.now();
+      Object.assign(tab, { step: e.step, loss: e.loss, tokensPerS: e.tokens_per_s });
+      tab.losses.push(e.loss);
+      $('progress').value = e.step;
+      $('loss').textContent = e.loss.toFixed(4);
+      $('tps').textContent = fmt(e.tokens_per_s);
+      drawChart($('local-chart'), tab.losses.map((l, i) => [i + 1, l]), { xLabel: 'inner steps in this tab', yLabel: 'training loss', color: '#c2410c' });
+      break;
+    case 'result':
+      if (e.accepted) {
+        tab.accepted += 1;
+        tab.tokens += e.tokens;
+        $('accepted').textContent = tab.accepted;
+        $('stake').textContent = fmt(tab.tokens);
+      } else {
+        tab.rejected += 1;
+        tab.errors.push(`unit ${e.unit_id} rejected: ${e.reason}`);
+        notice(`unit ${e.unit_id} was rejected: ${e.reason}`);
+      }
+      break;
+    case 'abandoned':
+      notice(`unit ${e.unit_id} given up: ${e.reason}`);
+      break;
+    case 'version':
+      tab.modelVersion = e.model_version;
+      break;
+    case 'error':
+      tab.errors.push(e.message);
+      break;
+    case 'fatal':
+      tab.errors.push(e.message);
+      setState('error', e.message);
+      $('join').disabled = false;
+      break;
+  }
+}
+
+function join() {
+  tab.joinClickedAtMs ??= performance.now();
+  if (!worker) {
+    worker = new Worker('/web/worker.js', { type: 'module' });
+    worker.onmessage = ({ data }) => onEvent(data);
+    worker.onerror = e => onEvent({ type: 'fatal', message: `worker failed: ${e.message || 'could not load /pkg (is the bundle built?)'}` });
+  }
+  setState('starting');
+  worker.postMessage({
+    cmd: 'join',
+    options: { relay: location.origin, backend: $('backend').value, secret: localStorage.getItem(KEY) },
+  });
+}
+
+$('join').onclick = join;
+$('pause').onclick = () => worker?.postMessage({ cmd: tab.state === 'paused' ? 'resume' : 'pause' });
+$('leave').onclick = () => worker?.postMessage({ cmd: 'leave' });
+
+async function refresh() {
+  let s;
+  try {
+    s = await (await fetch('/api/status')).json();
+  } catch (e) {
+    return; // relay restarting
+  }
+  $('version').textContent = s.model_version;
+  $('val').textContent = s.val_loss == null ? '—' : s.val_loss.toFixed(4);
+  $('tokens').textContent = fmt(s.tokens_trained);
+  $('updates').textContent = `${s.accepted_updates} / ${s.rejected_updates}`;
+  drawChart($('val-chart'), s.val_loss_history, { xLabel: 'model version', yLabel: 'validation loss' });
+  if (s.sample) {
+    $('sample').textContent = s.sample.text;
+    $('sample-version').textContent = `(version ${s.sample.model_version})`;
+  }
+  const me = s.participants.find(p => p.id === tab.participantId);
+  if (me) {
+    // The relay's ledger is the authority on this tab's stake.
+    $('accepted').textContent = me.accepted_updates;
+    $('stake').textContent = fmt(me.tokens_trained);
+  }
+  const esc = t => String(t).replace(/[&<>]/g, c => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;' })[c]);
+  $('participants').innerHTML =
+    '<tr><th>id</th><th>kind</th><th>backend</th><th>device</th><th>accepted</th><th>tokens</th><th></th></tr>' +
+    s.participants.map(p => `<tr><td>${esc(p.id)}${p.id === tab.participantId ? ' (you)' : ''}</td><td>${esc(p.kind)}</td>` +
+      `<td>${esc(p.backend)}</td><td>${esc(p.device)}</td><td>${p.accepted_updates}</td>` +
+      `<td>${fmt(p.tokens_trained)}</td><td>${p.connected ? 'online' : ''}</td></tr>`).join('');
+}
+
+// The bench hook (?bench=1): trains one named unit in this window and returns its
+// pseudo-gradient (base64 of little-endian f32) and step times; see tests/src/bin.
+if (params.get('bench') === '1') {
+  window.tesseraBench = async opts => {
+    const wasm = await import('/pkg/tessera_web.js');
+    await wasm.default();
+    const r = await wasm.benchUnit({ relay: location.origin, ...opts });
+    const bytes = new Uint8Array(r.delta.buffer);
+    let bin = '';
+    for (let i = 0; i < bytes.length; i += 0x8000) bin += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+    return JSON.stringify({ backend: r.backend, device: r.device, losses: r.losses, stepMs: r.stepMs, delta: btoa(bin) });
+  };
+}
+
+const wanted = params.get('backend');
+if (wanted && [...$('backend').options].some(o => o.value === wanted)) $('backend').value = wanted;
+setState('idle');
+refresh();
+setInterval(refresh, 2000);
+if (params.get('autojoin') === '1') join();
