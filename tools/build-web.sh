@@ -20,7 +20,8 @@ if ! [ -x "$bindgen" ] || [ "$("$bindgen" --version | awk '{print $2}')" != "$ve
   cargo install --quiet --root "$tools" wasm-bindgen-cli --version "$version"
 fi
 
-cargo build --release --target wasm32-unknown-unknown -p tessera-web
+# No debug info in the bundle: it only adds megabytes to download.
+CARGO_PROFILE_RELEASE_DEBUG=false cargo build --release --target wasm32-unknown-unknown -p tessera-web
 wasm="$target_dir/wasm32-unknown-unknown/release/tessera_web.wasm"
 if [ -f "$out/tessera_web_bg.wasm" ] && [ -f "$out/.built" ] && ! [ "$wasm" -nt "$out/.built" ]; then
   echo "web bundle up to date: $out"

@@ -47,14 +47,15 @@ function onEvent(e) {
       break;
     case 'backend':
       Object.assign(tab, { backend: e.backend, device: e.device, reason: e.reason });
-      $('device').textContent = `${e.backend === 'webgpu' ? 'WebGPU' : 'CPU (WASM)'} — ${e.device}`;
+      $('device').textContent = e.backend === 'webgpu' ? `WebGPU — ${e.device}` : e.device;
       $('why').textContent = e.reason;
-      notice(e.backend === 'webgpu' ? '' : e.reason);
+      $('why').className = e.backend === 'webgpu' ? 'muted small' : 'notice';
       break;
     case 'state':
       setState(e.state, e.detail);
       break;
     case 'joined':
+      soon();
       tab.joined = true;
       tab.participantId = e.participant_id;
       tab.modelVersion = e.model_version;
@@ -75,6 +76,7 @@ function onEvent(e) {
       drawChart($('local-chart'), tab.losses.map((l, i) => [i + 1, l]), { xLabel: 'inner steps in this tab', yLabel: 'training loss', color: '#c2410c' });
       break;
     case 'result':
+      soon();
       if (e.accepted) {
         tab.accepted += 1;
         tab.tokens += e.tokens;
@@ -90,6 +92,7 @@ function onEvent(e) {
       notice(`unit ${e.unit_id} given up: ${e.reason}`);
       break;
     case 'version':
+      soon();
       tab.modelVersion = e.model_version;
       break;
     case 'error':
@@ -121,6 +124,16 @@ $('join').onclick = join;
 $('pause').onclick = () => worker?.postMessage({ cmd: tab.state === 'paused' ? 'resume' : 'pause' });
 $('leave').onclick = () => worker?.postMessage({ cmd: 'leave' });
 
+// Printable text: bytes an untrained model emits that are not valid UTF-8 or are control
+// characters show as a middle dot.
+const printable = t => t.replace(/[\uFFFD\u0000-\u0008\u000B-\u001F\u007F]/g, '·');
+
+// Refreshes soon after an event that changes the ledger (at most every 300 ms).
+let pending = null;
+function soon() {
+  pending ??= setTimeout(() => { pending = null; refresh(); }, 300);
+}
+
 async function refresh() {
   let s;
   try {
@@ -134,7 +147,7 @@ async function refresh() {
   $('updates').textContent = `${s.accepted_updates} / ${s.rejected_updates}`;
   drawChart($('val-chart'), s.val_loss_history, { xLabel: 'model version', yLabel: 'validation loss' });
   if (s.sample) {
-    $('sample').textContent = s.sample.text;
+    $('sample').textContent = printable(s.sample.text);
     $('sample-version').textContent = `(version ${s.sample.model_version})`;
   }
   const me = s.participants.find(p => p.id === tab.participantId);

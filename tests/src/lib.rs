@@ -17,13 +17,14 @@ use serde_json::Value;
 use tessera_protocol::messages::{Hello, ParticipantKind};
 use tessera_protocol::{PROTOCOL_VERSION, identity};
 
-/// Path of a workspace binary next to the test executable's `deps/` folder.
+/// Path of a workspace binary in `target/<profile>/`: beside the running binary, or beside
+/// the test executable's `deps/` folder.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
+    let mut dir = exe.parent().expect("target/<profile>");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),

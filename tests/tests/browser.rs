@@ -64,6 +64,16 @@ fn wait_for(
     }
 }
 
+/// Waits until the page itself shows a model version after the first, then saves a screenshot.
+fn screenshot(tab: &mut Browser, name: &str) {
+    wait_until(
+        Duration::from_secs(10),
+        "the page shows the new version",
+        || tab.eval("Number(document.getElementById('version').textContent) >= 1") == true,
+    );
+    tab.screenshot(&artifacts_dir().join(name));
+}
+
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
@@ -104,7 +114,7 @@ fn tab_trains_on_webgpu_and_its_update_is_accepted() {
         .find(|p| p["id"] == t["participantId"])
         .expect("the tab's participant id is in the ledger");
     assert!(me["tokens_trained"].as_u64().unwrap() > 0, "{me}");
-    tab.screenshot(&artifacts_dir().join("browser-webgpu.png"));
+    screenshot(&mut tab, "browser-webgpu.png");
 }
 
 #[test]
@@ -138,9 +148,9 @@ fn tab_without_webgpu_trains_on_the_cpu_and_pause_and_leave_work() {
         "the page says why: {t}"
     );
     // The page shows the reason to the visitor.
-    let shown = tab.eval("document.getElementById('notice').textContent");
+    let shown = tab.eval("document.getElementById('why').textContent");
     assert!(shown.as_str().unwrap().contains("WebGPU"), "{shown}");
-    tab.screenshot(&artifacts_dir().join("browser-cpu.png"));
+    screenshot(&mut tab, "browser-cpu.png");
 
     // Pause: training stops at a step boundary and stays stopped.
     tab.eval("document.getElementById('pause').click()");
@@ -170,6 +180,18 @@ fn tab_without_webgpu_trains_on_the_cpu_and_pause_and_leave_work() {
             .iter()
             .all(|l| l["participant"] != id.as_str());
         gone && no_lease
+    });
+    // The identity lives in the browser: after a reload the same participant comes back.
+    tab.call(
+        "Page.navigate",
+        serde_json::json!({"url": format!("http://127.0.0.1:{port}/?autojoin=1")}),
+    );
+    wait_until(Duration::from_secs(30), "the reloaded tab rejoins", || {
+        tab.tab()["joined"] == true
+    });
+    assert_eq!(tab.tab()["participantId"], id.as_str());
+    wait_until(Duration::from_secs(10), "the relay sees it back", || {
+        participant(&status(port), &id).is_some_and(|p| p["connected"] == true)
     });
 }
 
@@ -209,5 +231,5 @@ fn mixed_run_of_a_tab_and_a_native_host_lowers_validation_loss() {
             .as_str()
             .is_some_and(|t| t.contains("version"))
     });
-    tab.screenshot(&artifacts_dir().join("browser-mixed.png"));
+    screenshot(&mut tab, "browser-mixed.png");
 }
