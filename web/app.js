@@ -171,10 +171,12 @@ if (params.get('bench') === '1') {
     const wasm = await import('/pkg/tessera_web.js');
     await wasm.default();
     const r = await wasm.benchUnit({ relay: location.origin, ...opts });
+    const info = (await navigator.gpu?.requestAdapter())?.info;
+    const adapter = info ? [info.description, info.vendor, info.architecture].filter(Boolean).join(' / ') : null;
     const bytes = new Uint8Array(r.delta.buffer);
     let bin = '';
     for (let i = 0; i < bytes.length; i += 0x8000) bin += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
-    return JSON.stringify({ backend: r.backend, device: r.device, losses: r.losses, stepMs: r.stepMs, delta: btoa(bin) });
+    return JSON.stringify({ backend: r.backend, device: r.backend === 'webgpu' ? adapter : r.device, losses: r.losses, stepMs: r.stepMs, delta: btoa(bin) });
   };
 }
 

@@ -196,8 +196,9 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         // The whole group: the browser, its GPU and renderer processes.
+        // `--` matters: procps reads `kill -9 -PID` as options and signals every process.
         let _ = Command::new("kill")
-            .args(["-9", &format!("-{}", self.child.id())])
+            .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
             .status();
         self.child.kill().ok();
         self.child.wait().ok();
