@@ -134,6 +134,13 @@ impl Browser {
         }
     }
 
+    /// How long one DevTools call may wait for its reply (default 120 s).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        if let MaybeTlsStream::Plain(s) = self.cdp.get_ref() {
+            s.set_read_timeout(Some(timeout)).ok();
+        }
+    }
+
     /// Calls a DevTools method and returns its result.
     pub fn call(&mut self, method: &str, params: Value) -> Value {
         let id = self.next_id;

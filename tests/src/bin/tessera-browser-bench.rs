@@ -78,6 +78,7 @@ fn in_tab(port: u16, backend: &str, steps: u32, batch: u32) -> (Vec<f32>, Vec<f6
         Gpu::WebGpu,
         dir.path().join("chromium.log"),
     );
+    tab.set_timeout(Duration::from_secs(1800));
     wait_until(Duration::from_secs(30), "the bench hook", || {
         tab.eval("typeof window.tesseraBench") == "function"
     });
