@@ -37,7 +37,7 @@ if [ "${TESSERA_WASM_OPT:-1}" != 0 ] && command -v npm >/dev/null; then
     echo "installing binaryen (wasm-opt) from npm into $tools" >&2
     npm install --silent --prefix "$tools" binaryen@132 >/dev/null
   fi
-  "$opt" -O2 --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext \
+  "$opt" -O2 --enable-simd --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext \
     --enable-mutable-globals --enable-reference-types --enable-multivalue \
     "$tmp/tessera_web_bg.wasm" -o "$tmp/opt.wasm"
   mv "$tmp/opt.wasm" "$tmp/tessera_web_bg.wasm"

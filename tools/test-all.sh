@@ -23,7 +23,7 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 # The end-to-end tests start the real binaries, and the browser tests load the real bundle.
 cargo build --release --workspace --bins
 tools/build-web.sh
-cargo clippy --release --target wasm32-unknown-unknown -p tessera-web -- -D warnings
+CARGO_PROFILE_RELEASE_DEBUG=false cargo clippy --release --target wasm32-unknown-unknown -p tessera-web -- -D warnings
 log="$(mktemp)"
 set +e
 cargo test --release --workspace 2>&1 | tee "$log"

@@ -199,7 +199,10 @@ fn tab_without_webgpu_trains_on_the_cpu_and_pause_and_leave_work() {
 fn mixed_run_of_a_tab_and_a_native_host_lowers_validation_loss() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let _relay = relay(dir.path(), port, &["--inner-steps", "10"]);
+    // The native host finishes units far faster than the tab: allow the tab's updates to be
+    // many versions behind (staleness rejection is the coordinator's own tests' business).
+    let args = ["--inner-steps", "10", "--max-staleness", "100"];
+    let mut relay_proc = relay(dir.path(), port, &args);
     let _host = start_host(dir.path(), port, "native", &[]);
     let mut tab = Browser::open(
         &format!("http://127.0.0.1:{port}/?autojoin=1"),
@@ -232,4 +235,18 @@ fn mixed_run_of_a_tab_and_a_native_host_lowers_validation_loss() {
             .is_some_and(|t| t.contains("version"))
     });
     screenshot(&mut tab, "browser-mixed.png");
+
+    // The relay dies (SIGKILL) and comes back on the same database: the tab reconnects by
+    // itself and its updates are accepted again.
+    let before = tab.tab()["accepted"].as_u64().unwrap();
+    relay_proc.kill9();
+    wait_until(Duration::from_secs(30), "the tab notices", || {
+        tab.tab()["state"] == "reconnecting"
+    });
+    let _relay = relay(dir.path(), port, &args);
+    wait_until(
+        Duration::from_secs(120),
+        "an accepted update after the restart",
+        || tab.tab()["accepted"].as_u64().unwrap() > before,
+    );
 }
