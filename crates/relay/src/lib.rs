@@ -6,9 +6,11 @@
 //!
 //! - [`db`]: the SQLite ledger (run, versions, leases, participants, accepted updates);
 //! - [`checkpoints`]: model versions as safetensors files, written atomically;
-//! - [`run`]: start-up and crash recovery, the accept and round-close paths, evaluation;
-//! - [`server`]: HTTP routes (`/ws`, `/api/status`, `/metrics`, `/api/model/{version}`,
-//!   `/api/corpus`, the page) and the per-connection protocol.
+//! - [`run`]: start-up and crash recovery, the accept and round-close paths, evaluation (the
+//!   validation loss and a text sample of each new version);
+//! - [`server`]: HTTP routes (`/ws`, `/api/status`, `/api/run`, `/metrics`,
+//!   `/api/model/{version}`, `/api/corpus`, the page and its scripts under `/web/`, the browser
+//!   participant's bundle under `/pkg/`) and the per-connection protocol.
 //!
 //! Durability rule: an update is acknowledged only after it is committed to the database; a
 //! model version is recorded only after its checkpoint file is on disk, in the same transaction
