@@ -34,9 +34,22 @@ pub fn chromium() -> PathBuf {
     path
 }
 
-/// The built browser bundle (`tools/build-web.sh` writes it).
+/// The repository root: the nearest folder at or above the working directory that holds
+/// `crates/web` (cargo runs tests in `tests/`, benchmarks run from the root). Found at run
+/// time, not baked in at compile time, so a build cache shared between clones stays correct.
+pub fn repo_root() -> PathBuf {
+    let cwd = std::env::current_dir().expect("working directory");
+    cwd.ancestors()
+        .find(|d| d.join("crates/web/Cargo.toml").is_file())
+        .unwrap_or_else(|| panic!("{} is not inside the repository", cwd.display()))
+        .to_path_buf()
+}
+
+/// The built browser bundle: `$TESSERA_WEB_BUNDLE`, or `web/pkg` (`tools/build-web.sh`).
 pub fn web_bundle() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/pkg");
+    let dir = std::env::var_os("TESSERA_WEB_BUNDLE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("web/pkg"));
     assert!(
         dir.join("tessera_web_bg.wasm").exists(),
         "{} has no bundle: run tools/build-web.sh (the test command does)",
@@ -216,12 +229,7 @@ impl Drop for Browser {
 pub fn artifacts_dir() -> PathBuf {
     let dir = std::env::var_os("TESSERA_ARTIFACTS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("..")
-                .join("target")
-                .join("test-artifacts")
-        });
+        .unwrap_or_else(|| repo_root().join("target").join("test-artifacts"));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

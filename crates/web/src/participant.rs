@@ -528,6 +528,7 @@ async fn train_unit(
     let mut step_ms = Vec::with_capacity(unit.inner_steps as usize);
     let tokens_per_step = (unit.batch_size as usize * run.model.block_size) as f64;
     for step in 0..unit.inner_steps {
+        let mut announced = false;
         loop {
             if let Some(ws) = ws.as_deref_mut() {
                 while let Some(msg) = ws.try_recv()? {
@@ -552,7 +553,10 @@ async fn train_unit(
                 });
                 return Ok(None);
             }
-            shared.state("paused", format!("unit {}, step {step}", unit.unit_id));
+            if !announced {
+                shared.state("paused", format!("unit {}, step {step}", unit.unit_id));
+                announced = true;
+            }
             sleep(200).await;
             if !shared.paused.get() {
                 shared.state("training", format!("unit {}", unit.unit_id));
