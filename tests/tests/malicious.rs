@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tessera_core::config::ModelConfig;
 use tessera_e2e::*;
 use tessera_protocol::messages::{ClientMsg, RejectReason, ServerMsg, Submission, WorkUnit};
-use tessera_protocol::update::Payload;
-use tessera_protocol::{decode, encode, identity};
+use tessera_protocol::{decode, encode, work};
 use tokio_tungstenite::tungstenite::Message;
 
 type Ws =
@@ -66,22 +66,10 @@ async fn submit(ws: &mut Ws, s: Submission) -> ServerMsg {
     }
 }
 
+/// A correctly signed submission of `values` for `unit` (the relay runs the tiny config).
 fn signed(secret: &[u8; 32], unit: &WorkUnit, values: &[f32]) -> Submission {
-    let payload = Payload::f32(values);
-    let signature = identity::sign(
-        secret,
-        &identity::update_message(unit.unit_id, unit.base_version, &payload.data),
-    )
-    .to_vec();
-    Submission {
-        unit_id: unit.unit_id,
-        base_version: unit.base_version,
-        payload,
-        tokens: 1000,
-        loss_before: 1.0,
-        loss_after: 0.5,
-        signature,
-    }
+    let model = ModelConfig::named("tiny").unwrap();
+    work::submission(secret, unit, &model, values, 1.0, 0.5)
 }
 
 #[test]
