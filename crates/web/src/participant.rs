@@ -232,9 +232,9 @@ async fn pick_device(options: &Options) -> Result<(Device, String, String, Strin
         )
     };
     let adapter = options.adapter.clone();
-    let want_gpu = match (options.backend.as_str(), &adapter) {
+    match (options.backend.as_str(), &adapter) {
         ("cpu", _) => return Ok(cpu("CPU requested".into())),
-        (WEBGPU, _) => true,
+        (WEBGPU, _) => {}
         (_, None) => {
             return Ok(cpu(
                 "WebGPU is not available in this browser: training on the CPU".into(),
@@ -246,9 +246,8 @@ async fn pick_device(options: &Options) -> Result<(Device, String, String, Strin
                 a.name()
             )));
         }
-        _ => true,
-    };
-    debug_assert!(want_gpu);
+        _ => {} // WebGPU requested, or auto with a hardware adapter
+    }
     match Device::wgpu_options().init_async().await {
         Ok(device) => {
             let name = adapter.map(|a| a.name()).unwrap_or_else(|| "WebGPU".into());
@@ -395,19 +394,8 @@ async fn session(shared: &Rc<Shared>) -> Result<(), String> {
         });
         shared.state("training", format!("unit {}", unit.unit_id));
         let base = weights(shared, unit.base_version, &run.model).await?;
-        let control = Control {
-            shared: shared.clone(),
-        };
-        let Some(trained) = train_unit(
-            &device,
-            &run,
-            &unit,
-            &base,
-            &corpus,
-            Some(&mut ws),
-            &control,
-        )
-        .await?
+        let Some(trained) =
+            train_unit(&device, &run, &unit, &base, &corpus, Some(&mut ws), shared).await?
         else {
             continue;
         };
@@ -492,11 +480,6 @@ async fn fetch_weights(relay: &str, version: u64, model: &ModelConfig) -> Result
     weights_from_safetensors(&specs, &bytes).map_err(|e| format!("decoding {url}: {e}"))
 }
 
-/// Pause/leave decisions between inner steps, and heartbeats.
-struct Control {
-    shared: Rc<Shared>,
-}
-
 /// What a trained unit produced.
 struct Trained {
     delta: Vec<f32>,
@@ -514,13 +497,12 @@ async fn train_unit(
     base: &[f32],
     corpus: &Corpus,
     mut ws: Option<&mut Socket>,
-    control: &Control,
+    shared: &Shared,
 ) -> Result<Option<Trained>, String> {
     let mut train = run.train.clone();
     train.batch_size = unit.batch_size as usize;
     let mut trainer =
         Trainer::with_weights(run.model, train, device, base).map_err(|e| e.to_string())?;
-    let shared = &control.shared;
     // The lease lasts this long after each heartbeat (the relay renews it by that much).
     let lease_ms = (unit.deadline_ms as f64 - now_ms()).max(2_000.0);
     let mut last_beat = now_ms();
@@ -666,8 +648,7 @@ async fn bench(o: BenchOptions) -> Result<JsValue, String> {
         fragment: Fragment::ALL,
         deadline_ms: u64::MAX,
     };
-    let control = Control { shared };
-    let trained = train_unit(&device, &run, &unit, &base, &corpus, None, &control)
+    let trained = train_unit(&device, &run, &unit, &base, &corpus, None, &shared)
         .await?
         .ok_or("the unit was given up")?;
     let out = js_sys::Object::new();
