@@ -145,7 +145,17 @@ async function refresh() {
   $('val').textContent = s.val_loss == null ? '—' : s.val_loss.toFixed(4);
   $('tokens').textContent = fmt(s.tokens_trained);
   $('updates').textContent = `${s.accepted_updates} / ${s.rejected_updates}`;
-  drawChart($('val-chart'), s.val_loss_history, { xLabel: 'model version', yLabel: 'validation loss' });
+  $('round').textContent = `${s.round.updates} / ${s.round.target}`;
+  const rbs = s.guard.rollbacks;
+  $('rollbacks').textContent = s.guard.enabled ? String(rbs.length) : 'guard off';
+  const last = rbs[rbs.length - 1];
+  $('guard-notice').hidden = !last;
+  if (last) {
+    $('guard-notice').textContent = `The guard rolled back version ${last.bad_version} (validation loss ${last.bad_loss.toFixed(3)}, ` +
+      `above ${last.threshold.toFixed(3)}) to version ${last.restored_version} (${last.restored_loss.toFixed(3)}), as version ${last.new_version}; ` +
+      `outer steps are damped while it recovers (outer lr now ${s.outer_lr.toFixed(3)}).` + (rbs.length > 1 ? ` ${rbs.length} rollbacks in all.` : '');
+  }
+  drawChart($('val-chart'), s.val_loss_history, { xLabel: 'model version', yLabel: 'validation loss', marks: rbs.map(r => r.new_version) });
   if (s.sample) {
     $('sample').textContent = printable(s.sample.text);
     $('sample-version').textContent = `(version ${s.sample.model_version})`;
@@ -158,9 +168,10 @@ async function refresh() {
   }
   const esc = t => String(t).replace(/[&<>]/g, c => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;' })[c]);
   $('participants').innerHTML =
-    '<tr><th>id</th><th>kind</th><th>backend</th><th>device</th><th>accepted</th><th>tokens</th><th></th></tr>' +
+    '<tr><th>id</th><th>kind</th><th>backend</th><th>device</th><th>tokens/s</th><th>unit steps</th><th>accepted</th><th>tokens</th><th></th></tr>' +
     s.participants.map(p => `<tr><td>${esc(p.id)}${p.id === tab.participantId ? ' (you)' : ''}</td><td>${esc(p.kind)}</td>` +
-      `<td>${esc(p.backend)}</td><td>${esc(p.device)}</td><td>${p.accepted_updates}</td>` +
+      `<td>${esc(p.backend)}</td><td>${esc(p.device)}</td><td>${p.tokens_per_s ? fmt(p.tokens_per_s) : '—'}</td>` +
+      `<td>${p.unit_steps || '—'}</td><td>${p.accepted_updates}</td>` +
       `<td>${fmt(p.tokens_trained)}</td><td>${p.connected ? 'online' : ''}</td></tr>`).join('');
 }
 

@@ -1,5 +1,6 @@
-// A small line chart on a canvas: points are [x, y] pairs.
-export function drawChart(canvas, points, { xLabel = '', yLabel = '', color = '#1f6feb' } = {}) {
+// A small line chart on a canvas: points are [x, y] pairs; marks are x positions drawn as red
+// dashed lines (the guard's rollbacks on the validation curve).
+export function drawChart(canvas, points, { xLabel = '', yLabel = '', color = '#1f6feb', marks = [] } = {}) {
   const ctx = canvas.getContext('2d');
   const { width: w, height: h } = canvas;
   ctx.clearRect(0, 0, w, h);
@@ -28,6 +29,13 @@ export function drawChart(canvas, points, { xLabel = '', yLabel = '', color = '#
   ctx.fillText(right, w - pad.r - ctx.measureText(right).width, h - 8);
   const mid = `${xLabel}${yLabel ? ' — ' + yLabel : ''}`;
   ctx.fillText(mid, (w - ctx.measureText(mid).width) / 2, h - 8);
+  ctx.save();
+  ctx.strokeStyle = '#d1242f';
+  ctx.setLineDash([4, 3]);
+  for (const x of marks.filter(x => x >= x0 && x <= x1)) {
+    ctx.beginPath(); ctx.moveTo(X(x), pad.t); ctx.lineTo(X(x), h - pad.b); ctx.stroke();
+  }
+  ctx.restore();
   ctx.strokeStyle = color;
   ctx.lineWidth = 2;
   ctx.beginPath();

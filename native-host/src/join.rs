@@ -13,12 +13,11 @@ use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tessera_core::burn::prelude::Device;
 use tessera_core::checkpoint::weights_from_safetensors;
-use tessera_core::config::{ModelConfig, TrainConfig};
+use tessera_core::config::ModelConfig;
 use tessera_core::data::Corpus;
 use tessera_core::model::Gpt;
 use tessera_core::optim::AdamW;
 use tessera_core::params;
-use tessera_core::train::Trainer;
 use tessera_protocol::messages::{
     ClientMsg, Hello, ParticipantKind, RunInfo, ServerMsg, Submission, WorkUnit,
 };
@@ -30,7 +29,8 @@ use crate::backend::{self, Backend};
 /// Options of `tessera-host join`.
 #[derive(Args, Debug)]
 pub struct JoinArgs {
-    /// The relay's WebSocket URL, e.g. ws://127.0.0.1:8700/ws.
+    /// The relay: its page's address as it prints it (http://127.0.0.1:8700/) or its
+    /// WebSocket URL (ws://127.0.0.1:8700/ws).
     url: String,
     /// cpu or wgpu (default: the fastest available here).
     #[arg(long, value_enum)]
@@ -45,6 +45,45 @@ pub struct JoinArgs {
     /// Leave after this many accepted or rejected units.
     #[arg(long)]
     max_units: Option<u64>,
+    /// Run this many times slower than this machine can (sleeping after each step): a slow
+    /// participant for experiments and tests.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_throttle)]
+    throttle: f64,
+}
+
+fn parse_throttle(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 1.0 => Ok(f),
+        _ => Err(format!("{s:?} is not a factor of at least 1")),
+    }
+}
+
+/// The WebSocket URL and the HTTP base of a relay, from the address a user types: the page's
+/// address (`http://host:port/`, what the relay prints), its WebSocket URL (`ws://host:port/ws`)
+/// or a bare `host:port`.
+pub fn relay_urls(address: &str) -> Result<(String, String)> {
+    let address = address.trim();
+    let (scheme, rest) = match address.split_once("://") {
+        Some((s, rest)) => (s.to_ascii_lowercase(), rest),
+        None => ("http".to_string(), address),
+    };
+    let secure = match scheme.as_str() {
+        "http" | "ws" => false,
+        "https" | "wss" => true,
+        other => bail!(
+            "{address:?}: the relay's address starts with http://, https://, ws:// or wss://, not {other}://"
+        ),
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() {
+        bail!("{address:?} names no host: try http://127.0.0.1:8700/");
+    }
+    let (ws, http) = if secure {
+        ("wss", "https")
+    } else {
+        ("ws", "http")
+    };
+    Ok((format!("{ws}://{host}/ws"), format!("{http}://{host}")))
 }
 
 /// Heartbeat period while training (leases outlive several of them).
@@ -101,6 +140,7 @@ struct Participant {
     keep_optimizer: bool,
     /// Training speed of the last unit (0 before the first): the capability sent in a hello.
     tokens_per_s: f32,
+    throttle: f64,
 }
 
 /// Runs `tessera-host join`.
@@ -108,14 +148,8 @@ pub fn run(args: JoinArgs) -> Result<()> {
     let key_path = args.key.clone().unwrap_or_else(default_key_path);
     let secret = load_or_create_key(&key_path)?;
     let backend = args.backend.unwrap_or_else(backend::fastest);
+    let (ws_url, http) = relay_urls(&args.url)?;
     let (device, device_name) = backend::device(backend)?;
-    let http = args
-        .url
-        .replacen("ws://", "http://", 1)
-        .replacen("wss://", "https://", 1)
-        .trim_end_matches("/ws")
-        .trim_end_matches('/')
-        .to_string();
     eprintln!(
         "participant {} on {device_name}",
         identity::short_id(&identity::public_key(&secret))
@@ -134,6 +168,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
         tokens_per_s: 0.0,
         optim: None,
         keep_optimizer: args.keep_optimizer,
+        throttle: args.throttle,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -142,7 +177,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
     rt.block_on(async move {
         let mut backoff = Duration::from_millis(250);
         loop {
-            match p.session(&args.url).await {
+            match p.session(&ws_url).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     eprintln!(
@@ -236,11 +271,14 @@ impl Participant {
                 }
             };
             let Some(unit) = unit else { continue };
-            let base = self.fetch_weights(unit.base_version, &run.model).await?;
             let started = Instant::now();
+            let base = self.fetch_weights(unit.base_version, &run.model).await?;
+            let training = Instant::now();
             let (submission, first, last) = self
                 .train(&mut ws, &run, &unit, base, corpus.clone())
                 .await?;
+            self.tokens_per_s =
+                (submission.tokens as f64 / training.elapsed().as_secs_f64().max(1e-3)) as f32;
             send(&mut ws, &ClientMsg::Submit(submission)).await?;
             let reply = loop {
                 match recv(&mut ws).await? {
@@ -252,8 +290,8 @@ impl Participant {
             let secs = started.elapsed().as_secs_f64();
             match reply {
                 ServerMsg::Accepted { model_version, .. } => eprintln!(
-                    "unit {} (shard {}, base v{}): loss {first:.4} -> {last:.4} in {secs:.1} s; accepted, model now v{model_version}",
-                    unit.unit_id, unit.shard, unit.base_version
+                    "unit {} (shard {}, base v{}, {} steps): loss {first:.4} -> {last:.4} in {secs:.1} s; accepted, model now v{model_version}",
+                    unit.unit_id, unit.shard, unit.base_version, unit.inner_steps
                 ),
                 ServerMsg::Rejected { reason, detail, .. } => {
                     eprintln!("unit {} rejected: {reason:?}: {detail}", unit.unit_id)
@@ -322,23 +360,37 @@ impl Participant {
     ) -> Result<(Submission, f32, f32)> {
         let progress = Arc::new(AtomicU32::new(0));
         let job = {
-            let (device, model_cfg, unit, progress, base) = (
+            let (device, model_cfg, unit, progress, base, throttle) = (
                 self.device.clone(),
                 run.model,
                 unit.clone(),
                 progress.clone(),
                 base.clone(),
+                self.throttle,
             );
-            let mut train = run.train.clone();
-            train.batch_size = unit.batch_size as usize;
+            let train = run.train.clone();
             let optim = self
                 .optim
                 .take()
                 .filter(|_| self.keep_optimizer)
                 .unwrap_or_default();
             tokio::task::spawn_blocking(move || {
-                train_unit(
-                    &device, model_cfg, train, &unit, &base, &corpus, &progress, optim,
+                let mut last = Instant::now();
+                work::train(
+                    &device,
+                    model_cfg,
+                    &train,
+                    &unit,
+                    &base,
+                    &corpus,
+                    optim,
+                    |step| {
+                        if throttle > 1.0 {
+                            std::thread::sleep(last.elapsed().mul_f64(throttle - 1.0));
+                        }
+                        last = Instant::now();
+                        progress.store(step, Ordering::Relaxed);
+                    },
                 )
             })
         };
@@ -355,9 +407,9 @@ impl Participant {
         let (delta, first, last) = loop {
             tokio::select! {
                 r = &mut job => {
-                    let (delta, first, last, optim) = r??;
-                    self.optim = Some(optim);
-                    break (delta, first, last);
+                    let t = r??;
+                    self.optim = Some(t.optimizer);
+                    break (t.delta, t.loss_first, t.loss_last);
                 }
                 _ = beat.tick() => {
                     let step = progress.load(Ordering::Relaxed);
@@ -371,43 +423,6 @@ impl Participant {
         let submission = work::submission(&self.secret, unit, &run.model, &delta, first, last);
         Ok((submission, first, last))
     }
-}
-
-/// Trains one unit: H AdamW steps at the unit's learning rate from `base`, on the batches
-/// `(seed, shard, 0..H)`, continuing from `optim` (the previous unit's inner state, or fresh).
-/// Returns the pseudo-gradient (base − trained), the first and last losses, and the optimizer.
-#[allow(clippy::too_many_arguments)]
-pub fn train_unit(
-    device: &Device,
-    model: ModelConfig,
-    train: TrainConfig,
-    unit: &WorkUnit,
-    base: &[f32],
-    corpus: &Corpus,
-    progress: &AtomicU32,
-    optim: AdamW,
-) -> Result<(Vec<f32>, f32, f32, AdamW)> {
-    let mut trainer = Trainer::with_weights(model, train, device, base)?;
-    trainer.set_optimizer(optim);
-    let (mut first, mut last) = (f32::NAN, f32::NAN);
-    for step in 0..unit.inner_steps {
-        let batch = work::batch(unit, &model, corpus, step);
-        let out = trainer.step_with_lr(&batch, unit.lr);
-        if step == 0 || step + 1 == unit.inner_steps {
-            let v: Vec<f32> = out
-                .loss
-                .into_data()
-                .try_into_vec()
-                .map_err(|e| anyhow!("{e:?}"))?;
-            if step == 0 {
-                first = v[0];
-            }
-            last = v[0];
-        }
-        progress.store(step + 1, Ordering::Relaxed);
-    }
-    let delta = work::pseudo_gradient(unit, base, &params::to_vec(trainer.model()))?;
-    Ok((delta, first, last, trainer.take_optimizer()))
 }
 
 /// Decodes a version's safetensors into the flat parameter vector of `model`.

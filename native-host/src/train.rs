@@ -58,6 +58,10 @@ pub struct TrainArgs {
     /// Validation batches per measurement.
     #[arg(long, default_value_t = 50)]
     eval_iters: usize,
+    /// Sequences per validation batch (default: --batch). The relay evaluates with batches of
+    /// its run's batch size: set this to compare with it when training with another batch.
+    #[arg(long)]
+    eval_batch: Option<usize>,
     /// Stop after this step (the schedule still spans --steps): with --resume, training in parts.
     #[arg(long)]
     stop_at: Option<usize>,
@@ -146,6 +150,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .expect("valid template"),
     );
     let batch_size = trainer.train_config.batch_size;
+    let eval_batch = args.eval_batch.unwrap_or(batch_size).max(1);
     let start_tokens = trainer.tokens;
     let start = Instant::now();
     let mut train_loss = f32::NAN;
@@ -171,7 +176,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             ));
         }
         if args.eval_interval > 0 && step % args.eval_interval as u64 == 0 && step < total {
-            let v = read_scalar(trainer.validation_loss(&corpus, args.eval_iters, batch_size));
+            let v = read_scalar(trainer.validation_loss(&corpus, args.eval_iters, eval_batch));
             let line = format!("step {step}: train loss {train_loss:.4}, val loss {v:.4}");
             // Without a terminal the bar draws nothing and drops println: print plainly.
             if std::io::stderr().is_terminal() {
@@ -191,7 +196,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let train_time = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let v = read_scalar(trainer.validation_loss(&corpus, args.eval_iters, batch_size));
+    let v = read_scalar(trainer.validation_loss(&corpus, args.eval_iters, eval_batch));
     if !v.is_finite() {
         bail!("validation loss is {v}: training diverged");
     }

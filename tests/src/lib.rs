@@ -3,9 +3,11 @@
 //! Helpers for the end-to-end tests in `tests/`: start the real `tessera-relay` and
 //! `tessera-host` binaries (built by `cargo build --release --workspace --bins`, which the test
 //! command runs first) on loopback, read `/api/status`, and wait with bounded deadlines;
-//! [`browser`] drives a real headless Chromium tab over the DevTools protocol.
+//! [`browser`] drives a real headless Chromium tab over the DevTools protocol; [`client`] is a
+//! scripted participant over a real WebSocket (for participants that misbehave).
 
 pub mod browser;
+pub mod client;
 
 use std::fs::File;
 use std::net::TcpListener;

@@ -250,3 +250,91 @@ fn mixed_run_of_a_tab_and_a_native_host_lowers_validation_loss() {
         || tab.tab()["accepted"].as_u64().unwrap() > before,
     );
 }
+
+/// The demo as a visitor meets it: `tessera-relay --demo` with default settings trains with its
+/// own native participant; then a tab (the WASM CPU backend, several times slower) presses
+/// Join. The tab's units are sized to its speed and land in the same rounds; the validation
+/// loss goes on falling from where it was when the tab joined and never rises above it by more
+/// than the guard's margin.
+#[test]
+fn demo_flow_a_tab_joining_the_demo_keeps_the_model_improving() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let bundle = web_bundle().display().to_string();
+    let _relay = start_relay(dir.path(), port, &["--web-bundle", &bundle, "--demo"]);
+    let history = |s: &Value| -> Vec<(u64, f64)> {
+        s["val_loss_history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h[0].as_u64().unwrap(), h[1].as_f64().unwrap()))
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the demo's participant trains 20 versions",
+        || history(&status(port)).last().is_some_and(|l| l.0 >= 20),
+    );
+    let (join_version, join_loss) = *history(&status(port)).last().unwrap();
+    let mut tab = Browser::open(
+        &format!("http://127.0.0.1:{port}/"),
+        Gpu::None,
+        dir.path().join("chromium.log"),
+    );
+    wait_until(Duration::from_secs(30), "the page is up", || {
+        tab.eval("document.getElementById('join') !== null") == true
+    });
+    tab.eval("document.getElementById('join').click()");
+    wait_until(Duration::from_secs(60), "the tab joins", || {
+        tab.tab()["joined"] == true
+    });
+    let id = tab.tab()["participantId"].as_str().unwrap().to_string();
+    let joined_at = std::time::Instant::now();
+    wait_for(
+        port,
+        &mut tab,
+        240,
+        "30 s of training together and five accepted updates from the tab",
+        |s| {
+            joined_at.elapsed() > Duration::from_secs(30)
+                && participant(s, &id).is_some_and(|p| accepted(p) >= 5)
+        },
+    );
+    let s = status(port);
+    let after: Vec<(u64, f64)> = history(&s)
+        .into_iter()
+        .filter(|h| h.0 > join_version)
+        .collect();
+    let last = after.last().expect("versions after the tab joined").1;
+    let worst = after.iter().map(|h| h.1).fold(f64::MIN, f64::max);
+    let margin = (0.25 * join_loss).max(0.25);
+    eprintln!(
+        "tab joined at version {join_version} (loss {join_loss:.3}); {} versions since, worst {worst:.3}, last {last:.3}",
+        after.len()
+    );
+    assert!(
+        worst <= join_loss + margin,
+        "the loss rose to {worst} after the tab joined at {join_loss}"
+    );
+    assert!(
+        last < 0.8 * join_loss,
+        "the loss did not go on falling: {join_loss} -> {last}"
+    );
+    assert!(
+        s["guard"]["rollbacks"].as_array().unwrap().is_empty(),
+        "{}",
+        s["guard"]
+    );
+    let t = tab.tab();
+    assert_eq!(t["backend"], "wasm-cpu", "{t}");
+    let me = browsers(&s)
+        .into_iter()
+        .find(|p| p["id"] == t["participantId"])
+        .expect("the tab is in the ledger");
+    assert_eq!(me["rejected_updates"], 0, "{me}");
+    assert!(
+        me["unit_steps"].as_u64().unwrap() < 50,
+        "the tab's units are not sized: {me}"
+    );
+    screenshot(&mut tab, "browser-demo.png");
+}

@@ -1,75 +1,17 @@
 //! A participant that lies: bad signatures, wrong lengths, non-finite values, oversized and
 //! garbage frames. Each gets a clear answer and nothing enters the model.
 
-use std::time::Duration;
-
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tessera_core::config::ModelConfig;
+use tessera_e2e::client::{self, joined, recv, submit, work};
 use tessera_e2e::*;
+use tessera_protocol::encode;
 use tessera_protocol::messages::{ClientMsg, RejectReason, ServerMsg, Submission, WorkUnit};
-use tessera_protocol::{decode, encode, work};
 use tokio_tungstenite::tungstenite::Message;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn recv(ws: &mut Ws) -> Option<ServerMsg> {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .ok()??
-        {
-            Ok(Message::Binary(b)) => return Some(decode(&b, 1 << 20).unwrap()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
-}
-
-async fn joined(port: u16, secret: [u8; 32]) -> (Ws, u64) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
-        .await
-        .unwrap();
-    let Some(ServerMsg::Challenge { nonce, .. }) = recv(&mut ws).await else {
-        panic!("no challenge")
-    };
-    let hello = signed_hello(&secret, &nonce, "cpu");
-    ws.send(Message::Binary(encode(&ClientMsg::Hello(hello)).into()))
-        .await
-        .unwrap();
-    let Some(ServerMsg::Welcome { run, .. }) = recv(&mut ws).await else {
-        panic!("no welcome")
-    };
-    (ws, run.num_params)
-}
-
-async fn work(ws: &mut Ws) -> WorkUnit {
-    ws.send(Message::Binary(encode(&ClientMsg::RequestWork).into()))
-        .await
-        .unwrap();
-    loop {
-        if let Some(ServerMsg::Work(u)) = recv(ws).await {
-            return u;
-        }
-    }
-}
-
-async fn submit(ws: &mut Ws, s: Submission) -> ServerMsg {
-    ws.send(Message::Binary(encode(&ClientMsg::Submit(s)).into()))
-        .await
-        .unwrap();
-    loop {
-        match recv(ws).await.expect("an answer") {
-            m @ (ServerMsg::Accepted { .. } | ServerMsg::Rejected { .. }) => return m,
-            _ => continue,
-        }
-    }
-}
 
 /// A correctly signed submission of `values` for `unit` (the relay runs the tiny config).
 fn signed(secret: &[u8; 32], unit: &WorkUnit, values: &[f32]) -> Submission {
-    let model = ModelConfig::named("tiny").unwrap();
-    work::submission(secret, unit, &model, values, 1.0, 0.5)
+    client::signed(secret, unit, &ModelConfig::named("tiny").unwrap(), values)
 }
 
 #[test]
@@ -87,8 +29,8 @@ fn lies_are_rejected_with_reasons_and_change_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let secret = [3u8; 32];
-        let (mut ws, n) = joined(port, secret).await;
-        let n = n as usize;
+        let (mut ws, run) = joined(port, secret).await;
+        let n = run.num_params as usize;
         let unit = work(&mut ws).await;
         let expect = |m: ServerMsg, want: RejectReason| match m {
             ServerMsg::Rejected { reason, detail, .. } => {
@@ -142,8 +84,8 @@ fn lies_are_rejected_with_reasons_and_change_nothing() {
         );
 
         // A frame over the size bound is refused before decoding.
-        let (mut ws, n) = joined(port, [4u8; 32]).await;
-        let huge = vec![0u8; n as usize * 4 + 128 * 1024];
+        let (mut ws, run) = joined(port, [4u8; 32]).await;
+        let huge = vec![0u8; run.num_params as usize * 4 + 128 * 1024];
         ws.send(Message::Binary(huge.into())).await.ok();
         assert!(
             recv(&mut ws).await.is_none(),

@@ -18,6 +18,10 @@ fn three_participants_complete_rounds_and_loss_falls() {
         &[
             "--inner-steps",
             "20",
+            // Every unit exactly 20 steps, whatever the hosts' measured speeds, so that the
+            // ledger's tokens can be checked unit by unit.
+            "--min-inner-steps",
+            "20",
             "--updates-per-round",
             "3",
             "--max-versions",

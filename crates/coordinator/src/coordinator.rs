@@ -1,37 +1,60 @@
-//! Leases, rounds, staleness and acceptance.
+//! Leases, rounds, staleness, pacing, acceptance and the guard's rollbacks.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::Serialize;
 use tessera_protocol::messages::{ParticipantKind, RejectReason, WorkUnit};
 use tessera_protocol::update::Fragment;
 
 use crate::aggregate;
+use crate::guard::{Guard, GuardConfig, Judgement, Rollback};
+use crate::pace::{self, Speed};
 
 /// The run's coordination parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Inner steps H per work unit.
+    /// Inner steps H of the fastest participant's unit; slower participants get
+    /// proportionally fewer (see [`crate::pace`]).
     pub inner_steps: u32,
+    /// The fewest inner steps a unit gets (a one-step unit of a fresh AdamW is a sign step on
+    /// every parameter: measured to hurt even at a thirtieth of a round's weight).
+    pub min_inner_steps: u32,
+    /// Per-unit linear warmup of the inner learning rate, in steps (each unit starts a fresh
+    /// AdamW; capped at a quarter of the unit).
+    pub warmup_steps: u32,
     /// Sequences per inner batch.
     pub batch_size: u32,
     /// Tokens per sequence (the model's context).
     pub context: u32,
     /// Peak inner learning rate.
     pub inner_lr: f64,
-    /// Cosine decay of the inner learning rate over model versions: `(versions, final lr)`.
-    /// Units started at version `v` train at the decayed rate (`None`: constant).
+    /// Cosine decay of the inner learning rate over the tokens folded into the model:
+    /// `(tokens, final lr)`. Units leased after `t` tokens train at the decayed rate
+    /// (`None`: constant).
     pub inner_lr_decay: Option<(u64, f64)>,
     /// The run seed.
     pub seed: u64,
-    /// A round closes after this many accepted updates (K)…
+    /// A round closes after this many accepted updates (K); 0: as many as there are active
+    /// participants, so each outer step averages one unit of each.
     pub updates_per_round: usize,
-    /// …or this long after its first update, whichever comes first.
+    /// Lockstep (synchronous DiLoCo): a participant whose update is in the open round gets no
+    /// new unit until the round closes.
+    pub lockstep: bool,
+    /// Otherwise it waits for the round to close when that is expected within this fraction of
+    /// its own unit's duration (and no longer), so that its next unit starts from the new
+    /// version instead of landing one version stale.
+    pub grace: f64,
+    /// A round with updates closes at the latest this long after its first update.
     pub round_timeout_ms: u64,
     /// A lease expires this long after it was given or last renewed by a heartbeat.
     pub lease_ms: u64,
     /// Largest accepted staleness S (current version − base version).
     pub max_staleness: u64,
+    /// A stale update counts `1 / (1 + staleness)` of its tokens. Absolute (`true`): the round
+    /// average divides by the tokens, so a round of stale updates takes a smaller step (its
+    /// direction is partly already applied). Relative (`false`): it divides by the discounted
+    /// weights, so staleness only shifts weight between the round's updates.
+    pub absolute_staleness_discount: bool,
     /// Outer learning rate.
     pub outer_lr: f32,
     /// Outer Nesterov momentum.
@@ -42,23 +65,61 @@ pub struct Config {
     pub fragment: Fragment,
     /// Stop handing out work once this version is reached (`None`: never).
     pub max_version: Option<u64>,
+    /// Stop handing out work once this many tokens are folded, pending or leased (`None`:
+    /// never).
+    pub max_tokens: Option<u64>,
+    /// The guard on the model.
+    pub guard: GuardConfig,
 }
 
 impl Config {
-    /// Inner learning rate for a unit based on `version`.
-    pub fn inner_lr_at(&self, version: u64) -> f64 {
+    /// Defaults for a model of context `context`: what `tessera-relay` runs with no flags.
+    pub fn new(context: u32) -> Self {
+        Config {
+            inner_steps: 50,
+            min_inner_steps: 2,
+            warmup_steps: 5,
+            batch_size: 12,
+            context,
+            inner_lr: 1e-3,
+            inner_lr_decay: None,
+            seed: 1337,
+            updates_per_round: 0,
+            lockstep: false,
+            grace: 1.0,
+            round_timeout_ms: 60_000,
+            lease_ms: 15_000,
+            max_staleness: 4,
+            absolute_staleness_discount: true,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            max_update_norm: 1e4,
+            fragment: Fragment::ALL,
+            max_version: None,
+            max_tokens: None,
+            guard: GuardConfig::default(),
+        }
+    }
+
+    /// Inner learning rate for a unit leased once `tokens` have been folded.
+    pub fn inner_lr_at(&self, tokens: u64) -> f64 {
         match self.inner_lr_decay {
             None => self.inner_lr,
             Some((total, min_lr)) => {
-                let t = (version as f64 / total.max(1) as f64).min(1.0);
+                let t = (tokens as f64 / total.max(1) as f64).min(1.0);
                 min_lr + 0.5 * (1.0 + (std::f64::consts::PI * t).cos()) * (self.inner_lr - min_lr)
             }
         }
     }
 
-    /// Tokens one unit trains on.
-    pub fn unit_tokens(&self) -> u64 {
-        self.inner_steps as u64 * self.batch_size as u64 * self.context as u64
+    /// Tokens of one inner step.
+    pub fn step_tokens(&self) -> u64 {
+        self.batch_size as u64 * self.context as u64
+    }
+
+    /// Tokens of a unit of `steps` inner steps.
+    pub fn unit_tokens(&self, steps: u32) -> u64 {
+        steps as u64 * self.step_tokens()
     }
 }
 
@@ -69,6 +130,8 @@ pub struct Lease {
     pub participant: String,
     /// The unit (its deadline is the lease's).
     pub unit: WorkUnit,
+    /// When it was leased (ms).
+    pub leased_ms: u64,
 }
 
 /// What the relay knows of a participant.
@@ -92,6 +155,10 @@ pub struct ParticipantStats {
     pub connected: bool,
     /// Last time it was heard from (ms).
     pub last_seen_ms: u64,
+    /// Training speed as the relay measures it, lease to submission (tokens/s; 0: unknown).
+    pub tokens_per_s: f64,
+    /// Inner steps of its latest unit.
+    pub unit_steps: u32,
 }
 
 /// Something the shell should log or persist.
@@ -136,7 +203,8 @@ pub struct Verdict {
     pub staleness: u64,
     /// Tokens credited (at most the unit's).
     pub tokens: u64,
-    /// Weight in the round average: tokens / (1 + staleness).
+    /// Weight in the round average: tokens / (1 + staleness) (see
+    /// [`Config::absolute_staleness_discount`]).
     pub weight: f32,
 }
 
@@ -149,6 +217,45 @@ pub struct Accepted {
     pub closed: Option<u64>,
 }
 
+/// The answer to a request for work.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    /// A unit to train.
+    Unit(WorkUnit),
+    /// Nothing yet: the open round is about to close; ask again after this many ms.
+    Wait(u64),
+    /// The run has reached its last version or token budget.
+    Finished,
+    /// The participant is unknown (it never joined).
+    Unknown,
+}
+
+/// A participant as the coordinator tracks it.
+#[derive(Debug, Clone)]
+struct Member {
+    stats: ParticipantStats,
+    speed: Speed,
+    /// The unit it holds, if any.
+    lease: Option<u64>,
+    /// Last lease or submission (ms): recently working participants count as active.
+    last_work_ms: u64,
+    /// Since when it has been waiting for the open round to close.
+    waiting_since: Option<u64>,
+    /// It said goodbye.
+    left: bool,
+}
+
+/// The open round.
+#[derive(Debug, Default)]
+struct Round {
+    sum: Vec<f32>,
+    weight: f64,
+    updates: usize,
+    tokens: u64,
+    started_ms: Option<u64>,
+    members: BTreeSet<String>,
+}
+
 /// The coordinator's state.
 pub struct Coordinator {
     cfg: Config,
@@ -159,14 +266,16 @@ pub struct Coordinator {
     next_shard: u64,
     leases: BTreeMap<u64, Lease>,
     free: VecDeque<(u64, u64)>,
-    round_sum: Vec<f32>,
-    round_weight: f64,
-    round_updates: usize,
-    round_started_ms: Option<u64>,
-    participants: BTreeMap<String, ParticipantStats>,
+    round: Round,
+    members: BTreeMap<String, Member>,
     accepted_total: u64,
     rejected_total: u64,
     tokens_total: u64,
+    /// Tokens folded into closed rounds (the inner learning-rate schedule's clock).
+    tokens_applied: u64,
+    guard: Guard,
+    /// Base versions discarded by rollbacks: `(first, last)` inclusive.
+    discarded: Vec<(u64, u64)>,
 }
 
 impl Coordinator {
@@ -186,6 +295,7 @@ impl Coordinator {
             "weights and momentum differ in length"
         );
         let n = params.len();
+        let guard = Guard::new(cfg.guard);
         Coordinator {
             cfg,
             version,
@@ -195,14 +305,17 @@ impl Coordinator {
             next_shard,
             leases: BTreeMap::new(),
             free: VecDeque::new(),
-            round_sum: vec![0.0; n],
-            round_weight: 0.0,
-            round_updates: 0,
-            round_started_ms: None,
-            participants: BTreeMap::new(),
+            round: Round {
+                sum: vec![0.0; n],
+                ..Round::default()
+            },
+            members: BTreeMap::new(),
             accepted_total: 0,
             rejected_total: 0,
             tokens_total: 0,
+            tokens_applied: 0,
+            guard,
+            discarded: Vec::new(),
         }
     }
 
@@ -232,15 +345,27 @@ impl Coordinator {
     }
     /// Updates waiting in the open round.
     pub fn pending_updates(&self) -> usize {
-        self.round_updates
+        self.round.updates
     }
     /// Totals: accepted updates, rejected updates, tokens trained.
     pub fn totals(&self) -> (u64, u64, u64) {
         (self.accepted_total, self.rejected_total, self.tokens_total)
     }
+    /// Tokens folded into the model by closed rounds.
+    pub fn tokens_applied(&self) -> u64 {
+        self.tokens_applied
+    }
     /// Every participant seen.
     pub fn participants(&self) -> impl Iterator<Item = &ParticipantStats> {
-        self.participants.values()
+        self.members.values().map(|m| &m.stats)
+    }
+    /// The guard (its threshold, last good version and rollbacks).
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+    /// The outer learning rate in force (damped after a rollback).
+    pub fn outer_lr(&self) -> f32 {
+        self.cfg.outer_lr * self.guard.lr_factor()
     }
 
     /// Restores a participant's ledger entry (after a restart).
@@ -248,55 +373,113 @@ impl Coordinator {
         self.accepted_total += stats.accepted_updates;
         self.rejected_total += stats.rejected_updates;
         self.tokens_total += stats.tokens_trained;
-        self.participants.insert(
+        let mut speed = Speed::default();
+        speed.report(stats.tokens_per_s as f32);
+        self.members.insert(
             stats.id.clone(),
-            ParticipantStats {
-                connected: false,
-                ..stats
+            Member {
+                stats: ParticipantStats {
+                    connected: false,
+                    ..stats
+                },
+                speed,
+                lease: None,
+                last_work_ms: 0,
+                waiting_since: None,
+                left: false,
             },
         );
     }
 
     /// Restores a lease (after a restart).
     pub fn restore_lease(&mut self, lease: Lease) {
+        if let Some(m) = self.members.get_mut(&lease.participant) {
+            m.lease = Some(lease.unit.unit_id);
+            m.last_work_ms = lease.leased_ms;
+        }
         self.leases.insert(lease.unit.unit_id, lease);
     }
 
-    /// A participant connected and proved its identity.
-    pub fn join(&mut self, id: &str, kind: ParticipantKind, backend: &str, device: &str, now: u64) {
-        let p = self
-            .participants
+    /// Restores the tokens already folded into the model (after a restart).
+    pub fn restore_tokens_applied(&mut self, tokens: u64) {
+        self.tokens_applied = tokens;
+    }
+
+    /// Restores the guard's history (after a restart): evaluations in version order and past
+    /// rollbacks.
+    pub fn restore_guard(&mut self, evaluations: &[(u64, f32)], rollbacks: Vec<Rollback>) {
+        self.discarded = rollbacks
+            .iter()
+            .map(|r| (r.restored_version + 1, r.new_version - 1))
+            .collect();
+        self.guard.restore(evaluations, rollbacks);
+    }
+
+    /// A participant connected and proved its identity; `tokens_per_s` is the speed it
+    /// reports (0: unknown).
+    pub fn join(
+        &mut self,
+        id: &str,
+        kind: ParticipantKind,
+        backend: &str,
+        device: &str,
+        tokens_per_s: f32,
+        now: u64,
+    ) {
+        let m = self
+            .members
             .entry(id.to_string())
-            .or_insert_with(|| ParticipantStats {
-                id: id.to_string(),
-                kind: kind.as_str(),
-                backend: backend.to_string(),
-                device: device.to_string(),
-                accepted_updates: 0,
-                rejected_updates: 0,
-                tokens_trained: 0,
-                connected: true,
-                last_seen_ms: now,
+            .or_insert_with(|| Member {
+                stats: ParticipantStats {
+                    id: id.to_string(),
+                    kind: kind.as_str(),
+                    backend: backend.to_string(),
+                    device: device.to_string(),
+                    accepted_updates: 0,
+                    rejected_updates: 0,
+                    tokens_trained: 0,
+                    connected: true,
+                    last_seen_ms: now,
+                    tokens_per_s: 0.0,
+                    unit_steps: 0,
+                },
+                speed: Speed::default(),
+                lease: None,
+                last_work_ms: now,
+                waiting_since: None,
+                left: false,
             });
-        p.kind = kind.as_str();
-        p.backend = backend.to_string();
-        p.device = device.to_string();
-        p.connected = true;
-        p.last_seen_ms = now;
+        let changed_device = m.stats.backend != backend || m.stats.device != device;
+        m.stats.kind = kind.as_str();
+        m.stats.backend = backend.to_string();
+        m.stats.device = device.to_string();
+        m.stats.connected = true;
+        m.stats.last_seen_ms = now;
+        m.last_work_ms = now;
+        m.left = false;
+        if changed_device {
+            // Another device under the same key: what was measured no longer holds.
+            m.speed = Speed::default();
+        }
+        m.speed.report(tokens_per_s);
     }
 
     /// A participant's connection dropped. Its leases stay until they expire: it may come back
     /// and submit.
     pub fn disconnect(&mut self, id: &str, now: u64) {
-        if let Some(p) = self.participants.get_mut(id) {
-            p.connected = false;
-            p.last_seen_ms = now;
+        if let Some(m) = self.members.get_mut(id) {
+            m.stats.connected = false;
+            m.stats.last_seen_ms = now;
+            m.waiting_since = None;
         }
     }
 
     /// A participant left on purpose: its leases are released at once.
     pub fn leave(&mut self, id: &str, now: u64) -> Vec<u64> {
         self.disconnect(id, now);
+        if let Some(m) = self.members.get_mut(id) {
+            m.left = true;
+        }
         let units: Vec<u64> = self
             .leases
             .values()
@@ -311,24 +494,133 @@ impl Coordinator {
 
     fn release(&mut self, unit_id: u64) {
         if let Some(l) = self.leases.remove(&unit_id) {
+            if let Some(m) = self.members.get_mut(&l.participant) {
+                m.lease = None;
+            }
             self.free.push_back((l.unit.unit_id, l.unit.shard));
         }
     }
 
-    /// Hands `id` a unit: the one it already holds, else an expired one, else a new one.
-    /// `None` when the run has reached its last version or `id` is unknown.
-    pub fn request_work(&mut self, id: &str, now: u64) -> Option<WorkUnit> {
-        if self.cfg.max_version.is_some_and(|m| self.version >= m)
-            || !self.participants.contains_key(id)
-        {
-            return None;
+    fn is_active(&self, m: &Member, now: u64) -> bool {
+        m.lease.is_some()
+            || (m.stats.connected
+                && !m.left
+                && now.saturating_sub(m.last_work_ms) <= self.cfg.lease_ms)
+    }
+
+    /// Participants that count towards a round: those holding a lease, and those connected
+    /// that leased or submitted within the last lease period.
+    pub fn active_participants(&self, now: u64) -> usize {
+        self.members
+            .values()
+            .filter(|m| self.is_active(m, now))
+            .count()
+    }
+
+    /// Updates the open round needs before it closes.
+    pub fn round_target(&self, now: u64) -> usize {
+        if self.cfg.updates_per_round > 0 {
+            self.cfg.updates_per_round
+        } else {
+            self.active_participants(now).max(1)
         }
-        if let Some(p) = self.participants.get_mut(id) {
-            p.last_seen_ms = now;
+    }
+
+    /// Whether no more work will be handed out.
+    fn finished(&self) -> bool {
+        let leased: u64 = self
+            .leases
+            .values()
+            .map(|l| self.cfg.unit_tokens(l.unit.inner_steps))
+            .sum();
+        self.cfg.max_version.is_some_and(|m| self.version >= m)
+            || self
+                .cfg
+                .max_tokens
+                .is_some_and(|m| self.tokens_applied + self.round.tokens + leased >= m)
+    }
+
+    /// Inner steps the unit of `id` gets now.
+    fn unit_steps(&self, id: &str, now: u64) -> u32 {
+        let mine = self.members.get(id).and_then(|m| m.speed.tokens_per_ms());
+        let fastest = self
+            .members
+            .values()
+            .filter(|m| m.stats.id == id || self.is_active(m, now))
+            .filter_map(|m| m.speed.tokens_per_ms())
+            .fold(None, |acc: Option<f64>, s| {
+                Some(acc.map_or(s, |a| a.max(s)))
+            });
+        pace::unit_steps(
+            mine,
+            fastest,
+            self.cfg.inner_steps,
+            self.cfg.min_inner_steps,
+        )
+    }
+
+    /// Whether `id`, whose update is in the open round, should wait for the round to close
+    /// rather than start a unit from the version about to be replaced. Lockstep: always.
+    /// Otherwise only while the round is expected to close within `grace` of `id`'s own unit
+    /// duration (from the outstanding leases' start times and their holders' speeds), and for
+    /// no longer than that in all.
+    fn should_wait(&mut self, id: &str, now: u64) -> bool {
+        if self.cfg.lockstep {
+            return true;
+        }
+        let steps = self.unit_steps(id, now);
+        let Some(speed) = self.members.get(id).and_then(|m| m.speed.tokens_per_ms()) else {
+            return false;
+        };
+        let budget = self.cfg.grace * self.cfg.unit_tokens(steps) as f64 / speed;
+        let needed = self
+            .round_target(now)
+            .saturating_sub(self.round.updates)
+            .max(1);
+        // When each outstanding unit should come back.
+        let mut eta: Vec<f64> = self
+            .leases
+            .values()
+            .filter(|l| l.participant != id)
+            .map(|l| {
+                let tokens = self.cfg.unit_tokens(l.unit.inner_steps) as f64;
+                // A holder of unknown speed (its first unit) is assumed as fast as `id`.
+                let s = self
+                    .members
+                    .get(&l.participant)
+                    .and_then(|m| m.speed.tokens_per_ms())
+                    .unwrap_or(speed);
+                l.leased_ms as f64 + tokens / s
+            })
+            .collect();
+        eta.sort_by(f64::total_cmp);
+        let closes_in = eta
+            .get(needed - 1)
+            .map_or(f64::INFINITY, |t| (t - now as f64).max(0.0));
+        let m = self.members.get_mut(id).expect("a member");
+        let since = *m.waiting_since.get_or_insert(now);
+        closes_in <= budget && ((now - since) as f64) < budget
+    }
+
+    /// Hands `id` work: the unit it already holds, else an expired one, else a new one; or a
+    /// short wait when its update is in a round about to close.
+    pub fn request_work(&mut self, id: &str, now: u64) -> Work {
+        if !self.members.contains_key(id) {
+            return Work::Unknown;
+        }
+        if let Some(m) = self.members.get_mut(id) {
+            m.stats.last_seen_ms = now;
         }
         if let Some(l) = self.leases.values().find(|l| l.participant == id) {
-            return Some(l.unit.clone());
+            return Work::Unit(l.unit.clone());
         }
+        if self.finished() {
+            return Work::Finished;
+        }
+        if self.round.members.contains(id) && self.should_wait(id, now) {
+            return Work::Wait(100);
+        }
+        let steps = self.unit_steps(id, now);
         let (unit_id, shard) = self.free.pop_front().unwrap_or_else(|| {
             let ids = (self.next_unit, self.next_shard);
             self.next_unit += 1;
@@ -339,27 +631,34 @@ impl Coordinator {
             unit_id,
             base_version: self.version,
             shard,
-            inner_steps: self.cfg.inner_steps,
+            inner_steps: steps,
             batch_size: self.cfg.batch_size,
-            lr: self.cfg.inner_lr_at(self.version),
+            lr: self.cfg.inner_lr_at(self.tokens_applied),
+            warmup_steps: self.cfg.warmup_steps.min(steps / 4),
             seed: self.cfg.seed,
             fragment: self.cfg.fragment,
             deadline_ms: now + self.cfg.lease_ms,
         };
+        let m = self.members.get_mut(id).expect("checked above");
+        m.lease = Some(unit_id);
+        m.last_work_ms = now;
+        m.waiting_since = None;
+        m.stats.unit_steps = steps;
         self.leases.insert(
             unit_id,
             Lease {
                 participant: id.to_string(),
                 unit: unit.clone(),
+                leased_ms: now,
             },
         );
-        Some(unit)
+        Work::Unit(unit)
     }
 
     /// A heartbeat: the participant is alive; its leases are renewed.
     pub fn heartbeat(&mut self, id: &str, now: u64) {
-        if let Some(p) = self.participants.get_mut(id) {
-            p.last_seen_ms = now;
+        if let Some(m) = self.members.get_mut(id) {
+            m.stats.last_seen_ms = now;
         }
         let deadline = now + self.cfg.lease_ms;
         for l in self.leases.values_mut().filter(|l| l.participant == id) {
@@ -392,6 +691,18 @@ impl Coordinator {
                 format!(
                     "unit {unit_id} was leased at version {}, not {base_version}",
                     lease.unit.base_version
+                ),
+            ));
+        }
+        if let Some((a, b)) = self
+            .discarded
+            .iter()
+            .find(|(a, b)| (*a..=*b).contains(&base_version))
+        {
+            return Err(reject(
+                RejectReason::RolledBack,
+                format!(
+                    "version {base_version} was rolled back (versions {a}..={b} were discarded by the guard)"
                 ),
             ));
         }
@@ -429,7 +740,7 @@ impl Coordinator {
                 format!("norm {norm:.3} exceeds {}", self.cfg.max_update_norm),
             ));
         }
-        let tokens = tokens.min(self.cfg.unit_tokens());
+        let tokens = tokens.min(self.cfg.unit_tokens(lease.unit.inner_steps));
         Ok(Verdict {
             staleness,
             tokens,
@@ -437,14 +748,14 @@ impl Coordinator {
         })
     }
 
-    /// Records a rejection against `id` (and drops a too-stale lease, whose unit goes back to the
-    /// queue).
+    /// Records a rejection against `id` (and drops a lease that can no longer succeed: too
+    /// stale, or based on a rolled-back version; its unit goes back to the queue).
     pub fn record_rejection(&mut self, id: &str, unit_id: u64, reason: RejectReason) {
         self.rejected_total += 1;
-        if let Some(p) = self.participants.get_mut(id) {
-            p.rejected_updates += 1;
+        if let Some(m) = self.members.get_mut(id) {
+            m.stats.rejected_updates += 1;
         }
-        if reason == RejectReason::TooStale
+        if matches!(reason, RejectReason::TooStale | RejectReason::RolledBack)
             && self
                 .leases
                 .get(&unit_id)
@@ -455,7 +766,7 @@ impl Coordinator {
     }
 
     /// Folds a checked submission into the round (call after it is durably stored). Closes the
-    /// round when it has K updates.
+    /// round when it has as many updates as it needs.
     pub fn accept(
         &mut self,
         id: &str,
@@ -464,36 +775,48 @@ impl Coordinator {
         verdict: Verdict,
         now: u64,
     ) -> Accepted {
-        self.leases.remove(&unit_id);
-        if let Some(p) = self.participants.get_mut(id) {
-            p.accepted_updates += 1;
-            p.tokens_trained += verdict.tokens;
-            p.last_seen_ms = now;
+        if let Some(l) = self.leases.remove(&unit_id)
+            && let Some(m) = self.members.get_mut(id)
+        {
+            m.lease = None;
+            m.speed
+                .measure(verdict.tokens, now.saturating_sub(l.leased_ms));
+            m.stats.tokens_per_s = m.speed.tokens_per_ms().unwrap_or(0.0) * 1000.0;
+        }
+        if let Some(m) = self.members.get_mut(id) {
+            m.stats.accepted_updates += 1;
+            m.stats.tokens_trained += verdict.tokens;
+            m.stats.last_seen_ms = now;
+            m.last_work_ms = now;
         }
         self.accepted_total += 1;
         self.tokens_total += verdict.tokens;
-        self.replay(delta, verdict, now);
-        let closed = (self.round_updates >= self.cfg.updates_per_round).then(|| self.close_round());
+        self.replay(id, delta, verdict, now);
+        let closed = (self.round.updates >= self.round_target(now)).then(|| self.close_round());
         Accepted { verdict, closed }
     }
 
     /// Folds an already-accepted update into the open round without any check or counting
     /// (restart: the ledger already counts it).
-    pub fn replay(&mut self, delta: &[f32], verdict: Verdict, now: u64) {
+    pub fn replay(&mut self, id: &str, delta: &[f32], verdict: Verdict, now: u64) {
         let range = self
             .cfg
             .fragment
             .range(self.params.len())
             .expect("checked fragment");
-        aggregate::fold(&mut self.round_sum[range], delta, verdict.weight);
-        self.round_weight += verdict.weight as f64;
-        self.round_updates += 1;
-        self.round_started_ms.get_or_insert(now);
+        aggregate::fold(&mut self.round.sum[range], delta, verdict.weight);
+        self.round.weight += verdict.weight as f64;
+        self.round.updates += 1;
+        self.round.tokens += verdict.tokens;
+        self.round.members.insert(id.to_string());
+        self.round.started_ms.get_or_insert(now);
     }
 
-    /// Closes the open round if it already holds K updates (restart); returns the new version.
-    pub fn close_round_if_full(&mut self) -> Option<u64> {
-        (self.round_updates >= self.cfg.updates_per_round).then(|| self.close_round())
+    /// Closes the open round if it already holds enough updates (restart); returns the new
+    /// version.
+    pub fn close_round_if_full(&mut self, now: u64) -> Option<u64> {
+        (self.round.updates > 0 && self.round.updates >= self.round_target(now))
+            .then(|| self.close_round())
     }
 
     fn close_round(&mut self) -> u64 {
@@ -502,9 +825,15 @@ impl Coordinator {
             .fragment
             .range(self.params.len())
             .expect("checked fragment");
-        if self.round_weight > 0.0 {
-            let inv = (1.0 / self.round_weight) as f32;
-            let g: Vec<f32> = self.round_sum[range.clone()]
+        let norm = if self.cfg.absolute_staleness_discount {
+            self.round.tokens as f64
+        } else {
+            self.round.weight
+        };
+        if self.round.weight > 0.0 && norm > 0.0 {
+            let lr = self.outer_lr();
+            let inv = (1.0 / norm) as f32;
+            let g: Vec<f32> = self.round.sum[range.clone()]
                 .iter()
                 .map(|s| s * inv)
                 .collect();
@@ -512,19 +841,31 @@ impl Coordinator {
                 &mut self.params[range.clone()],
                 &mut self.momentum[range.clone()],
                 &g,
-                self.cfg.outer_lr,
+                lr,
                 self.cfg.outer_momentum,
             );
         }
-        self.round_sum[range].iter_mut().for_each(|s| *s = 0.0);
-        self.round_weight = 0.0;
-        self.round_updates = 0;
-        self.round_started_ms = None;
+        self.tokens_applied += self.round.tokens;
+        self.clear_round();
+        self.guard.round_closed();
         self.version += 1;
         self.version
     }
 
-    /// Time passes: expire leases, close a round that ran past its deadline.
+    fn clear_round(&mut self) {
+        self.round.sum.iter_mut().for_each(|s| *s = 0.0);
+        self.round.weight = 0.0;
+        self.round.updates = 0;
+        self.round.tokens = 0;
+        self.round.started_ms = None;
+        self.round.members.clear();
+        for m in self.members.values_mut() {
+            m.waiting_since = None;
+        }
+    }
+
+    /// Time passes: expire leases; close a round that ran past its deadline, that has as many
+    /// updates as there are still active participants, or that is the last of a finished run.
     pub fn tick(&mut self, now: u64) -> Vec<Event> {
         let mut events = Vec::new();
         let expired: Vec<u64> = self
@@ -541,15 +882,70 @@ impl Coordinator {
                 participant,
             });
         }
-        if let Some(start) = self.round_started_ms
-            && self.round_updates > 0
-            && now.saturating_sub(start) >= self.cfg.round_timeout_ms
+        if let Some(start) = self.round.started_ms
+            && self.round.updates > 0
         {
-            let updates = self.round_updates;
-            let version = self.close_round();
-            events.push(Event::RoundClosed { version, updates });
+            let late = now.saturating_sub(start) >= self.cfg.round_timeout_ms;
+            let full = self.round.updates >= self.round_target(now);
+            let last = self.finished() && self.leases.is_empty();
+            if late || full || last {
+                let updates = self.round.updates;
+                let version = self.close_round();
+                events.push(Event::RoundClosed { version, updates });
+            }
         }
         events
+    }
+
+    /// The relay evaluated `version`: `Some(v)` when the guard finds it clearly worse than the
+    /// recent best and the run must roll back to version `v` (whose weights and momentum the
+    /// shell then passes to [`Coordinator::roll_back`]).
+    pub fn evaluated(&mut self, version: u64, loss: f32) -> Option<u64> {
+        if self
+            .discarded
+            .iter()
+            .any(|(a, b)| (*a..=*b).contains(&version))
+        {
+            return None;
+        }
+        match self.guard.judge(version, loss) {
+            Judgement::Bad { restore, .. } => Some(restore),
+            Judgement::Good | Judgement::Ignored => None,
+        }
+    }
+
+    /// Rolls back to `restore` (judged good; `params` are its weights): a new version holding
+    /// those weights, outer momentum cleared, the open round and every base version since
+    /// `restore` discarded, the outer learning rate damped. `bad` is the version that tripped
+    /// the guard, with its loss. Returns the rollback as recorded.
+    pub fn roll_back(
+        &mut self,
+        restore: u64,
+        params: Vec<f32>,
+        bad: (u64, f32),
+        now: u64,
+    ) -> Rollback {
+        assert_eq!(params.len(), self.params.len(), "restored weights' length");
+        let (restored_loss, threshold) = (
+            self.guard.last_good().map_or(f32::NAN, |g| g.1),
+            self.guard.threshold().unwrap_or(f32::NAN),
+        );
+        self.params = params;
+        self.momentum.iter_mut().for_each(|m| *m = 0.0);
+        self.clear_round();
+        self.version += 1;
+        self.discarded.push((restore + 1, self.version - 1));
+        let rollback = Rollback {
+            bad_version: bad.0,
+            bad_loss: bad.1,
+            restored_version: restore,
+            restored_loss,
+            threshold,
+            new_version: self.version,
+            at_ms: now,
+        };
+        self.guard.rolled_back(rollback.clone());
+        rollback
     }
 }
 
@@ -557,32 +953,41 @@ impl Coordinator {
 mod tests {
     use super::*;
 
+    /// Units of exactly 10 steps (160 tokens) unless a test is about pacing.
     fn cfg() -> Config {
         Config {
             inner_steps: 10,
+            min_inner_steps: 10,
             batch_size: 2,
             context: 8,
-            inner_lr: 1e-3,
-            inner_lr_decay: None,
-            seed: 1,
             updates_per_round: 2,
-            round_timeout_ms: 60_000,
             lease_ms: 5_000,
             max_staleness: 2,
             outer_lr: 1.0,
             outer_momentum: 0.0,
             max_update_norm: 100.0,
-            fragment: Fragment::ALL,
-            max_version: None,
+            grace: 0.0,
+            ..Config::new(8)
         }
     }
 
+    fn coord_with(cfg: Config, n: usize) -> Coordinator {
+        Coordinator::new(cfg, 0, vec![1.0; n], vec![0.0; n], 0, 0)
+    }
+
     fn coord(n: usize) -> Coordinator {
-        Coordinator::new(cfg(), 0, vec![1.0; n], vec![0.0; n], 0, 0)
+        coord_with(cfg(), n)
     }
 
     fn join(c: &mut Coordinator, id: &str) {
-        c.join(id, ParticipantKind::Native, "cpu", "test", 0);
+        c.join(id, ParticipantKind::Native, "cpu", "test", 0.0, 0);
+    }
+
+    fn unit(c: &mut Coordinator, id: &str, now: u64) -> WorkUnit {
+        match c.request_work(id, now) {
+            Work::Unit(u) => u,
+            other => panic!("{id} got {other:?}"),
+        }
     }
 
     fn submit(
@@ -592,7 +997,8 @@ mod tests {
         delta: &[f32],
         now: u64,
     ) -> Result<Accepted, Rejection> {
-        match c.check(id, unit.unit_id, unit.base_version, delta, 160) {
+        let tokens = unit.inner_steps as u64 * 16;
+        match c.check(id, unit.unit_id, unit.base_version, delta, tokens) {
             Ok(v) => Ok(c.accept(id, unit.unit_id, delta, v, now)),
             Err(r) => {
                 c.record_rejection(id, unit.unit_id, r.reason);
@@ -606,8 +1012,8 @@ mod tests {
         let mut c = coord(2);
         join(&mut c, "a");
         join(&mut c, "b");
-        let ua = c.request_work("a", 0).unwrap();
-        let ub = c.request_work("b", 0).unwrap();
+        let ua = unit(&mut c, "a", 0);
+        let ub = unit(&mut c, "b", 0);
         assert_ne!(ua.unit_id, ub.unit_id);
         assert_ne!(ua.shard, ub.shard);
         let first = submit(&mut c, "a", &ua, &[0.2, 0.0], 10).unwrap();
@@ -621,6 +1027,7 @@ mod tests {
             c.params()
         );
         assert_eq!(c.totals(), (2, 0, 320));
+        assert_eq!(c.tokens_applied(), 320);
     }
 
     #[test]
@@ -628,7 +1035,7 @@ mod tests {
         let mut c = coord(2);
         join(&mut c, "slow");
         join(&mut c, "fast");
-        let u = c.request_work("slow", 0).unwrap();
+        let u = unit(&mut c, "slow", 0);
         // heartbeats keep it alive
         c.heartbeat("slow", 4_000);
         assert!(c.tick(8_000).is_empty());
@@ -641,7 +1048,7 @@ mod tests {
                 participant: "slow".into()
             }]
         );
-        let again = c.request_work("fast", 10_000).unwrap();
+        let again = unit(&mut c, "fast", 10_000);
         assert_eq!((again.unit_id, again.shard), (u.unit_id, u.shard));
         let r = submit(&mut c, "slow", &u, &[0.0, 0.0], 11_000).unwrap_err();
         assert_eq!(r.reason, RejectReason::UnknownLease);
@@ -654,11 +1061,11 @@ mod tests {
         for id in ["old", "x", "y"] {
             join(&mut c, id);
         }
-        let old = c.request_work("old", 0).unwrap();
+        let old = unit(&mut c, "old", 0);
         // advance 3 versions with other participants (K = 2)
         for _ in 0..3 {
             for id in ["x", "y"] {
-                let u = c.request_work(id, 0).unwrap();
+                let u = unit(&mut c, id, 0);
                 submit(&mut c, id, &u, &[0.0], 0).unwrap();
             }
         }
@@ -667,14 +1074,47 @@ mod tests {
         let r = submit(&mut c, "old", &old, &[0.0], 0).unwrap_err();
         assert_eq!(r.reason, RejectReason::TooStale);
         // a staleness of 1 is accepted with half the weight
-        let u = c.request_work("x", 0).unwrap();
-        let v = c.request_work("y", 0).unwrap();
+        let u = unit(&mut c, "x", 0);
+        let v = unit(&mut c, "y", 0);
         submit(&mut c, "y", &v, &[0.0], 0).unwrap();
-        let z = c.request_work("y", 0).unwrap();
+        let z = unit(&mut c, "y", 0);
         submit(&mut c, "y", &z, &[0.0], 0).unwrap();
         let a = submit(&mut c, "x", &u, &[0.0], 0).unwrap();
         assert_eq!(a.verdict.staleness, 1);
         assert_eq!(a.verdict.weight, 80.0);
+    }
+
+    /// A round of stale updates takes a smaller step (their direction is partly applied
+    /// already); with the relative discount, staleness only shifts weight within a round.
+    #[test]
+    fn stale_updates_shrink_the_step_when_the_discount_is_absolute() {
+        for (absolute, want) in [(true, 0.5), (false, 1.0 / 1.5)] {
+            let mut c = coord_with(
+                Config {
+                    absolute_staleness_discount: absolute,
+                    ..cfg()
+                },
+                1,
+            );
+            for id in ["a", "b", "c"] {
+                join(&mut c, id);
+            }
+            let (ua, ub) = (unit(&mut c, "a", 0), unit(&mut c, "b", 0));
+            // c and a close version 1; b's unit is then one version stale.
+            let uc = unit(&mut c, "c", 0);
+            submit(&mut c, "c", &uc, &[0.0], 0).unwrap();
+            submit(&mut c, "a", &ua, &[0.0], 0).unwrap();
+            assert_eq!(c.version(), 1);
+            let ua = unit(&mut c, "a", 0);
+            submit(&mut c, "b", &ub, &[1.0], 0).unwrap();
+            submit(&mut c, "a", &ua, &[0.5], 0).unwrap();
+            // (½ · 1.0 + 1 · 0.5) over 2 units' tokens (absolute) or over 1.5 units' weight.
+            let moved = 1.0 - c.params()[0];
+            assert!(
+                (moved - want).abs() < 1e-6,
+                "{absolute}: moved {moved}, want {want}"
+            );
+        }
     }
 
     #[test]
@@ -682,7 +1122,7 @@ mod tests {
         let mut c = coord(3);
         join(&mut c, "a");
         join(&mut c, "b");
-        let u = c.request_work("a", 0).unwrap();
+        let u = unit(&mut c, "a", 0);
         let before = c.params().to_vec();
         for (delta, reason) in [
             (vec![0.0; 2], RejectReason::Malformed),
@@ -717,7 +1157,7 @@ mod tests {
     fn a_round_closes_at_its_deadline_with_fewer_than_k_updates() {
         let mut c = coord(1);
         join(&mut c, "a");
-        let u = c.request_work("a", 0).unwrap();
+        let u = unit(&mut c, "a", 0);
         submit(&mut c, "a", &u, &[0.5], 1_000).unwrap();
         assert!(c.tick(30_000).is_empty());
         assert_eq!(
@@ -735,10 +1175,219 @@ mod tests {
         let mut c = coord(1);
         join(&mut c, "a");
         join(&mut c, "b");
-        let u = c.request_work("a", 0).unwrap();
-        assert_eq!(c.request_work("a", 1).unwrap(), u);
+        let u = unit(&mut c, "a", 0);
+        assert_eq!(unit(&mut c, "a", 1), u);
         assert_eq!(c.leave("a", 2), vec![u.unit_id]);
-        assert_eq!(c.request_work("b", 3).unwrap().unit_id, u.unit_id);
+        assert_eq!(unit(&mut c, "b", 3).unit_id, u.unit_id);
+    }
+
+    /// The default: a round waits for one update per active participant, so an outer step
+    /// averages the work done in parallel instead of adding it up.
+    #[test]
+    fn rounds_follow_the_number_of_active_participants() {
+        let mut c = coord_with(
+            Config {
+                updates_per_round: 0,
+                ..cfg()
+            },
+            1,
+        );
+        join(&mut c, "a");
+        let u = unit(&mut c, "a", 0);
+        assert_eq!(c.round_target(0), 1);
+        assert_eq!(submit(&mut c, "a", &u, &[0.1], 10).unwrap().closed, Some(1));
+        join(&mut c, "b");
+        join(&mut c, "c");
+        assert_eq!(c.round_target(20), 3);
+        let (ua, ub, uc) = (
+            unit(&mut c, "a", 20),
+            unit(&mut c, "b", 20),
+            unit(&mut c, "c", 20),
+        );
+        assert_eq!(submit(&mut c, "a", &ua, &[0.1], 30).unwrap().closed, None);
+        assert_eq!(submit(&mut c, "b", &ub, &[0.1], 40).unwrap().closed, None);
+        // c vanishes without a word: once its lease expires and it has been silent for a
+        // lease period it no longer counts, and the round closes with two updates.
+        let _ = uc;
+        c.disconnect("c", 50);
+        assert!(
+            c.tick(5_019)
+                .iter()
+                .all(|e| !matches!(e, Event::RoundClosed { .. }))
+        );
+        let ev = c.tick(5_021);
+        assert!(
+            ev.contains(&Event::RoundClosed {
+                version: 2,
+                updates: 2
+            }),
+            "{ev:?}"
+        );
+        assert_eq!(c.round_target(5_021), 2);
+    }
+
+    /// A participant ten times slower gets a unit a tenth as long, so both land in the same
+    /// round; a newcomer of unknown speed gets a probe unit.
+    #[test]
+    fn units_are_sized_to_measured_speed() {
+        let mut c = coord_with(
+            Config {
+                updates_per_round: 0,
+                inner_steps: 40,
+                min_inner_steps: 1,
+                ..cfg()
+            },
+            1,
+        );
+        join(&mut c, "fast");
+        join(&mut c, "slow");
+        // Unknown speeds: probe units of a quarter.
+        let (f, s) = (unit(&mut c, "fast", 0), unit(&mut c, "slow", 0));
+        assert_eq!((f.inner_steps, s.inner_steps), (10, 10));
+        // fast: 10 steps (160 tokens) in 0.25 s; slow: the same in 2.5 s.
+        submit(&mut c, "fast", &f, &[0.0], 250).unwrap();
+        submit(&mut c, "slow", &s, &[0.0], 2_500).unwrap();
+        let (f, s) = (unit(&mut c, "fast", 2_500), unit(&mut c, "slow", 2_500));
+        assert_eq!((f.inner_steps, s.inner_steps), (40, 4));
+        assert_eq!((f.warmup_steps, s.warmup_steps), (5, 1));
+        join(&mut c, "new");
+        assert_eq!(unit(&mut c, "new", 2_500).inner_steps, 10);
+        // A participant reporting its speed in its hello starts at that size.
+        c.join(
+            "tab",
+            ParticipantKind::Browser,
+            "wasm-cpu",
+            "t",
+            64.0,
+            2_500,
+        );
+        assert_eq!(unit(&mut c, "tab", 2_500).inner_steps, 4);
+        let stats = c.participants().find(|p| p.id == "slow").unwrap();
+        assert!((stats.tokens_per_s - 64.0).abs() < 1e-9, "{stats:?}");
+        assert_eq!(stats.unit_steps, 4);
+    }
+
+    /// Grace: a participant whose update sits in a round about to close waits for it and then
+    /// starts from the new version; it does not wait for a straggler; lockstep waits for as
+    /// long as it takes.
+    #[test]
+    fn grace_and_lockstep_start_units_from_fresh_versions() {
+        let mut c = coord_with(
+            Config {
+                updates_per_round: 0,
+                grace: 0.5,
+                ..cfg()
+            },
+            1,
+        );
+        join(&mut c, "a");
+        join(&mut c, "b");
+        let (ua, ub) = (unit(&mut c, "a", 0), unit(&mut c, "b", 0));
+        // a: 160 tokens in 1 s, so its units last ~1 s and it may wait 0.5 s; b, of unknown
+        // speed, is expected back at about the same time.
+        submit(&mut c, "a", &ua, &[0.0], 1_000).unwrap();
+        assert_eq!(c.request_work("a", 1_000), Work::Wait(100));
+        assert_eq!(c.request_work("a", 1_400), Work::Wait(100));
+        submit(&mut c, "b", &ub, &[0.0], 1_450).unwrap();
+        assert_eq!(c.version(), 1);
+        assert_eq!(unit(&mut c, "a", 1_460).base_version, 1);
+        // b (now measured faster) finishes next, but a is not due for another 460 ms, more
+        // than b's grace: b goes on at once.
+        let ub = unit(&mut c, "b", 1_460);
+        submit(&mut c, "b", &ub, &[0.0], 2_000).unwrap();
+        assert_eq!(unit(&mut c, "b", 2_000).base_version, 1);
+
+        let mut c = coord_with(
+            Config {
+                updates_per_round: 2,
+                lockstep: true,
+                ..cfg()
+            },
+            1,
+        );
+        join(&mut c, "a");
+        join(&mut c, "b");
+        let (ua, ub) = (unit(&mut c, "a", 0), unit(&mut c, "b", 0));
+        submit(&mut c, "a", &ua, &[0.0], 1_000).unwrap();
+        assert_eq!(c.request_work("a", 50_000), Work::Wait(100));
+        submit(&mut c, "b", &ub, &[0.0], 50_000).unwrap();
+        assert_eq!(unit(&mut c, "a", 50_001).base_version, 1);
+    }
+
+    #[test]
+    fn a_token_budget_finishes_the_run_and_closes_the_last_round() {
+        let mut c = coord_with(
+            Config {
+                updates_per_round: 0,
+                max_tokens: Some(320),
+                ..cfg()
+            },
+            1,
+        );
+        join(&mut c, "a");
+        join(&mut c, "b");
+        let (ua, ub) = (unit(&mut c, "a", 0), unit(&mut c, "b", 0));
+        join(&mut c, "c");
+        assert_eq!(c.request_work("c", 0), Work::Finished);
+        submit(&mut c, "a", &ua, &[0.0], 10).unwrap();
+        submit(&mut c, "b", &ub, &[0.0], 20).unwrap();
+        // c never trained: the round does not wait for it once the run is finished.
+        let ev = c.tick(30);
+        assert!(ev.contains(&Event::RoundClosed {
+            version: 1,
+            updates: 2
+        }));
+        assert_eq!(c.tokens_applied(), 320);
+    }
+
+    #[test]
+    fn the_inner_learning_rate_decays_over_folded_tokens() {
+        let c = Config {
+            inner_lr_decay: Some((1000, 1e-4)),
+            ..cfg()
+        };
+        assert_eq!(c.inner_lr_at(0), 1e-3);
+        assert!((c.inner_lr_at(500) - 5.5e-4).abs() < 1e-12);
+        assert_eq!(c.inner_lr_at(5000), 1e-4);
+    }
+
+    #[test]
+    fn a_bad_version_is_rolled_back_and_units_based_on_it_are_refused() {
+        let mut c = coord_with(
+            Config {
+                updates_per_round: 1,
+                outer_momentum: 0.9,
+                ..cfg()
+            },
+            1,
+        );
+        join(&mut c, "a");
+        join(&mut c, "b");
+        assert_eq!(c.evaluated(0, 5.0), None);
+        for _ in 0..2 {
+            let u = unit(&mut c, "a", 0);
+            submit(&mut c, "a", &u, &[0.1], 0).unwrap();
+        }
+        assert_eq!(c.evaluated(2, 4.0), None);
+        let good = c.params().to_vec();
+        let u = unit(&mut c, "a", 0);
+        submit(&mut c, "a", &u, &[50.0], 0).unwrap();
+        let on_bad = unit(&mut c, "b", 0);
+        assert_eq!(on_bad.base_version, 3);
+        assert_eq!(c.evaluated(3, 40.0), Some(2));
+        let rb = c.roll_back(2, good.clone(), (3, 40.0), 100);
+        assert_eq!(rb.new_version, 4);
+        assert_eq!((rb.restored_version, rb.restored_loss), (2, 4.0));
+        assert_eq!(c.version(), 4);
+        assert_eq!(c.params(), good.as_slice());
+        assert!(c.momentum().iter().all(|m| *m == 0.0));
+        assert_eq!(c.outer_lr(), 0.25);
+        let r = submit(&mut c, "b", &on_bad, &[0.0], 200).unwrap_err();
+        assert_eq!(r.reason, RejectReason::RolledBack);
+        assert_eq!(unit(&mut c, "b", 300).base_version, 4);
+        assert_eq!(c.guard().rollbacks().len(), 1);
+        // An evaluation of the discarded version arriving late changes nothing.
+        assert_eq!(c.evaluated(3, 40.0), None);
     }
 
     #[test]
@@ -754,7 +1403,7 @@ mod tests {
             join(&mut c, id);
         }
         let mut units: Vec<Option<WorkUnit>> =
-            ids.iter().map(|id| c.request_work(id, now)).collect();
+            ids.iter().map(|id| Some(unit(&mut c, id, now))).collect();
         // every third participant vanishes; the others submit
         for (i, id) in ids.iter().enumerate() {
             if i % 3 == 0 {
@@ -774,7 +1423,7 @@ mod tests {
         assert_eq!(expired, n.div_ceil(3));
         // the expired units are handed out again before any new one
         let (next_unit, _) = c.counters();
-        let u = c.request_work("p1", now).unwrap();
+        let u = unit(&mut c, "p1", now);
         assert!(u.unit_id < next_unit);
     }
 }

@@ -1,21 +1,37 @@
 //! # tessera-coordinator
 //!
 //! The relay's decisions, with no I/O, no clock and no randomness of its own: the shell feeds it
-//! events (a participant joins, asks for work, submits, leaves; time passes) together with the
-//! current time in milliseconds, and persists what it decides. Churn, lease expiry and
-//! thousands of participants are therefore plain unit tests with a synthetic clock.
+//! events (a participant joins, asks for work, submits, leaves; time passes; a version was
+//! evaluated) together with the current time in milliseconds, and persists what it decides.
+//! Churn, lease expiry and thousands of participants are therefore plain unit tests with a
+//! synthetic clock.
 //!
-//! The training it coordinates is asynchronous DiLoCo: each work unit is `H` inner AdamW steps
+//! The training it coordinates is asynchronous DiLoCo. Each work unit is `H` inner AdamW steps
 //! from a model version; the participant returns the pseudo-gradient (base − trained weights).
-//! A round folds the token-weighted (and staleness-discounted) average of its updates into the
-//! global weights with Nesterov-momentum SGD, and closes after `K` updates or at a deadline.
+//! A round averages its updates (token-weighted, staleness-discounted, normalised) and folds
+//! the average into the global weights with a Nesterov-momentum outer step. What keeps it stable
+//! for any number of participants and any mix of speeds:
 //!
-//! - [`aggregate`]: the arithmetic of folding and the outer step (hot paths);
-//! - [`Coordinator`]: leases, rounds, staleness and acceptance.
+//! - a round closes after one update per *active* participant (not after a fixed K), so an outer
+//!   step averages the work done in parallel instead of adding it up;
+//! - units are sized to each participant's measured speed ([`pace`]), so a slow participant's
+//!   update lands in the same round as the fast ones' instead of versions late;
+//! - a participant whose update sits in a round about to close waits briefly for the new version
+//!   (the grace), so units start fresh; `lockstep` makes that wait unbounded (synchronous DiLoCo);
+//! - each unit starts a fresh AdamW with a short learning-rate warmup, so a unit is a pure
+//!   function of what the lease names and can be re-executed by anyone;
+//! - the [`guard`] rolls back to the last good version when an evaluated version is clearly
+//!   worse than the recent best, and damps the next outer steps.
+//!
+//! Modules: [`aggregate`] (the arithmetic of folding and the outer step), [`pace`] (unit
+//! sizing), [`guard`] (rollbacks), and [`Coordinator`] (leases, rounds, staleness, acceptance).
 
 pub mod aggregate;
 mod coordinator;
+pub mod guard;
+pub mod pace;
 
 pub use coordinator::{
-    Accepted, Config, Coordinator, Event, Lease, ParticipantStats, Rejection, Verdict,
+    Accepted, Config, Coordinator, Event, Lease, ParticipantStats, Rejection, Verdict, Work,
 };
+pub use guard::{GuardConfig, Rollback};

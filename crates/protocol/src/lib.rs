@@ -8,8 +8,8 @@
 //! - [`update`]: the pseudo-gradient payload of a work unit and the fragment of the parameter
 //!   vector it covers;
 //! - [`identity`]: ed25519 identities, the hello challenge and update signatures;
-//! - [`work`]: what a work unit means (its batches, its pseudo-gradient, its signed submission),
-//!   shared by the native and the browser participant.
+//! - [`work`]: what a work unit means (its batches, its learning-rate ramp, how it is trained,
+//!   its pseudo-gradient, its signed submission), shared by every participant and verifier.
 //!
 //! Model weights travel separately, over plain HTTP, as safetensors files named by version.
 
@@ -21,7 +21,7 @@ pub mod work;
 pub use messages::{ClientMsg, ServerMsg, decode, encode};
 
 /// Version of this protocol. A relay refuses participants that speak another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest control message accepted (anything but an update submission).
 pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
@@ -46,4 +46,7 @@ pub enum Error {
     /// An update payload is inconsistent.
     #[error("bad update: {0}")]
     BadUpdate(String),
+    /// Training a unit failed.
+    #[error("training failed: {0}")]
+    Training(String),
 }

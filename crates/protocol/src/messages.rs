@@ -48,7 +48,8 @@ pub struct Hello {
 }
 
 /// A leased piece of work: train `inner_steps` AdamW steps from model `base_version` on the
-/// batches of `shard`, and return the pseudo-gradient over `fragment`.
+/// batches of `shard`, and return the pseudo-gradient over `fragment`. Everything the result
+/// depends on is named here ([`crate::work`] says how), so any participant can re-execute a unit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkUnit {
     /// Unit id (unique in the run).
@@ -63,6 +64,9 @@ pub struct WorkUnit {
     pub batch_size: u32,
     /// Peak inner learning rate.
     pub lr: f64,
+    /// The learning rate ramps linearly to `lr` over this many first steps of the unit (every
+    /// unit starts a fresh AdamW, whose first steps are sign-like and noisy).
+    pub warmup_steps: u32,
     /// The run seed.
     pub seed: u64,
     /// The parameters this unit covers.
@@ -104,6 +108,9 @@ pub enum RejectReason {
     BadSignature,
     /// The update's norm is implausibly large.
     OutOfBounds,
+    /// The unit's base version was discarded by the relay's guard (not the participant's
+    /// fault: its next unit starts from the restored model).
+    RolledBack,
 }
 
 /// The run as a participant needs to know it.

@@ -2,8 +2,12 @@
 //! pseudo-gradient is formed over its fragment, and how the result is signed. The native host
 //! and the browser both build their submissions here, so they cannot drift apart.
 
-use tessera_core::config::ModelConfig;
+use tessera_core::burn::prelude::Device;
+use tessera_core::config::{ModelConfig, TrainConfig};
 use tessera_core::data::{Batch, BatchKey, Corpus, Split};
+use tessera_core::optim::AdamW;
+use tessera_core::params;
+use tessera_core::train::Trainer;
 
 use crate::Error;
 use crate::identity;
@@ -23,6 +27,78 @@ pub fn batch(unit: &WorkUnit, model: &ModelConfig, corpus: &Corpus, step: u32) -
         unit.batch_size as usize,
         model.block_size,
     )
+}
+
+/// Learning rate of inner step `step` (0-based) of `unit`: a linear ramp over the unit's
+/// `warmup_steps`, then the unit's `lr`.
+pub fn lr_at(unit: &WorkUnit, step: u32) -> f64 {
+    if step < unit.warmup_steps {
+        unit.lr * (step + 1) as f64 / (unit.warmup_steps + 1) as f64
+    } else {
+        unit.lr
+    }
+}
+
+/// What training a unit produced.
+pub struct Trained {
+    /// The pseudo-gradient over the unit's fragment.
+    pub delta: Vec<f32>,
+    /// Training loss of the first inner step.
+    pub loss_first: f32,
+    /// Training loss of the last inner step.
+    pub loss_last: f32,
+    /// The inner optimizer after the unit.
+    pub optimizer: AdamW,
+}
+
+/// Trains `unit` from the weights `base`: `inner_steps` AdamW steps (the run's AdamW settings
+/// in `train`, the unit's batch size and learning-rate ramp) on the batches
+/// `(seed, shard, 0..inner_steps)`, starting from `optimizer` (a fresh one for a unit as the
+/// relay hands it out). `progress` hears each finished step. Blocks until done; the browser,
+/// which must not block, runs the same steps with asynchronous reads.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    device: &Device,
+    model: ModelConfig,
+    train: &TrainConfig,
+    unit: &WorkUnit,
+    base: &[f32],
+    corpus: &Corpus,
+    optimizer: AdamW,
+    mut progress: impl FnMut(u32),
+) -> Result<Trained, Error> {
+    let mut train = train.clone();
+    train.batch_size = unit.batch_size as usize;
+    let mut trainer = Trainer::with_weights(model, train, device, base)
+        .map_err(|e| Error::Training(e.to_string()))?;
+    trainer.set_optimizer(optimizer);
+    let read = |t: tessera_core::burn::prelude::Tensor<1>| -> Result<f32, Error> {
+        let v: Vec<f32> = t
+            .into_data()
+            .try_into_vec()
+            .map_err(|e| Error::Training(format!("reading the loss: {e:?}")))?;
+        Ok(v[0])
+    };
+    let (mut loss_first, mut loss_last) = (f32::NAN, f32::NAN);
+    for step in 0..unit.inner_steps {
+        let batch = batch(unit, &model, corpus, step);
+        let out = trainer.step_with_lr(&batch, lr_at(unit, step));
+        // Reading a value waits for the device: only the first and the last.
+        if step == 0 {
+            loss_first = read(out.loss)?;
+            loss_last = loss_first;
+        } else if step + 1 == unit.inner_steps {
+            loss_last = read(out.loss)?;
+        }
+        progress(step + 1);
+    }
+    let delta = pseudo_gradient(unit, base, &params::to_vec(trainer.model()))?;
+    Ok(Trained {
+        delta,
+        loss_first,
+        loss_last,
+        optimizer: trainer.take_optimizer(),
+    })
 }
 
 /// Tokens a unit trains on.
@@ -99,6 +175,7 @@ mod tests {
             inner_steps: 4,
             batch_size: 2,
             lr: 1e-3,
+            warmup_steps: 0,
             seed: 9,
             fragment,
             deadline_ms: 0,
@@ -127,6 +204,60 @@ mod tests {
             &s.signature,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn the_learning_rate_ramps_over_the_warmup() {
+        let mut u = unit(Fragment::ALL);
+        u.warmup_steps = 3;
+        let lrs: Vec<f64> = (0..5).map(|s| lr_at(&u, s)).collect();
+        assert_eq!(lrs, vec![2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3]);
+        u.warmup_steps = 0;
+        assert_eq!(lr_at(&u, 0), 1e-3);
+    }
+
+    #[test]
+    fn training_a_unit_is_a_pure_function_of_the_unit() {
+        let model = ModelConfig::named("tiny").unwrap();
+        let corpus =
+            Corpus::from_text(&tessera_core::corpus::default_corpus(), model.block_size).unwrap();
+        let device = Device::flex();
+        let train = TrainConfig::nanogpt(10);
+        let base = params::to_vec(Trainer::new(model, train.clone(), &device).unwrap().model());
+        let mut u = unit(Fragment::ALL);
+        u.warmup_steps = 1;
+        let mut steps = Vec::new();
+        let a = super::train(
+            &device,
+            model,
+            &train,
+            &u,
+            &base,
+            &corpus,
+            AdamW::new(),
+            |s| steps.push(s),
+        )
+        .unwrap();
+        assert_eq!(steps, vec![1, 2, 3, 4]);
+        let b = super::train(
+            &device,
+            model,
+            &train,
+            &u,
+            &base,
+            &corpus,
+            AdamW::new(),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(a.delta, b.delta, "the same unit trained twice differs");
+        assert!(
+            a.loss_last < a.loss_first,
+            "{} -> {}",
+            a.loss_first,
+            a.loss_last
+        );
+        assert_eq!(a.optimizer.step, 4);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Model versions on disk: `model-v<version>.safetensors` (weights, nanoGPT names, loadable by
 //! PyTorch) and `momentum-v<version>.safetensors` (the outer optimizer's buffer), each written
-//! atomically. Old versions are pruned, keeping the newest `keep`.
+//! atomically. Old versions are pruned, keeping the newest `keep` and the one the guard would
+//! roll back to.
 
 use std::collections::HashMap;
 use std::fs;
@@ -58,15 +59,22 @@ impl Checkpoints {
         Ok(weights_to_safetensors(&self.specs, params, meta)?)
     }
 
-    /// Writes a version (weights and momentum) durably; returns the weights' bytes.
-    pub fn save(&self, version: u64, params: &[f32], momentum: &[f32]) -> Result<Vec<u8>> {
+    /// Writes a version (weights and momentum) durably; returns the weights' bytes. Older
+    /// versions are pruned except `pinned`.
+    pub fn save(
+        &self,
+        version: u64,
+        params: &[f32],
+        momentum: &[f32],
+        pinned: Option<u64>,
+    ) -> Result<Vec<u8>> {
         let bytes = self.encode(version, params)?;
         write_atomic(
             &self.dir.join(Self::momentum_name(version)),
             &self.encode(version, momentum)?,
         )?;
         write_atomic(&self.weights_path(version), &bytes)?;
-        self.prune(version);
+        self.prune(version, pinned);
         Ok(bytes)
     }
 
@@ -89,7 +97,7 @@ impl Checkpoints {
         fs::read(self.weights_path(version)).ok()
     }
 
-    fn prune(&self, newest: u64) {
+    fn prune(&self, newest: u64, pinned: Option<u64>) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
@@ -101,6 +109,7 @@ impl Checkpoints {
                 .and_then(|(_, v)| v.parse::<u64>().ok());
             if let Some(v) = version
                 && v + self.keep <= newest
+                && Some(v) != pinned
             {
                 fs::remove_file(e.path()).ok();
             }

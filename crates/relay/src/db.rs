@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
-use tessera_coordinator::{Lease, ParticipantStats, Verdict};
+use tessera_coordinator::{Lease, ParticipantStats, Rollback, Verdict};
 use tessera_protocol::messages::WorkUnit;
 use tessera_protocol::update::Fragment;
 
@@ -20,7 +20,17 @@ CREATE TABLE IF NOT EXISTS versions (
     checkpoint TEXT NOT NULL,
     updates INTEGER NOT NULL,
     created_ms INTEGER NOT NULL,
-    val_loss REAL
+    val_loss REAL,
+    kind TEXT NOT NULL DEFAULT 'round'
+);
+CREATE TABLE IF NOT EXISTS rollbacks (
+    new_version INTEGER PRIMARY KEY,
+    bad_version INTEGER NOT NULL,
+    bad_loss REAL NOT NULL,
+    restored_version INTEGER NOT NULL,
+    restored_loss REAL NOT NULL,
+    threshold REAL NOT NULL,
+    at_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS participants (
     id TEXT PRIMARY KEY,
@@ -39,7 +49,10 @@ CREATE TABLE IF NOT EXISTS leases (
     participant TEXT NOT NULL,
     base_version INTEGER NOT NULL,
     shard INTEGER NOT NULL,
-    deadline_ms INTEGER NOT NULL
+    deadline_ms INTEGER NOT NULL,
+    inner_steps INTEGER NOT NULL,
+    warmup_steps INTEGER NOT NULL,
+    lr REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -53,6 +66,7 @@ CREATE TABLE IF NOT EXISTS updates (
     loss_after REAL NOT NULL,
     received_ms INTEGER NOT NULL,
     applied_version INTEGER,
+    outcome TEXT,
     payload BLOB
 );
 CREATE TABLE IF NOT EXISTS counters (
@@ -63,6 +77,8 @@ CREATE TABLE IF NOT EXISTS counters (
 
 /// An accepted update not yet folded into a version.
 pub struct PendingUpdate {
+    /// Its participant.
+    pub participant: String,
     /// Its verdict (weight, tokens, staleness).
     pub verdict: Verdict,
     /// The pseudo-gradient, f32 little-endian.
@@ -213,6 +229,8 @@ impl Db {
                 tokens_trained: r.get::<_, i64>(6)? as u64,
                 connected: false,
                 last_seen_ms: r.get::<_, i64>(7)? as u64,
+                tokens_per_s: 0.0,
+                unit_steps: 0,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -228,8 +246,8 @@ impl Db {
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT OR REPLACE INTO leases (unit_id, participant, base_version, shard, deadline_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![unit.unit_id as i64, participant, unit.base_version as i64, unit.shard as i64, unit.deadline_ms as i64],
+            "INSERT OR REPLACE INTO leases (unit_id, participant, base_version, shard, deadline_ms, inner_steps, warmup_steps, lr) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![unit.unit_id as i64, participant, unit.base_version as i64, unit.shard as i64, unit.deadline_ms as i64, unit.inner_steps as i64, unit.warmup_steps as i64, unit.lr],
         )?;
         tx.execute(
             "INSERT OR REPLACE INTO counters (key, value) VALUES ('next_unit', ?1)",
@@ -256,15 +274,19 @@ impl Db {
     pub fn leases(&self, template: &WorkUnit) -> Result<Vec<Lease>> {
         let mut st = self
             .conn
-            .prepare("SELECT unit_id, participant, base_version, shard, deadline_ms FROM leases")?;
+            .prepare("SELECT unit_id, participant, base_version, shard, deadline_ms, inner_steps, warmup_steps, lr FROM leases")?;
         let rows = st.query_map([], |r| {
             Ok(Lease {
                 participant: r.get(1)?,
+                leased_ms: 0,
                 unit: WorkUnit {
                     unit_id: r.get::<_, i64>(0)? as u64,
                     base_version: r.get::<_, i64>(2)? as u64,
                     shard: r.get::<_, i64>(3)? as u64,
                     deadline_ms: r.get::<_, i64>(4)? as u64,
+                    inner_steps: r.get::<_, i64>(5)? as u32,
+                    warmup_steps: r.get::<_, i64>(6)? as u32,
+                    lr: r.get(7)?,
                     fragment: Fragment::ALL,
                     ..template.clone()
                 },
@@ -316,7 +338,7 @@ impl Db {
     pub fn record_version(&mut self, version: u64, checkpoint: &str, now: u64) -> Result<usize> {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
-            "UPDATE updates SET applied_version = ?1, payload = NULL WHERE applied_version IS NULL",
+            "UPDATE updates SET applied_version = ?1, outcome = 'applied', payload = NULL WHERE applied_version IS NULL",
             [version as i64],
         )?;
         tx.execute(
@@ -327,13 +349,72 @@ impl Db {
         Ok(n)
     }
 
+    /// Records a rollback: its version (the restored weights, already on disk), the rollback
+    /// itself, and the updates of the open round, which are discarded (they stay in the ledger:
+    /// their participants keep the credit), in one transaction.
+    pub fn record_rollback(&mut self, rb: &Rollback, checkpoint: &str) -> Result<usize> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE updates SET applied_version = ?1, outcome = 'discarded', payload = NULL WHERE applied_version IS NULL",
+            [rb.new_version as i64],
+        )?;
+        tx.execute(
+            "INSERT INTO versions (version, checkpoint, updates, created_ms, kind) VALUES (?1, ?2, 0, ?3, 'rollback')",
+            params![rb.new_version as i64, checkpoint, rb.at_ms as i64],
+        )?;
+        tx.execute(
+            "INSERT INTO rollbacks (new_version, bad_version, bad_loss, restored_version, restored_loss, threshold, at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                rb.new_version as i64,
+                rb.bad_version as i64,
+                rb.bad_loss as f64,
+                rb.restored_version as i64,
+                rb.restored_loss as f64,
+                rb.threshold as f64,
+                rb.at_ms as i64
+            ],
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Every rollback, oldest first.
+    pub fn rollbacks(&self) -> Result<Vec<Rollback>> {
+        let mut st = self.conn.prepare(
+            "SELECT new_version, bad_version, bad_loss, restored_version, restored_loss, threshold, at_ms FROM rollbacks ORDER BY new_version",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(Rollback {
+                new_version: r.get::<_, i64>(0)? as u64,
+                bad_version: r.get::<_, i64>(1)? as u64,
+                bad_loss: r.get::<_, f64>(2)? as f32,
+                restored_version: r.get::<_, i64>(3)? as u64,
+                restored_loss: r.get::<_, f64>(4)? as f32,
+                threshold: r.get::<_, f64>(5)? as f32,
+                at_ms: r.get::<_, i64>(6)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Tokens of the updates folded into recorded versions (not those a rollback discarded).
+    pub fn tokens_applied(&self) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(SUM(tokens), 0) FROM updates WHERE outcome = 'applied'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
     /// Accepted updates not yet folded into a recorded version, in arrival order.
     pub fn pending_updates(&self) -> Result<Vec<PendingUpdate>> {
         let mut st = self.conn.prepare(
-            "SELECT staleness, tokens, weight, payload, received_ms FROM updates WHERE applied_version IS NULL ORDER BY id",
+            "SELECT staleness, tokens, weight, payload, received_ms, participant FROM updates WHERE applied_version IS NULL ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok(PendingUpdate {
+                participant: r.get(5)?,
                 verdict: Verdict {
                     staleness: r.get::<_, i64>(0)? as u64,
                     tokens: r.get::<_, i64>(1)? as u64,

@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use tessera_coordinator::Config as CoordConfig;
+use tessera_coordinator::{Config as CoordConfig, GuardConfig};
 use tessera_core::config::{CONFIG_NAMES, ModelConfig, TrainConfig};
-use tessera_protocol::update::Fragment;
 use tessera_relay::run::{Relay, RunSpec, Tuning};
 use tessera_relay::server;
 
@@ -37,29 +36,44 @@ struct Args {
     /// Run name.
     #[arg(long, default_value = "default")]
     name: String,
-    /// Inner steps H per work unit.
-    #[arg(long, default_value_t = 50)]
+    /// Inner steps H of the fastest participant's unit (slower participants get proportionally
+    /// fewer, so that every unit takes about as long).
+    #[arg(long, default_value_t = CoordConfig::new(0).inner_steps)]
     inner_steps: u32,
+    /// The fewest inner steps a unit gets.
+    #[arg(long, default_value_t = CoordConfig::new(0).min_inner_steps)]
+    min_inner_steps: u32,
+    /// Per-unit linear warmup of the inner learning rate, in steps (at most a quarter of a unit).
+    #[arg(long, default_value_t = CoordConfig::new(0).warmup_steps)]
+    unit_warmup: u32,
     /// Sequences per inner batch.
     #[arg(long, default_value_t = 12)]
     batch: u32,
     /// Inner AdamW learning rate.
     #[arg(long, default_value_t = 1e-3)]
     inner_lr: f64,
-    /// Decay the inner learning rate (cosine, to a tenth) over this many versions.
+    /// Decay the inner learning rate (cosine, to a tenth) over this many tokens folded into
+    /// the model.
     #[arg(long)]
-    inner_lr_decay_versions: Option<u64>,
-    /// Updates per round (K).
-    #[arg(long, default_value_t = 1)]
+    inner_lr_decay_tokens: Option<u64>,
+    /// Updates per round (K); 0: one per active participant.
+    #[arg(long, default_value_t = 0)]
     updates_per_round: usize,
+    /// Synchronous DiLoCo: a participant whose update is in the open round waits for it to
+    /// close before its next unit.
+    #[arg(long)]
+    lockstep: bool,
+    /// Otherwise it waits at most this fraction of its unit's duration for the round to close.
+    #[arg(long, default_value_t = CoordConfig::new(0).grace)]
+    grace: f64,
     /// Maximum staleness S of an accepted update, in versions.
     #[arg(long, default_value_t = 4)]
     max_staleness: u64,
     /// Outer (Nesterov) learning rate.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = CoordConfig::new(0).outer_lr)]
     outer_lr: f32,
     /// Outer momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = CoordConfig::new(0).outer_momentum)]
     outer_momentum: f32,
     /// Seconds a lease lives without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
@@ -70,6 +84,15 @@ struct Args {
     /// Stop handing out work at this model version.
     #[arg(long)]
     max_versions: Option<u64>,
+    /// Stop handing out work once this many tokens are folded (or in flight).
+    #[arg(long)]
+    max_tokens: Option<u64>,
+    /// Turn the guard off: versions are never rolled back (for experiments).
+    #[arg(long)]
+    no_guard: bool,
+    /// The guard's relative margin over the best recent validation loss.
+    #[arg(long, default_value_t = GuardConfig::default().tolerance)]
+    guard_tolerance: f64,
     /// Validation batches per evaluation.
     #[arg(long, default_value_t = 20)]
     eval_iters: usize,
@@ -129,8 +152,11 @@ async fn main() -> Result<()> {
         model,
         train,
         corpus_sha256: String::new(),
-        inner_steps: a.inner_steps,
-        updates_per_round: a.updates_per_round.max(1),
+        inner_steps: a.inner_steps.max(1),
+        min_inner_steps: a.min_inner_steps.max(1),
+        unit_warmup: a.unit_warmup,
+        updates_per_round: a.updates_per_round,
+        lockstep: a.lockstep,
         max_staleness: a.max_staleness,
         outer_lr: a.outer_lr,
         outer_momentum: a.outer_momentum,
@@ -143,21 +169,30 @@ async fn main() -> Result<()> {
         max_update_norm: 1e4,
     };
     let coord = CoordConfig {
-        inner_steps: a.inner_steps,
+        inner_steps: spec.inner_steps,
+        min_inner_steps: spec.min_inner_steps,
+        warmup_steps: a.unit_warmup,
         batch_size: a.batch,
-        context: model.block_size as u32,
         inner_lr: a.inner_lr,
-        inner_lr_decay: a.inner_lr_decay_versions.map(|v| (v, a.inner_lr / 10.0)),
+        inner_lr_decay: a.inner_lr_decay_tokens.map(|t| (t, a.inner_lr / 10.0)),
         seed: a.seed,
-        updates_per_round: spec.updates_per_round,
+        updates_per_round: a.updates_per_round,
+        lockstep: a.lockstep,
+        grace: a.grace,
         round_timeout_ms: tuning.round_timeout_ms,
         lease_ms: tuning.lease_ms,
         max_staleness: a.max_staleness,
         outer_lr: a.outer_lr,
         outer_momentum: a.outer_momentum,
         max_update_norm: tuning.max_update_norm,
-        fragment: Fragment::ALL,
         max_version: tuning.max_version,
+        max_tokens: a.max_tokens,
+        guard: GuardConfig {
+            enabled: !a.no_guard,
+            tolerance: a.guard_tolerance,
+            ..GuardConfig::default()
+        },
+        ..CoordConfig::new(model.block_size as u32)
     };
     let corpus = read_corpus(a.data.as_deref())?;
     let relay = Relay::open(spec, coord, &tuning, corpus, &a.db, &a.checkpoints)?;
@@ -191,18 +226,55 @@ async fn main() -> Result<()> {
             a.web_bundle.display()
         );
     }
-    let _child = if a.demo {
-        Some(spawn_demo_participant(&addr.to_string())?)
+    let mut child = if a.demo {
+        let dir = a.db.parent().unwrap_or(std::path::Path::new("."));
+        Some(spawn_demo_participant(&addr.to_string(), dir)?)
     } else {
         None
     };
     if a.demo {
         tokio::spawn(report_progress(relay.clone()));
     }
-    server::serve(relay, listener, &a.web_bundle).await
+    // Ctrl-C or SIGTERM stop the relay and the participant it started (SIGTERM reaches only
+    // this process: without this the demo's participant would outlive it).
+    let result = tokio::select! {
+        r = server::serve(relay, listener, &a.web_bundle) => r,
+        s = shutdown_signal() => {
+            eprintln!("{s}: stopping");
+            Ok(())
+        }
+    };
+    if let Some(c) = &mut child {
+        c.kill().await.ok();
+    }
+    result
 }
 
-fn spawn_demo_participant(addr: &str) -> Result<tokio::process::Child> {
+/// Waits for Ctrl-C (SIGINT) or SIGTERM; names the one that came.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => "terminated",
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.ok();
+        "interrupted"
+    }
+}
+
+/// Starts a native participant of the demo; its key lives in `dir` (beside the database).
+fn spawn_demo_participant(addr: &str, dir: &std::path::Path) -> Result<tokio::process::Child> {
     let exe = std::env::current_exe()?;
     let host = exe.with_file_name(format!("tessera-host{}", std::env::consts::EXE_SUFFIX));
     if !host.exists() {
@@ -211,7 +283,7 @@ fn spawn_demo_participant(addr: &str) -> Result<tokio::process::Child> {
             host.display()
         );
     }
-    let key = std::path::Path::new("relay-data").join("demo-host.key");
+    let key = dir.join("demo-host.key");
     let child = tokio::process::Command::new(host)
         .args([
             "join",

@@ -198,6 +198,44 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
         "Latest validation loss.",
         g("val_loss"),
     );
+    let round = |k: &str| s["round"][k].as_f64().unwrap_or(f64::NAN);
+    metric(
+        "tessera_round_target",
+        "gauge",
+        "Updates the open round needs before it closes.",
+        round("target"),
+    );
+    metric(
+        "tessera_active_participants",
+        "gauge",
+        "Participants counted active (holding a lease or recently working).",
+        round("active_participants"),
+    );
+    metric(
+        "tessera_outer_lr",
+        "gauge",
+        "Outer learning rate in force (damped after a rollback).",
+        g("outer_lr"),
+    );
+    metric(
+        "tessera_tokens_applied_total",
+        "counter",
+        "Tokens folded into the model by closed rounds.",
+        g("tokens_applied"),
+    );
+    let guard = &s["guard"];
+    metric(
+        "tessera_rollbacks_total",
+        "counter",
+        "Versions rolled back by the guard.",
+        guard["rollbacks"].as_array().map_or(0, |r| r.len()) as f64,
+    );
+    metric(
+        "tessera_guard_threshold",
+        "gauge",
+        "Validation loss above which a version is rolled back.",
+        guard["threshold"].as_f64().unwrap_or(f64::NAN),
+    );
     metric(
         "tessera_connections",
         "gauge",
@@ -314,6 +352,7 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
         hello.kind,
         &hello.backend,
         &hello.device,
+        hello.tokens_per_s,
     )?;
     tracing::info!(
         participant = id,
@@ -349,10 +388,7 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
                     };
                     let reply = match msg {
                         ClientMsg::Hello(_) => return fail(&mut socket, "hello sent twice".into()).await,
-                        ClientMsg::RequestWork => match r.request_work(&id)? {
-                            Some(unit) => ServerMsg::Work(unit),
-                            None => ServerMsg::NoWork { retry_ms: 2_000 },
-                        },
+                        ClientMsg::RequestWork => r.request_work(&id)?,
                         ClientMsg::Heartbeat { .. } => {
                             r.heartbeat(&id);
                             ServerMsg::HeartbeatAck

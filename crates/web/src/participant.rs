@@ -555,7 +555,7 @@ async fn train_unit(
         }
         let started = now_ms();
         let batch = work::batch(unit, &run.model, corpus, step);
-        let out = trainer.step_with_lr(&batch, unit.lr);
+        let out = trainer.step_with_lr(&batch, work::lr_at(unit, step));
         let loss = out
             .loss
             .into_scalar_async::<f32>()
@@ -644,6 +644,7 @@ async fn bench(o: BenchOptions) -> Result<JsValue, String> {
         inner_steps: o.steps,
         batch_size: o.batch,
         lr: o.lr,
+        warmup_steps: 0,
         seed: run.train.seed,
         fragment: Fragment::ALL,
         deadline_ms: u64::MAX,

@@ -161,6 +161,7 @@ fn main() {
         inner_steps: steps,
         batch_size: batch,
         lr: LR,
+        warmup_steps: 0,
         seed: run.train.seed,
         fragment: Fragment::ALL,
         deadline_ms: u64::MAX,

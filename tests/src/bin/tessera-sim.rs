@@ -1,0 +1,297 @@
+//! Simulated participants against the real coordinator, in one process, on a virtual clock:
+//! every unit is trained for real (the shared core, on the CPU) and every decision is the
+//! relay's own ([`tessera_coordinator::Coordinator`]), but time is a counter, so runs are
+//! deterministic and a 50× speed spread or 50 participants cost only their training compute.
+//! A research and benchmarking tool: the end-to-end tests run the real relay and hosts.
+//!
+//!     tessera-sim --config baby --data ../shared/data/tinyshakespeare.txt \
+//!         --participants 4 --speeds 1,1,1,0.125 --inner-steps 25 --tokens 1536000 --json
+//!
+//! Each participant's inner step takes `--step-ms / speed` virtual milliseconds and each unit
+//! `--overhead-ms` more (fetching weights). Prints the validation curve by version and a JSON
+//! summary.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use tessera_coordinator::{Config, Coordinator, GuardConfig, Work};
+use tessera_core::burn::prelude::Device;
+use tessera_core::config::{ModelConfig, TrainConfig};
+use tessera_core::data::Corpus;
+use tessera_core::optim::AdamW;
+use tessera_core::params;
+use tessera_core::train::{Trainer, eval_loss};
+use tessera_protocol::messages::{ParticipantKind, WorkUnit};
+use tessera_protocol::work;
+
+struct Args {
+    config: String,
+    data: Option<PathBuf>,
+    participants: usize,
+    speeds: Vec<f64>,
+    step_ms: f64,
+    overhead_ms: f64,
+    tokens: u64,
+    eval_iters: usize,
+    eval_every: u64,
+    keep_optimizer: bool,
+    trace: bool,
+    json: bool,
+    cfg: Config,
+    seed: u64,
+}
+
+fn parse() -> Result<Args> {
+    let mut a = Args {
+        config: "tiny".into(),
+        data: None,
+        participants: 4,
+        speeds: vec![],
+        step_ms: 100.0,
+        overhead_ms: 0.0,
+        tokens: 0,
+        eval_iters: 50,
+        eval_every: 0,
+        keep_optimizer: false,
+        trace: false,
+        json: false,
+        cfg: Config::new(0),
+        seed: 1337,
+    };
+    a.cfg.guard = GuardConfig {
+        enabled: false,
+        ..GuardConfig::default()
+    };
+    let mut decay = true;
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--config" => a.config = val()?,
+            "--data" => a.data = Some(val()?.into()),
+            "--participants" => a.participants = val()?.parse()?,
+            "--speeds" => {
+                a.speeds = val()?
+                    .split(',')
+                    .map(|s| s.parse::<f64>())
+                    .collect::<Result<_, _>>()?
+            }
+            "--step-ms" => a.step_ms = val()?.parse()?,
+            "--overhead-ms" => a.overhead_ms = val()?.parse()?,
+            "--tokens" => a.tokens = val()?.parse()?,
+            "--eval-iters" => a.eval_iters = val()?.parse()?,
+            "--eval-every" => a.eval_every = val()?.parse()?,
+            "--keep-optimizer" => a.keep_optimizer = true,
+            "--trace" => a.trace = true,
+            "--json" => a.json = true,
+            "--seed" => a.seed = val()?.parse()?,
+            "--inner-steps" => a.cfg.inner_steps = val()?.parse()?,
+            "--min-inner-steps" => a.cfg.min_inner_steps = val()?.parse()?,
+            "--warmup" => a.cfg.warmup_steps = val()?.parse()?,
+            "--batch" => a.cfg.batch_size = val()?.parse()?,
+            "--inner-lr" => a.cfg.inner_lr = val()?.parse()?,
+            "--no-decay" => decay = false,
+            "--updates-per-round" => a.cfg.updates_per_round = val()?.parse()?,
+            "--lockstep" => a.cfg.lockstep = true,
+            "--grace" => a.cfg.grace = val()?.parse()?,
+            "--max-staleness" => a.cfg.max_staleness = val()?.parse()?,
+            "--relative-staleness" => a.cfg.absolute_staleness_discount = false,
+            "--outer-lr" => a.cfg.outer_lr = val()?.parse()?,
+            "--outer-momentum" => a.cfg.outer_momentum = val()?.parse()?,
+            "--guard" => a.cfg.guard.enabled = true,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    if a.speeds.is_empty() {
+        a.speeds = vec![1.0; a.participants];
+    }
+    if a.speeds.len() != a.participants {
+        bail!("--speeds needs {} values", a.participants);
+    }
+    if a.tokens == 0 {
+        bail!("--tokens is required (total tokens to fold)");
+    }
+    a.cfg.max_tokens = Some(a.tokens);
+    if decay {
+        a.cfg.inner_lr_decay = Some((a.tokens, a.cfg.inner_lr / 10.0));
+    }
+    a.cfg.seed = a.seed;
+    a.cfg.lease_ms = u64::MAX / 4;
+    a.cfg.round_timeout_ms = u64::MAX / 4;
+    Ok(a)
+}
+
+/// Pending actions in (time, sequence) order: the sequence makes the run deterministic.
+#[derive(Default)]
+struct Schedule {
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    actions: BTreeMap<u64, Action>,
+    seq: u64,
+}
+
+impl Schedule {
+    fn push(&mut self, t: u64, p: usize, act: Action) {
+        self.seq += 1;
+        self.actions.insert(self.seq, act);
+        self.queue.push(Reverse((t, self.seq, p)));
+    }
+
+    fn pop(&mut self) -> Option<(u64, usize, Action)> {
+        let Reverse((t, s, p)) = self.queue.pop()?;
+        Some((t, p, self.actions.remove(&s).expect("queued action")))
+    }
+}
+
+enum Action {
+    Request,
+    Submit {
+        unit: WorkUnit,
+        delta: Vec<f32>,
+        tokens: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    let a = parse()?;
+    let model = ModelConfig::named(&a.config).context("unknown config")?;
+    let text = match &a.data {
+        Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        None => tessera_core::corpus::default_corpus().into_bytes(),
+    };
+    let corpus = Corpus::from_documents([("corpus", text.as_slice())], model.block_size)?;
+    let device = Device::flex();
+    let mut cfg = a.cfg.clone();
+    cfg.context = model.block_size as u32;
+    let mut train = TrainConfig::nanogpt(cfg.inner_steps as usize);
+    train.seed = a.seed;
+    train.batch_size = cfg.batch_size as usize;
+    let init = params::to_vec(Trainer::new(model, train.clone(), &device)?.model());
+    let n = init.len();
+    let mut coord = Coordinator::new(cfg.clone(), 0, init.clone(), vec![0.0; n], 0, 0);
+    let mut versions: BTreeMap<u64, Vec<f32>> = BTreeMap::from([(0, init)]);
+    let ids: Vec<String> = (0..a.participants).map(|i| format!("p{i}")).collect();
+    let mut optims: Vec<AdamW> = vec![AdamW::new(); a.participants];
+    let mut sched = Schedule::default();
+    for (i, id) in ids.iter().enumerate() {
+        coord.join(id, ParticipantKind::Native, "cpu", "sim", 0.0, 0);
+        sched.push(i as u64, i, Action::Request);
+    }
+    let mut curve: Vec<(u64, f32)> = Vec::new();
+    let mut evaluate = |v: u64, w: &[f32]| -> Result<f32> {
+        let m = params::load_vec(tessera_core::model::Gpt::new(&model, &device), w)?;
+        let l = eval_loss(&m, &corpus, a.seed, a.eval_iters, 12, &device);
+        let v_loss = l
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?[0];
+        curve.push((v, v_loss));
+        Ok(v_loss)
+    };
+    let (mut accepted, mut rejected, mut stale_sum, mut waits) = (0u64, 0u64, 0u64, 0u64);
+    let mut now = 0u64;
+    while let Some((t, p, act)) = sched.pop() {
+        now = t;
+        coord.tick(now);
+        match act {
+            Action::Request => match coord.request_work(&ids[p], now) {
+                Work::Unit(unit) => {
+                    let base = versions
+                        .get(&unit.base_version)
+                        .context("base version kept")?
+                        .clone();
+                    let optim = if a.keep_optimizer {
+                        std::mem::take(&mut optims[p])
+                    } else {
+                        AdamW::new()
+                    };
+                    let t =
+                        work::train(&device, model, &train, &unit, &base, &corpus, optim, |_| {})?;
+                    optims[p] = t.optimizer;
+                    let tokens = work::tokens(&unit, &model);
+                    let dur = a.overhead_ms + unit.inner_steps as f64 * a.step_ms / a.speeds[p];
+                    sched.push(
+                        now + dur.round() as u64,
+                        p,
+                        Action::Submit {
+                            unit,
+                            delta: t.delta,
+                            tokens,
+                        },
+                    );
+                }
+                Work::Wait(ms) => {
+                    waits += 1;
+                    sched.push(now + ms, p, Action::Request);
+                }
+                Work::Finished | Work::Unknown => {}
+            },
+            Action::Submit {
+                unit,
+                delta,
+                tokens,
+            } => {
+                match coord.check(&ids[p], unit.unit_id, unit.base_version, &delta, tokens) {
+                    Ok(v) => {
+                        accepted += 1;
+                        stale_sum += v.staleness;
+                        let r = coord.accept(&ids[p], unit.unit_id, &delta, v, now);
+                        if a.trace {
+                            eprintln!(
+                                "{now} ms: p{p} unit {} ({} steps, base v{}, staleness {}) accepted{}",
+                                unit.unit_id,
+                                unit.inner_steps,
+                                unit.base_version,
+                                v.staleness,
+                                r.closed
+                                    .map(|v| format!(", closed v{v}"))
+                                    .unwrap_or_default()
+                            );
+                        }
+                    }
+                    Err(r) => {
+                        rejected += 1;
+                        coord.record_rejection(&ids[p], unit.unit_id, r.reason);
+                    }
+                }
+                sched.push(now, p, Action::Request);
+            }
+        }
+        coord.tick(now);
+        let v = coord.version();
+        if let std::collections::btree_map::Entry::Vacant(e) = versions.entry(v) {
+            e.insert(coord.params().to_vec());
+            let keep = v.saturating_sub(cfg.max_staleness + 2);
+            versions.retain(|k, _| *k >= keep);
+            if a.eval_every > 0 && v.is_multiple_of(a.eval_every) {
+                let loss = evaluate(v, coord.params())?;
+                if !a.json {
+                    eprintln!("version {v} at {:.1} s: val {loss:.4}", now as f64 / 1e3);
+                }
+            }
+        }
+    }
+    // The last round closes once every lease has come back.
+    coord.tick(now + 1);
+    let final_loss = evaluate(coord.version(), coord.params())?;
+    let summary = json!({
+        "config": a.config, "participants": a.participants, "speeds": a.speeds,
+        "inner_steps": cfg.inner_steps, "warmup": cfg.warmup_steps,
+        "updates_per_round": cfg.updates_per_round, "lockstep": cfg.lockstep,
+        "outer_lr": cfg.outer_lr, "outer_momentum": cfg.outer_momentum,
+        "absolute_staleness_discount": cfg.absolute_staleness_discount, "grace": cfg.grace,
+        "keep_optimizer": a.keep_optimizer, "seed": a.seed,
+        "versions": coord.version(), "accepted": accepted, "rejected": rejected,
+        "mean_staleness": stale_sum as f64 / accepted.max(1) as f64, "waits": waits,
+        "tokens_applied": coord.tokens_applied(), "virtual_s": now as f64 / 1e3,
+        "val_loss": final_loss, "curve": curve,
+    });
+    if a.json {
+        println!("{summary}");
+    } else {
+        eprintln!("{summary:#}");
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! Training together on the relay's defaults, as a new user runs it: several native
+//! participants of very different speeds, and the guard that rolls a harmful version back.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tessera_e2e::client::{self, joined, signed, submit, work};
+use tessera_e2e::*;
+use tessera_protocol::messages::ServerMsg;
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// `(version, validation loss)` pairs of a status.
+fn history(s: &Value) -> Vec<(u64, f64)> {
+    s["val_loss_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (u(&h[0]), h[1].as_f64().unwrap()))
+        .collect()
+}
+
+fn metric(port: u16, name: &str) -> f64 {
+    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing from {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// The relay with no tuning flag at all and three native participants, one of them eight times
+/// slower than the others: the model keeps improving, the slow one's units are sized to its
+/// speed (so its updates land, none too stale), and the run ends near its best loss.
+#[test]
+fn default_settings_and_participants_of_different_speeds_keep_improving() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _relay = start_relay(dir.path(), port, &[]);
+    let _fast: Vec<Proc> = (0..2)
+        .map(|i| start_host(dir.path(), port, &format!("fast{i}"), &[]))
+        .collect();
+    let slow = start_host(dir.path(), port, "slow", &["--throttle", "8"]);
+    wait_until(Duration::from_secs(30), "the slow host's id", || {
+        host_id(&slow).is_some()
+    });
+    let slow_id = host_id(&slow).unwrap();
+    let start = Instant::now();
+    // A minute of training, then the last evaluated version.
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(start.elapsed()));
+    let s = status(port);
+    let h = history(&s);
+    assert!(h.len() >= 10, "too few evaluated versions: {s}");
+    let first = h[0].1;
+    let best = h.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+    let last = h.last().unwrap().1;
+    // Keeps falling: the last quarter of the curve is below its second quarter.
+    let q = h.len() / 4;
+    let mean = |xs: &[(u64, f64)]| xs.iter().map(|x| x.1).sum::<f64>() / xs.len() as f64;
+    let (second, fourth) = (mean(&h[q..2 * q]), mean(&h[3 * q..]));
+    eprintln!(
+        "versions {} evals {}: first {first:.3}, best {best:.3}, last {last:.3}; quarters {second:.3} -> {fourth:.3}",
+        s["model_version"],
+        h.len()
+    );
+    assert!(
+        last < first - 3.0,
+        "validation loss did not fall: {first} -> {last}"
+    );
+    assert!(fourth < second, "stopped improving: {second} -> {fourth}");
+    assert!(
+        last <= best * 1.1 + 0.02,
+        "ended at {last}, well above its best {best}: {h:?}"
+    );
+    assert!(
+        s["guard"]["rollbacks"].as_array().unwrap().is_empty(),
+        "honest run rolled back: {}",
+        s["guard"]
+    );
+    // The slow participant trains short units that land: nothing was refused as too stale.
+    assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
+    let slow_p = participant(&s, &slow_id).unwrap();
+    assert!(u(&slow_p["accepted_updates"]) >= 2, "{slow_p}");
+    let fast_steps = s["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["id"] != slow_id.as_str())
+        .map(|p| u(&p["unit_steps"]))
+        .max()
+        .unwrap();
+    assert!(
+        u(&slow_p["unit_steps"]) * 3 <= fast_steps,
+        "the slow host's units are not sized to its speed: {} vs {fast_steps}",
+        slow_p["unit_steps"]
+    );
+}
+
+/// A participant with a valid key sends noise of norm 100 for its units: the version it breaks
+/// is found clearly worse than the recent best, the relay rolls back to the last good version
+/// (reported in /api/status and /metrics), and the run continues from there.
+#[test]
+fn the_guard_rolls_a_harmful_version_back_and_the_run_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _relay = start_relay(dir.path(), port, &[]);
+    let _hosts: Vec<Proc> = (0..2)
+        .map(|i| start_host(dir.path(), port, &format!("h{i}"), &[]))
+        .collect();
+    wait_until(
+        Duration::from_secs(60),
+        "honest training below loss 3",
+        || history(&status(port)).last().is_some_and(|l| l.1 < 3.0),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let secret = [42u8; 32];
+    let attacks = rt.block_on(async {
+        let (mut ws, run) = joined(port, secret).await;
+        let end = Instant::now() + Duration::from_secs(90);
+        let mut attacks = 0;
+        while Instant::now() < end {
+            let unit = work(&mut ws).await;
+            let delta = client::noise(run.num_params as usize, 100.0, unit.unit_id);
+            if let ServerMsg::Accepted { .. } =
+                submit(&mut ws, signed(&secret, &unit, &run.model, &delta)).await
+            {
+                attacks += 1;
+            }
+            let s = status(port);
+            if !s["guard"]["rollbacks"].as_array().unwrap().is_empty() {
+                break;
+            }
+        }
+        attacks
+    });
+    let s = status(port);
+    let rollbacks = s["guard"]["rollbacks"].as_array().unwrap();
+    assert!(
+        !rollbacks.is_empty(),
+        "{attacks} harmful updates accepted and nothing rolled back: {}",
+        s["guard"]
+    );
+    let rb = &rollbacks[0];
+    assert!(rb["bad_loss"].as_f64().unwrap() > rb["threshold"].as_f64().unwrap());
+    assert!(u(&rb["restored_version"]) < u(&rb["bad_version"]));
+    assert!(u(&rb["new_version"]) > u(&rb["bad_version"]));
+    assert!(metric(port, "tessera_rollbacks_total") >= 1.0);
+    // The run goes on from the restored weights: newer versions are good again.
+    let new_version = u(&rb["new_version"]);
+    let restored_loss = rb["restored_loss"].as_f64().unwrap();
+    let threshold = rb["threshold"].as_f64().unwrap();
+    wait_until(
+        Duration::from_secs(90),
+        "good versions after the rollback",
+        || {
+            let s = status(port);
+            let h = history(&s);
+            let after: Vec<&(u64, f64)> = h.iter().filter(|x| x.0 > new_version + 3).collect();
+            after.len() >= 3 && after.iter().all(|x| x.1 <= threshold)
+        },
+    );
+    let s = status(port);
+    let last = history(&s).last().unwrap().1;
+    assert!(
+        last <= restored_loss * 1.05 + 0.02,
+        "after the rollback the run did not continue from the good version: {last} vs {restored_loss}"
+    );
+    // The rollback is on disk: a version of kind 'rollback' in the ledger.
+    let db = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
+    let kind: String = db
+        .query_row(
+            "SELECT kind FROM versions WHERE version = ?1",
+            [new_version as i64],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kind, "rollback");
+}
