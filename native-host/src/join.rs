@@ -12,12 +12,9 @@ use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tessera_core::burn::prelude::Device;
-use tessera_core::checkpoint::weights_from_safetensors;
 use tessera_core::config::ModelConfig;
 use tessera_core::data::Corpus;
-use tessera_core::model::Gpt;
 use tessera_core::optim::AdamW;
-use tessera_core::params;
 use tessera_protocol::messages::{
     ClientMsg, Hello, ParticipantKind, RunInfo, ServerMsg, Submission, WorkUnit,
 };
@@ -132,7 +129,7 @@ struct Participant {
     http: String,
     client: reqwest::Client,
     corpus: Option<Arc<Corpus>>,
-    weights: Option<(u64, Arc<Vec<f32>>)>,
+    weights: Option<Arc<work::Base>>,
     units_done: u64,
     max_units: Option<u64>,
     /// Inner AdamW state carried from one unit to the next (with --keep-optimizer).
@@ -328,11 +325,15 @@ impl Participant {
         Ok(corpus)
     }
 
-    async fn fetch_weights(&mut self, version: u64, model: &ModelConfig) -> Result<Arc<Vec<f32>>> {
-        if let Some((v, w)) = &self.weights
-            && *v == version
+    async fn fetch_weights(
+        &mut self,
+        version: u64,
+        model: &ModelConfig,
+    ) -> Result<Arc<work::Base>> {
+        if let Some(b) = &self.weights
+            && b.version == version
         {
-            return Ok(w.clone());
+            return Ok(b.clone());
         }
         let url = format!("{}/api/model/{version}", self.http);
         let bytes = self
@@ -344,10 +345,12 @@ impl Participant {
             .with_context(|| format!("GET {url}"))?
             .bytes()
             .await?;
-        let weights =
-            Arc::new(decode_weights(model, &bytes).with_context(|| format!("decoding {url}"))?);
-        self.weights = Some((version, weights.clone()));
-        Ok(weights)
+        let base = Arc::new(
+            work::Base::decode(version, model, &bytes, &Device::flex())
+                .with_context(|| format!("decoding {url}"))?,
+        );
+        self.weights = Some(base.clone());
+        Ok(base)
     }
 
     async fn train(
@@ -355,7 +358,7 @@ impl Participant {
         ws: &mut Ws,
         run: &RunInfo,
         unit: &WorkUnit,
-        base: Arc<Vec<f32>>,
+        base: Arc<work::Base>,
         corpus: Arc<Corpus>,
     ) -> Result<(Submission, f32, f32)> {
         let progress = Arc::new(AtomicU32::new(0));
@@ -381,7 +384,7 @@ impl Participant {
                     model_cfg,
                     &train,
                     &unit,
-                    &base,
+                    &base.weights,
                     &corpus,
                     optim,
                     |step| {
@@ -420,13 +423,15 @@ impl Participant {
             }
         };
         bar.finish_and_clear();
-        let submission = work::submission(&self.secret, unit, &run.model, &delta, first, last);
+        let submission = work::submission(
+            &self.secret,
+            unit,
+            &run.model,
+            base.sha256,
+            &delta,
+            first,
+            last,
+        );
         Ok((submission, first, last))
     }
-}
-
-/// Decodes a version's safetensors into the flat parameter vector of `model`.
-fn decode_weights(model: &ModelConfig, bytes: &[u8]) -> Result<Vec<f32>> {
-    let specs = params::specs(&Gpt::new(model, &Device::flex()));
-    Ok(weights_from_safetensors(&specs, bytes)?)
 }

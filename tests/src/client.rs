@@ -78,14 +78,35 @@ pub async fn submit(ws: &mut Ws, s: Submission) -> ServerMsg {
     }
 }
 
-/// A correctly signed submission of `values` for `unit`.
+/// A correctly signed submission of `values` for `unit`, naming `base` (the SHA-256 of the
+/// unit's base weights, see [`base`]).
 pub fn signed(
     secret: &[u8; 32],
     unit: &WorkUnit,
     model: &ModelConfig,
+    base: [u8; 32],
     values: &[f32],
 ) -> Submission {
-    work::submission(secret, unit, model, values, 1.0, 0.5)
+    work::submission(secret, unit, model, base, values, 1.0, 0.5)
+}
+
+/// The base a unit starts from, fetched from the relay on `port` as a participant does.
+pub fn base(port: u16, model: &ModelConfig, version: u64) -> work::Base {
+    let bytes = ureq::get(&format!("http://127.0.0.1:{port}/api/model/{version}"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()
+        .unwrap();
+    work::Base::decode(
+        version,
+        model,
+        &bytes,
+        &tessera_core::burn::prelude::Device::flex(),
+    )
+    .unwrap()
 }
 
 /// Gaussian-ish noise of L2 norm `norm` over `n` values, deterministic in `seed` (a sum of

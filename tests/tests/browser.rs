@@ -281,9 +281,12 @@ fn demo_flow_a_tab_joining_the_demo_keeps_the_model_improving() {
         Gpu::None,
         dir.path().join("chromium.log"),
     );
-    wait_until(Duration::from_secs(30), "the page is up", || {
-        tab.eval("document.getElementById('join') !== null") == true
-    });
+    // The button works once the page's module has bound it.
+    wait_until(
+        Duration::from_secs(60),
+        "the page's Join button is live",
+        || tab.eval("typeof document.getElementById('join')?.onclick === 'function'") == true,
+    );
     tab.eval("document.getElementById('join').click()");
     wait_until(Duration::from_secs(60), "the tab joins", || {
         tab.tab()["joined"] == true

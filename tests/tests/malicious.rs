@@ -9,9 +9,12 @@ use tessera_protocol::encode;
 use tessera_protocol::messages::{ClientMsg, RejectReason, ServerMsg, Submission, WorkUnit};
 use tokio_tungstenite::tungstenite::Message;
 
-/// A correctly signed submission of `values` for `unit` (the relay runs the tiny config).
-fn signed(secret: &[u8; 32], unit: &WorkUnit, values: &[f32]) -> Submission {
-    client::signed(secret, unit, &ModelConfig::named("tiny").unwrap(), values)
+/// A correctly signed submission of `values` for `unit` (the relay runs the tiny config),
+/// naming the right base.
+fn signed(port: u16, secret: &[u8; 32], unit: &WorkUnit, values: &[f32]) -> Submission {
+    let model = ModelConfig::named("tiny").unwrap();
+    let base = client::base(port, &model, unit.base_version).sha256;
+    client::signed(secret, unit, &model, base, values)
 }
 
 #[test]
@@ -41,31 +44,31 @@ fn lies_are_rejected_with_reasons_and_change_nothing() {
         };
         // Signed by someone else.
         expect(
-            submit(&mut ws, signed(&[9u8; 32], &unit, &vec![0.0; n])).await,
+            submit(&mut ws, signed(port, &[9u8; 32], &unit, &vec![0.0; n])).await,
             RejectReason::BadSignature,
         );
         // Wrong length.
         expect(
-            submit(&mut ws, signed(&secret, &unit, &vec![0.0; n - 1])).await,
+            submit(&mut ws, signed(port, &secret, &unit, &vec![0.0; n - 1])).await,
             RejectReason::Malformed,
         );
         // Non-finite values.
         let mut nan = vec![0.0; n];
         nan[7] = f32::NAN;
         expect(
-            submit(&mut ws, signed(&secret, &unit, &nan)).await,
+            submit(&mut ws, signed(port, &secret, &unit, &nan)).await,
             RejectReason::Malformed,
         );
         // Absurd norm.
         expect(
-            submit(&mut ws, signed(&secret, &unit, &vec![1e3; n])).await,
+            submit(&mut ws, signed(port, &secret, &unit, &vec![1e3; n])).await,
             RejectReason::OutOfBounds,
         );
         // A unit that was never leased to us.
         let mut other = unit.clone();
         other.unit_id += 1000;
         expect(
-            submit(&mut ws, signed(&secret, &other, &vec![0.0; n])).await,
+            submit(&mut ws, signed(port, &secret, &other, &vec![0.0; n])).await,
             RejectReason::UnknownLease,
         );
         // Garbage bytes: an error, then the connection closes.

@@ -128,8 +128,9 @@ fn the_guard_rolls_a_harmful_version_back_and_the_run_continues() {
         while Instant::now() < end {
             let unit = work(&mut ws).await;
             let delta = client::noise(run.num_params as usize, 100.0, unit.unit_id);
+            let base = client::base(port, &run.model, unit.base_version).sha256;
             if let ServerMsg::Accepted { .. } =
-                submit(&mut ws, signed(&secret, &unit, &run.model, &delta)).await
+                submit(&mut ws, signed(&secret, &unit, &run.model, base, &delta)).await
             {
                 attacks += 1;
             }

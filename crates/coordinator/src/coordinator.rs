@@ -276,6 +276,8 @@ pub struct Coordinator {
     guard: Guard,
     /// Base versions discarded by rollbacks: `(first, last)` inclusive.
     discarded: Vec<(u64, u64)>,
+    /// SHA-256 of each recent version's weights as served: what a submission must sign.
+    digests: BTreeMap<u64, [u8; 32]>,
 }
 
 impl Coordinator {
@@ -316,7 +318,16 @@ impl Coordinator {
             tokens_applied: 0,
             guard,
             discarded: Vec::new(),
+            digests: BTreeMap::new(),
         }
+    }
+
+    /// Records the SHA-256 of a version's weights as participants download them (the shell
+    /// calls this for every version it writes, and for the kept ones after a restart).
+    pub fn set_digest(&mut self, version: u64, sha256: [u8; 32]) {
+        self.digests.insert(version, sha256);
+        let oldest = self.version.saturating_sub(self.cfg.max_staleness + 1);
+        self.digests.retain(|v, _| *v >= oldest);
     }
 
     /// The configuration.
@@ -666,12 +677,14 @@ impl Coordinator {
         }
     }
 
-    /// Checks a submission without changing anything. `delta` is the decoded pseudo-gradient.
+    /// Checks a submission without changing anything. `delta` is the decoded pseudo-gradient;
+    /// `base_sha256` the digest of its base weights that the participant signed.
     pub fn check(
         &self,
         id: &str,
         unit_id: u64,
         base_version: u64,
+        base_sha256: &[u8; 32],
         delta: &[f32],
         tokens: u64,
     ) -> Result<Verdict, Rejection> {
@@ -715,6 +728,21 @@ impl Coordinator {
                     self.version, self.cfg.max_staleness
                 ),
             ));
+        }
+        match self.digests.get(&base_version) {
+            Some(d) if d == base_sha256 => {}
+            Some(_) => {
+                return Err(reject(
+                    RejectReason::BaseMismatch,
+                    format!("the signed base digest is not that of version {base_version}"),
+                ));
+            }
+            None => {
+                return Err(reject(
+                    RejectReason::BaseMismatch,
+                    format!("version {base_version} is not known here any more"),
+                ));
+            }
         }
         let range = self
             .cfg
@@ -990,6 +1018,10 @@ mod tests {
         }
     }
 
+    fn digest(version: u64) -> [u8; 32] {
+        [version as u8; 32]
+    }
+
     fn submit(
         c: &mut Coordinator,
         id: &str,
@@ -998,7 +1030,18 @@ mod tests {
         now: u64,
     ) -> Result<Accepted, Rejection> {
         let tokens = unit.inner_steps as u64 * 16;
-        match c.check(id, unit.unit_id, unit.base_version, delta, tokens) {
+        // The shell records each version's digest; here a version's digest is its number.
+        if !c.digests.contains_key(&unit.base_version) {
+            c.set_digest(unit.base_version, digest(unit.base_version));
+        }
+        match c.check(
+            id,
+            unit.unit_id,
+            unit.base_version,
+            &digest(unit.base_version),
+            delta,
+            tokens,
+        ) {
             Ok(v) => Ok(c.accept(id, unit.unit_id, delta, v, now)),
             Err(r) => {
                 c.record_rejection(id, unit.unit_id, r.reason);
@@ -1123,28 +1166,41 @@ mod tests {
         join(&mut c, "a");
         join(&mut c, "b");
         let u = unit(&mut c, "a", 0);
+        c.set_digest(0, digest(0));
         let before = c.params().to_vec();
+        assert_eq!(
+            c.check("a", u.unit_id, 0, &digest(9), &[0.0; 3], 1)
+                .unwrap_err()
+                .reason,
+            RejectReason::BaseMismatch
+        );
         for (delta, reason) in [
             (vec![0.0; 2], RejectReason::Malformed),
             (vec![0.0, f32::NAN, 0.0], RejectReason::Malformed),
             (vec![1e6, 0.0, 0.0], RejectReason::OutOfBounds),
         ] {
             assert_eq!(
-                c.check("a", u.unit_id, 0, &delta, 1).unwrap_err().reason,
+                c.check("a", u.unit_id, 0, &digest(0), &delta, 1)
+                    .unwrap_err()
+                    .reason,
                 reason
             );
         }
         assert_eq!(
-            c.check("b", u.unit_id, 0, &[0.0; 3], 1).unwrap_err().reason,
+            c.check("b", u.unit_id, 0, &digest(0), &[0.0; 3], 1)
+                .unwrap_err()
+                .reason,
             RejectReason::UnknownLease
         );
         assert_eq!(
-            c.check("a", u.unit_id, 7, &[0.0; 3], 1).unwrap_err().reason,
+            c.check("a", u.unit_id, 7, &digest(0), &[0.0; 3], 1)
+                .unwrap_err()
+                .reason,
             RejectReason::Malformed
         );
         // claimed tokens are capped at the unit's
         assert_eq!(
-            c.check("a", u.unit_id, 0, &[0.0; 3], 1 << 40)
+            c.check("a", u.unit_id, 0, &digest(0), &[0.0; 3], 1 << 40)
                 .unwrap()
                 .tokens,
             160

@@ -15,14 +15,21 @@ pub fn hello_message(nonce: &[u8; 32]) -> Vec<u8> {
     [b"tessera-hello-v1".as_slice(), nonce].concat()
 }
 
-/// The message signed with an update: a domain tag, the unit, the base version and the
-/// SHA-256 of the encoded payload.
-pub fn update_message(unit_id: u64, base_version: u64, payload_bytes: &[u8]) -> Vec<u8> {
+/// The message signed with an update: a domain tag, the unit, the base version, the SHA-256 of
+/// the base weights the participant trained from (the bytes `/api/model/{version}` served), and
+/// the SHA-256 of the encoded payload.
+pub fn update_message(
+    unit_id: u64,
+    base_version: u64,
+    base_sha256: &[u8; 32],
+    payload_bytes: &[u8],
+) -> Vec<u8> {
     let digest = Sha256::digest(payload_bytes);
     [
-        b"tessera-update-v1".as_slice(),
+        b"tessera-update-v2".as_slice(),
         &unit_id.to_le_bytes(),
         &base_version.to_le_bytes(),
+        base_sha256.as_slice(),
         digest.as_slice(),
     ]
     .concat()
@@ -59,10 +66,11 @@ mod tests {
     fn signatures_verify_and_tampering_fails() {
         let secret = [7u8; 32];
         let key = public_key(&secret);
-        let msg = update_message(3, 9, b"payload");
+        let msg = update_message(3, 9, &[1; 32], b"payload");
         let sig = sign(&secret, &msg);
         verify(&key, &msg, &sig).unwrap();
-        assert!(verify(&key, &update_message(3, 9, b"payloaD"), &sig).is_err());
+        assert!(verify(&key, &update_message(3, 9, &[1; 32], b"payloaD"), &sig).is_err());
+        assert!(verify(&key, &update_message(3, 9, &[2; 32], b"payload"), &sig).is_err());
         assert!(verify(&public_key(&[8u8; 32]), &msg, &sig).is_err());
         assert!(verify(&key, &msg, &sig[..10]).is_err());
         assert_eq!(short_id(&key).len(), 16);

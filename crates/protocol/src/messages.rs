@@ -82,6 +82,8 @@ pub struct Submission {
     pub unit_id: u64,
     /// The version it started from.
     pub base_version: u64,
+    /// SHA-256 of the base weights' safetensors bytes, as served by the relay.
+    pub base_sha256: [u8; 32],
     /// Pseudo-gradient: base weights minus weights after training.
     pub payload: Payload,
     /// Tokens trained on.
@@ -90,7 +92,8 @@ pub struct Submission {
     pub loss_before: f32,
     /// Mean training loss of the last inner step.
     pub loss_after: f32,
-    /// Signature of [`crate::identity::update_message`] over the encoded payload.
+    /// Signature of [`crate::identity::update_message`] over the unit, the base and the
+    /// encoded payload.
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
 }
@@ -111,6 +114,19 @@ pub enum RejectReason {
     /// The unit's base version was discarded by the relay's guard (not the participant's
     /// fault: its next unit starts from the restored model).
     RolledBack,
+    /// The signed base digest is not that of the version the unit was leased at.
+    BaseMismatch,
+    /// The same update (or a near copy of another) was already submitted.
+    Duplicate,
+    /// The update's norm is far outside what honest updates of its size measure.
+    Outlier,
+    /// Applying the update does not do what training on the unit's batches does (the loss
+    /// probe).
+    FailedProbe,
+    /// Re-training the unit gave a different update (the participant is banned).
+    FailedReexecution,
+    /// The participant is banned.
+    Banned,
 }
 
 /// The run as a participant needs to know it.
@@ -229,6 +245,7 @@ mod tests {
         let msg = ClientMsg::Submit(Submission {
             unit_id: 4,
             base_version: 2,
+            base_sha256: [7; 32],
             payload: Payload::f32(&[0.5; 100]),
             tokens: 1234,
             loss_before: 3.0,
@@ -236,7 +253,7 @@ mod tests {
             signature: vec![1; 64],
         });
         let bytes = encode(&msg);
-        assert!(bytes.len() < 500);
+        assert!(bytes.len() < 600, "{}", bytes.len());
         assert_eq!(decode::<ClientMsg>(&bytes, 1 << 20).unwrap(), msg);
         let e = decode::<ClientMsg>(&bytes, 100).unwrap_err();
         assert!(matches!(e, Error::TooLarge { .. }), "{e}");

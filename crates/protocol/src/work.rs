@@ -14,6 +14,44 @@ use crate::identity;
 use crate::messages::{Submission, WorkUnit};
 use crate::update::Payload;
 
+/// A model version as a participant trains from it: the flat weights, and the SHA-256 of the
+/// bytes they were decoded from (what the submission signs as its base).
+#[derive(Debug, Clone)]
+pub struct Base {
+    /// The version.
+    pub version: u64,
+    /// Its weights, in [`tessera_core::params::specs`] order.
+    pub weights: Vec<f32>,
+    /// SHA-256 of the safetensors bytes.
+    pub sha256: [u8; 32],
+}
+
+impl Base {
+    /// Decodes the safetensors `bytes` of `version` of a `model` (`device` builds the parameter
+    /// list; nothing is trained on it).
+    pub fn decode(
+        version: u64,
+        model: &ModelConfig,
+        bytes: &[u8],
+        device: &Device,
+    ) -> Result<Base, Error> {
+        let specs = params::specs(&tessera_core::model::Gpt::new(model, device));
+        let weights = tessera_core::checkpoint::weights_from_safetensors(&specs, bytes)
+            .map_err(|e| Error::Malformed(format!("version {version}: {e}")))?;
+        Ok(Base {
+            version,
+            weights,
+            sha256: sha256(bytes),
+        })
+    }
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
 /// The training batch of inner step `step` of `unit`: a pure function of (run seed, shard, step).
 pub fn batch(unit: &WorkUnit, model: &ModelConfig, corpus: &Corpus, step: u32) -> Batch {
     let key = BatchKey {
@@ -123,11 +161,13 @@ pub fn pseudo_gradient(unit: &WorkUnit, base: &[f32], trained: &[f32]) -> Result
         .collect())
 }
 
-/// The signed submission of a finished unit.
+/// The signed submission of a finished unit; `base_sha256` is the SHA-256 of the base weights'
+/// bytes as the relay served them.
 pub fn submission(
     secret: &[u8; 32],
     unit: &WorkUnit,
     model: &ModelConfig,
+    base_sha256: [u8; 32],
     delta: &[f32],
     loss_before: f32,
     loss_after: f32,
@@ -135,12 +175,13 @@ pub fn submission(
     let payload = Payload::f32(delta);
     let signature = identity::sign(
         secret,
-        &identity::update_message(unit.unit_id, unit.base_version, &payload.data),
+        &identity::update_message(unit.unit_id, unit.base_version, &base_sha256, &payload.data),
     )
     .to_vec();
     Submission {
         unit_id: unit.unit_id,
         base_version: unit.base_version,
+        base_sha256,
         payload,
         tokens: tokens(unit, model),
         loss_before,
@@ -196,11 +237,11 @@ mod tests {
         assert!(pseudo_gradient(&part, &base, &trained[..3]).is_err());
         let secret = [7u8; 32];
         let model = ModelConfig::named("tiny").unwrap();
-        let s = submission(&secret, &part, &model, &[-0.5, 0.0], 3.0, 2.0);
+        let s = submission(&secret, &part, &model, [5; 32], &[-0.5, 0.0], 3.0, 2.0);
         assert_eq!(s.tokens, 4 * 2 * model.block_size as u64);
         identity::verify(
             &identity::public_key(&secret),
-            &identity::update_message(3, 1, &s.payload.data),
+            &identity::update_message(3, 1, &[5; 32], &s.payload.data),
             &s.signature,
         )
         .unwrap();

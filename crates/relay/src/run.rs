@@ -16,10 +16,10 @@ use tessera_core::model::Gpt;
 use tessera_core::params;
 use tessera_core::tokenizer;
 use tessera_core::train::{Trainer, eval_loss, generate};
-use tessera_protocol::identity;
 use tessera_protocol::messages::{
     ParticipantKind, RejectReason, RunInfo, ServerMsg, Submission, WorkUnit,
 };
+use tessera_protocol::{identity, work};
 use tokio::sync::{broadcast, watch};
 
 use crate::checkpoints::Checkpoints;
@@ -280,10 +280,18 @@ impl Relay {
                 Coordinator::new(coord_cfg, 0, p, m, 0, 0)
             }
         };
+        let mut coord = coord;
         let version = coord.version();
         let latest = ckpt
             .read_weights(version)
             .context("current version's weights")?;
+        // Submissions sign the digest of their base: know it for every version still accepted.
+        for v in version.saturating_sub(coord.config().max_staleness)..version {
+            if let Some(bytes) = ckpt.read_weights(v) {
+                coord.set_digest(v, work::sha256(&bytes));
+            }
+        }
+        coord.set_digest(version, work::sha256(&latest));
         let history = db.val_history()?;
         let (eval_trigger, _) = watch::channel(version);
         let run_info = RunInfo {
@@ -347,6 +355,7 @@ impl Relay {
         let n = self
             .db()
             .record_version(version, &Checkpoints::weights_name(version), now_ms())?;
+        inner.coord.set_digest(version, work::sha256(&bytes));
         *self.latest.write().expect("latest lock") = (version, Arc::new(bytes));
         tracing::info!(version, updates = n, "model advanced");
         let _ = self.versions.send(version);
@@ -366,6 +375,7 @@ impl Relay {
         let discarded = self
             .db()
             .record_rollback(rb, &Checkpoints::weights_name(version))?;
+        inner.coord.set_digest(version, work::sha256(&bytes));
         *self.latest.write().expect("latest lock") = (version, Arc::new(bytes));
         tracing::warn!(
             bad_version = rb.bad_version,
@@ -455,7 +465,8 @@ impl Relay {
             reason,
             detail,
         };
-        let msg = identity::update_message(s.unit_id, s.base_version, &s.payload.data);
+        let msg =
+            identity::update_message(s.unit_id, s.base_version, &s.base_sha256, &s.payload.data);
         let verdict_input = match identity::verify(public_key, &msg, &s.signature) {
             Err(e) => Err((RejectReason::BadSignature, e.to_string())),
             Ok(()) => s
@@ -472,10 +483,14 @@ impl Relay {
                 return Ok(reject(reason, detail));
             }
         };
-        let verdict = match inner
-            .coord
-            .check(id, s.unit_id, s.base_version, &delta, s.tokens)
-        {
+        let verdict = match inner.coord.check(
+            id,
+            s.unit_id,
+            s.base_version,
+            &s.base_sha256,
+            &delta,
+            s.tokens,
+        ) {
             Ok(v) => v,
             Err(r) => {
                 inner.coord.record_rejection(id, s.unit_id, r.reason);

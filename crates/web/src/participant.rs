@@ -7,10 +7,8 @@ use std::rc::Rc;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tessera_core::burn::prelude::Device;
-use tessera_core::checkpoint::weights_from_safetensors;
 use tessera_core::config::ModelConfig;
 use tessera_core::data::Corpus;
-use tessera_core::model::Gpt;
 use tessera_core::params;
 use tessera_core::train::Trainer;
 use tessera_protocol::messages::{Hello, ParticipantKind, RunInfo, WorkUnit};
@@ -91,7 +89,7 @@ struct Shared {
 struct State {
     device: Option<(Device, String, String)>,
     corpus: Option<(String, Rc<Corpus>)>,
-    weights: Option<(u64, Rc<Vec<f32>>)>,
+    weights: Option<Rc<work::Base>>,
     tokens_per_s: f32,
 }
 
@@ -394,8 +392,16 @@ async fn session(shared: &Rc<Shared>) -> Result<(), String> {
         });
         shared.state("training", format!("unit {}", unit.unit_id));
         let base = weights(shared, unit.base_version, &run.model).await?;
-        let Some(trained) =
-            train_unit(&device, &run, &unit, &base, &corpus, Some(&mut ws), shared).await?
+        let Some(trained) = train_unit(
+            &device,
+            &run,
+            &unit,
+            &base.weights,
+            &corpus,
+            Some(&mut ws),
+            shared,
+        )
+        .await?
         else {
             continue;
         };
@@ -406,6 +412,7 @@ async fn session(shared: &Rc<Shared>) -> Result<(), String> {
             &shared.secret,
             &unit,
             &run.model,
+            base.sha256,
             &trained.delta,
             trained.losses[0],
             *trained.losses.last().expect("at least one step"),
@@ -462,22 +469,26 @@ async fn weights(
     shared: &Shared,
     version: u64,
     model: &ModelConfig,
-) -> Result<Rc<Vec<f32>>, String> {
-    if let Some((v, w)) = &shared.state.borrow().weights
-        && *v == version
+) -> Result<Rc<work::Base>, String> {
+    if let Some(b) = &shared.state.borrow().weights
+        && b.version == version
     {
-        return Ok(w.clone());
+        return Ok(b.clone());
     }
-    let w = Rc::new(fetch_weights(&shared.options.relay, version, model).await?);
-    shared.state.borrow_mut().weights = Some((version, w.clone()));
-    Ok(w)
+    let b = Rc::new(fetch_weights(&shared.options.relay, version, model).await?);
+    shared.state.borrow_mut().weights = Some(b.clone());
+    Ok(b)
 }
 
-async fn fetch_weights(relay: &str, version: u64, model: &ModelConfig) -> Result<Vec<f32>, String> {
+async fn fetch_weights(
+    relay: &str,
+    version: u64,
+    model: &ModelConfig,
+) -> Result<work::Base, String> {
     let url = format!("{}/api/model/{version}", relay.trim_end_matches('/'));
     let bytes = fetch_bytes(&url).await?;
-    let specs = params::specs(&Gpt::new(model, &Device::flex()));
-    weights_from_safetensors(&specs, &bytes).map_err(|e| format!("decoding {url}: {e}"))
+    work::Base::decode(version, model, &bytes, &Device::flex())
+        .map_err(|e| format!("decoding {url}: {e}"))
 }
 
 /// What a trained unit produced.
@@ -649,7 +660,7 @@ async fn bench(o: BenchOptions) -> Result<JsValue, String> {
         fragment: Fragment::ALL,
         deadline_ms: u64::MAX,
     };
-    let trained = train_unit(&device, &run, &unit, &base, &corpus, None, &shared)
+    let trained = train_unit(&device, &run, &unit, &base.weights, &corpus, None, &shared)
         .await?
         .ok_or("the unit was given up")?;
     let out = js_sys::Object::new();

@@ -145,6 +145,12 @@ impl Schedule {
     }
 }
 
+/// What stands for a version's digest here (the relay hashes the safetensors bytes).
+fn digest(params: &[f32]) -> [u8; 32] {
+    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+    work::sha256(&bytes)
+}
+
 enum Action {
     Request,
     Submit {
@@ -171,6 +177,7 @@ fn main() -> Result<()> {
     let init = params::to_vec(Trainer::new(model, train.clone(), &device)?.model());
     let n = init.len();
     let mut coord = Coordinator::new(cfg.clone(), 0, init.clone(), vec![0.0; n], 0, 0);
+    coord.set_digest(0, digest(&init));
     let mut versions: BTreeMap<u64, Vec<f32>> = BTreeMap::from([(0, init)]);
     let ids: Vec<String> = (0..a.participants).map(|i| format!("p{i}")).collect();
     let mut optims: Vec<AdamW> = vec![AdamW::new(); a.participants];
@@ -191,6 +198,8 @@ fn main() -> Result<()> {
         Ok(v_loss)
     };
     let (mut accepted, mut rejected, mut stale_sum, mut waits) = (0u64, 0u64, 0u64, 0u64);
+    // Inner steps of each participant's latest unit.
+    let mut last_steps = vec![0u32; a.participants];
     let mut now = 0u64;
     while let Some((t, p, act)) = sched.pop() {
         now = t;
@@ -198,6 +207,7 @@ fn main() -> Result<()> {
         match act {
             Action::Request => match coord.request_work(&ids[p], now) {
                 Work::Unit(unit) => {
+                    last_steps[p] = unit.inner_steps;
                     let base = versions
                         .get(&unit.base_version)
                         .context("base version kept")?
@@ -233,7 +243,15 @@ fn main() -> Result<()> {
                 delta,
                 tokens,
             } => {
-                match coord.check(&ids[p], unit.unit_id, unit.base_version, &delta, tokens) {
+                let base = digest(&versions[&unit.base_version]);
+                match coord.check(
+                    &ids[p],
+                    unit.unit_id,
+                    unit.base_version,
+                    &base,
+                    &delta,
+                    tokens,
+                ) {
                     Ok(v) => {
                         accepted += 1;
                         stale_sum += v.staleness;
@@ -263,6 +281,7 @@ fn main() -> Result<()> {
         let v = coord.version();
         if let std::collections::btree_map::Entry::Vacant(e) = versions.entry(v) {
             e.insert(coord.params().to_vec());
+            coord.set_digest(v, digest(coord.params()));
             let keep = v.saturating_sub(cfg.max_staleness + 2);
             versions.retain(|k, _| *k >= keep);
             if a.eval_every > 0 && v.is_multiple_of(a.eval_every) {
@@ -287,6 +306,8 @@ fn main() -> Result<()> {
         "mean_staleness": stale_sum as f64 / accepted.max(1) as f64, "waits": waits,
         "tokens_applied": coord.tokens_applied(), "virtual_s": now as f64 / 1e3,
         "val_loss": final_loss, "curve": curve,
+        "slowest_unit_steps": a.speeds.iter().zip(&last_steps)
+            .min_by(|x, y| x.0.total_cmp(y.0)).map(|x| *x.1),
     });
     if a.json {
         println!("{summary}");
