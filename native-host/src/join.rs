@@ -176,6 +176,8 @@ pub fn run(args: JoinArgs) -> Result<()> {
         loop {
             match p.session(&ws_url).await {
                 Ok(()) => return Ok(()),
+                // Coming back changes nothing for a banned key.
+                Err(e) if format!("{e:#}").contains("relay error: banned") => return Err(e),
                 Err(e) => {
                     eprintln!(
                         "relay connection lost: {e:#}; retrying in {:.1} s",

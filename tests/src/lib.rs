@@ -4,8 +4,10 @@
 //! `tessera-host` binaries (built by `cargo build --release --workspace --bins`, which the test
 //! command runs first) on loopback, read `/api/status`, and wait with bounded deadlines;
 //! [`browser`] drives a real headless Chromium tab over the DevTools protocol; [`client`] is a
-//! scripted participant over a real WebSocket (for participants that misbehave).
+//! scripted participant over a real WebSocket (for participants that misbehave); [`attack`]
+//! the attacks of the attack suite.
 
+pub mod attack;
 pub mod browser;
 pub mod client;
 

@@ -61,6 +61,7 @@ fn three_participants_complete_rounds_and_loss_falls() {
         || {
             let s = status(port);
             s["leases"].as_array().unwrap().is_empty()
+                && s["verification"]["held"] == 0
                 && accepted_seen(&hosts) == u(&s["accepted_updates"])
         },
     );
@@ -72,15 +73,16 @@ fn three_participants_complete_rounds_and_loss_falls() {
         last < first - 0.5,
         "validation loss did not fall: {first} -> {last}"
     );
-    // K = 3: four versions folded twelve updates; later ones wait in the open round.
+    // K = 3: four versions folded at least twelve updates (a round that waits for the
+    // re-execution of a new participant's unit may take in more); later ones wait in the
+    // open round.
     let accepted = u(&s["accepted_updates"]);
-    assert_eq!(
-        accepted,
-        3 * u(&s["model_version"]) + u(&s["pending_updates"]),
-        "{s}"
-    );
+    let unit_tokens = 20 * 12 * 32;
+    let folded = u(&s["tokens_applied"]) / unit_tokens;
+    assert!(folded >= 3 * u(&s["model_version"]), "{s}");
+    assert_eq!(accepted, folded + u(&s["pending_updates"]), "{s}");
     assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
-    assert_eq!(u(&s["tokens_trained"]), accepted * 20 * 12 * 32);
+    assert_eq!(u(&s["tokens_trained"]), accepted * unit_tokens);
     // What the relay credits each participant is what that participant saw accepted.
     let mut total = 0;
     for h in &mut hosts {
@@ -200,7 +202,7 @@ fn a_relay_killed_mid_run_resumes_from_what_it_committed() {
         .unwrap();
     let pending: i64 = db
         .query_row(
-            "SELECT COUNT(*) FROM updates WHERE applied_version IS NULL",
+            "SELECT COUNT(*) FROM updates WHERE applied_version IS NULL AND held = 0",
             [],
             |r| r.get(0),
         )
@@ -219,7 +221,9 @@ fn a_relay_killed_mid_run_resumes_from_what_it_committed() {
         "the run continues after the restart",
         || u(&status(port)["model_version"]) >= expect_version + 2,
     );
-    // No update was applied twice: every version folded exactly K = 2 updates.
+    // No update was applied twice, none was lost: every version folded at least K = 2
+    // updates (more when its round waited for a re-execution), and the versions folded as
+    // many tokens as the relay says it applied.
     let db = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
     let mut st = db.prepare("SELECT applied_version, COUNT(*) FROM updates WHERE applied_version IS NOT NULL GROUP BY applied_version").unwrap();
     let rows: Vec<(i64, i64)> = st
@@ -228,7 +232,19 @@ fn a_relay_killed_mid_run_resumes_from_what_it_committed() {
         .map(Result::unwrap)
         .collect();
     assert!(!rows.is_empty());
-    for (v, n) in rows {
-        assert_eq!(n, 2, "version {v} folded {n} updates");
+    for &(v, n) in &rows {
+        assert!(n >= 2, "version {v} folded {n} updates: {rows:?}");
     }
+    let folded_tokens: i64 = db
+        .query_row(
+            "SELECT SUM(tokens) FROM updates WHERE applied_version IS NOT NULL AND outcome = 'applied'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let s = status(port);
+    assert!(
+        u(&s["tokens_applied"]) >= folded_tokens as u64,
+        "{s} vs {folded_tokens} folded in the ledger"
+    );
 }

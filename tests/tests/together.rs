@@ -103,14 +103,17 @@ fn default_settings_and_participants_of_different_speeds_keep_improving() {
     );
 }
 
-/// A participant with a valid key sends noise of norm 100 for its units: the version it breaks
+/// With verification off, a participant with a valid key sends noise of norm 100 for its units:
+/// the version it breaks
 /// is found clearly worse than the recent best, the relay rolls back to the last good version
 /// (reported in /api/status and /metrics), and the run continues from there.
 #[test]
 fn the_guard_rolls_a_harmful_version_back_and_the_run_continues() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let _relay = start_relay(dir.path(), port, &[]);
+    // The guard is the backstop for what verification lets through: here verification is
+    // off, so that the noise reaches the model.
+    let _relay = start_relay(dir.path(), port, &["--no-verify"]);
     let _hosts: Vec<Proc> = (0..2)
         .map(|i| start_host(dir.path(), port, &format!("h{i}"), &[]))
         .collect();

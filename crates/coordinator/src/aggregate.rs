@@ -26,6 +26,28 @@ pub fn l2_norm(values: &[f32]) -> f64 {
         .sqrt()
 }
 
+/// Euclidean distance between `a` and `b`, accumulated in f64.
+pub fn distance(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "distance: length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let d = x as f64 - y as f64;
+            d * d
+        })
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// `center + scale · (delta − center)`: `delta` pulled towards `center`.
+pub fn clip_towards(delta: &[f32], center: &[f32], scale: f32) -> Vec<f32> {
+    delta
+        .iter()
+        .zip(center)
+        .map(|(&d, &c)| c + scale * (d - c))
+        .collect()
+}
+
 /// The DiLoCo outer step, Nesterov momentum SGD on the averaged pseudo-gradient `g`:
 /// `m = μ m + g; θ = θ − lr (g + μ m)` (PyTorch's SGD with `nesterov=True`).
 pub fn nesterov_step(params: &mut [f32], momentum: &mut [f32], g: &[f32], lr: f32, mu: f32) {

@@ -9,6 +9,7 @@ use tessera_protocol::update::Fragment;
 use crate::aggregate;
 use crate::guard::{Guard, GuardConfig, Judgement, Rollback};
 use crate::pace::{self, Speed};
+use crate::screen::{Finding, Measured, Probe, Screen, ScreenConfig};
 
 /// The run's coordination parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +71,8 @@ pub struct Config {
     pub max_tokens: Option<u64>,
     /// The guard on the model.
     pub guard: GuardConfig,
+    /// Verification of submissions.
+    pub screen: ScreenConfig,
 }
 
 impl Config {
@@ -98,6 +101,7 @@ impl Config {
             max_version: None,
             max_tokens: None,
             guard: GuardConfig::default(),
+            screen: ScreenConfig::default(),
         }
     }
 
@@ -159,6 +163,94 @@ pub struct ParticipantStats {
     pub tokens_per_s: f64,
     /// Inner steps of its latest unit.
     pub unit_steps: u32,
+    /// Tokens of accepted updates whose verification window is still open.
+    pub tokens_pending: u64,
+    /// Tokens of accepted updates whose window closed: its stake.
+    pub tokens_granted: u64,
+    /// Tokens forfeited by a failed re-execution.
+    pub tokens_forfeited: u64,
+    /// Units of it re-executed and found identical.
+    pub verified_units: u64,
+    /// Banned after a failed re-execution: no more work, no more submissions.
+    pub banned: bool,
+    /// The reason of its latest rejection.
+    pub last_rejection: Option<String>,
+}
+
+/// A change to the ledger of credit that the shell persists.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LedgerChange {
+    /// A unit's verification window closed: its tokens are granted.
+    Granted {
+        /// The participant.
+        participant: String,
+        /// The unit.
+        unit_id: u64,
+        /// Tokens granted.
+        tokens: u64,
+    },
+    /// A held unit passed its re-execution and was folded into the open round.
+    Verified {
+        /// The participant.
+        participant: String,
+        /// The unit.
+        unit_id: u64,
+    },
+    /// A held update could not be verified and was dropped (only that unit's credit is lost).
+    Dropped {
+        /// The participant.
+        participant: String,
+        /// The unit.
+        unit_id: u64,
+        /// Tokens forfeited.
+        tokens: u64,
+    },
+    /// A re-execution failed: the participant is banned and its pending credit forfeited.
+    Banned {
+        /// The participant.
+        participant: String,
+        /// The unit whose re-execution failed.
+        unit_id: u64,
+        /// Units whose pending credit is forfeited (the failed one among them).
+        forfeited: Vec<u64>,
+        /// Tokens forfeited.
+        tokens: u64,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// A unit's credit on its way to being granted.
+#[derive(Debug, Clone, PartialEq)]
+struct Credit {
+    unit_id: u64,
+    tokens: u64,
+    /// The version at which it is granted (`None` while held or in the open round).
+    grant_at: Option<u64>,
+}
+
+/// How closely an accepted update is checked beyond the cheap checks and the probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scrutiny {
+    /// Folded at once.
+    None,
+    /// Folded at once and re-executed afterwards: its credit stays pending until then.
+    Audit,
+    /// Kept out of the model until its re-execution agrees.
+    Hold,
+}
+
+/// An accepted update held out of the model until its re-execution passes.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// The participant.
+    pub participant: String,
+    /// The unit as leased.
+    pub unit: WorkUnit,
+    /// Its pseudo-gradient.
+    pub delta: Vec<f32>,
+    /// Tokens credited.
+    pub tokens: u64,
 }
 
 /// Something the shell should log or persist.
@@ -187,6 +279,15 @@ pub struct Rejection {
     pub reason: RejectReason,
     /// Detail for people.
     pub detail: String,
+}
+
+fn finding(f: Finding) -> Rejection {
+    let reason = match f {
+        Finding::ExactDuplicate | Finding::NearDuplicate(_) => RejectReason::Duplicate,
+        Finding::NormHigh(_) | Finding::NormLow(_) => RejectReason::Outlier,
+        Finding::Probe(..) => RejectReason::FailedProbe,
+    };
+    reject(reason, f.to_string())
 }
 
 fn reject(reason: RejectReason, detail: impl Into<String>) -> Rejection {
@@ -228,6 +329,8 @@ pub enum Work {
     Finished,
     /// The participant is unknown (it never joined).
     Unknown,
+    /// The participant is banned.
+    Banned,
 }
 
 /// A participant as the coordinator tracks it.
@@ -243,6 +346,11 @@ struct Member {
     waiting_since: Option<u64>,
     /// It said goodbye.
     left: bool,
+    /// Credit not yet granted.
+    credits: Vec<Credit>,
+    /// Its submissions refused since its last accepted one: while any, it does not count
+    /// towards a round (a round does not wait for someone whose work is refused).
+    refused_streak: u32,
 }
 
 /// The open round.
@@ -254,6 +362,11 @@ struct Round {
     tokens: u64,
     started_ms: Option<u64>,
     members: BTreeSet<String>,
+    /// The units folded into it, and by whom.
+    units: Vec<(String, u64)>,
+    /// Units accepted while it was open and held for re-execution: the round counts them and
+    /// waits for their verdict.
+    held: BTreeSet<u64>,
 }
 
 /// The coordinator's state.
@@ -278,6 +391,20 @@ pub struct Coordinator {
     discarded: Vec<(u64, u64)>,
     /// SHA-256 of each recent version's weights as served: what a submission must sign.
     digests: BTreeMap<u64, [u8; 32]>,
+    /// The cheap checks' memory.
+    screen: Screen,
+    /// Updates waiting for their re-execution, by unit.
+    held: BTreeMap<u64, Held>,
+    /// The previous round's average pseudo-gradient: the center of the clipping.
+    center: Vec<f32>,
+    /// Recent distances of updates from the center.
+    distances: VecDeque<f64>,
+    /// Ledger changes for the shell to persist.
+    outbox: Vec<LedgerChange>,
+    /// Rejections by reason.
+    rejections: BTreeMap<String, u64>,
+    /// Updates whose norm the centered clipping reduced.
+    clipped_total: u64,
 }
 
 impl Coordinator {
@@ -319,6 +446,13 @@ impl Coordinator {
             guard,
             discarded: Vec::new(),
             digests: BTreeMap::new(),
+            screen: Screen::default(),
+            held: BTreeMap::new(),
+            center: vec![0.0; n],
+            distances: VecDeque::new(),
+            outbox: Vec::new(),
+            rejections: BTreeMap::new(),
+            clipped_total: 0,
         }
     }
 
@@ -354,9 +488,15 @@ impl Coordinator {
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.leases.values()
     }
-    /// Updates waiting in the open round.
+    /// Updates the open round counts: folded into it, or held and waiting for their
+    /// re-execution.
+    pub fn round_updates(&self) -> usize {
+        self.round.updates + self.round.held.len()
+    }
+    /// Accepted updates not in the model yet: those in the open round and those held for
+    /// their re-execution.
     pub fn pending_updates(&self) -> usize {
-        self.round.updates
+        self.round.updates + self.held.len()
     }
     /// Totals: accepted updates, rejected updates, tokens trained.
     pub fn totals(&self) -> (u64, u64, u64) {
@@ -398,8 +538,34 @@ impl Coordinator {
                 last_work_ms: 0,
                 waiting_since: None,
                 left: false,
+                credits: Vec::new(),
+                refused_streak: 0,
             },
         );
+    }
+
+    /// Restores a unit's pending credit (after a restart): `folded` when its update is in a
+    /// recorded version (granted after the window), otherwise it waits in the open round or for
+    /// its re-execution.
+    pub fn restore_credit(&mut self, id: &str, unit_id: u64, tokens: u64, folded: bool) {
+        let grant_at = folded.then_some(self.version + self.cfg.screen.grant_after_rounds);
+        if let Some(m) = self.members.get_mut(id) {
+            m.credits.push(Credit {
+                unit_id,
+                tokens,
+                grant_at,
+            });
+        }
+    }
+
+    /// Restores an update held for re-execution (after a restart).
+    pub fn restore_held(&mut self, unit_id: u64, held: Held) {
+        self.held.insert(unit_id, held);
+    }
+
+    /// Restores the hash of an accepted update (after a restart): a replay stays a duplicate.
+    pub fn restore_hash(&mut self, sha256: [u8; 32]) {
+        self.screen.remember_hash(sha256);
     }
 
     /// Restores a lease (after a restart).
@@ -453,12 +619,20 @@ impl Coordinator {
                     last_seen_ms: now,
                     tokens_per_s: 0.0,
                     unit_steps: 0,
+                    tokens_pending: 0,
+                    tokens_granted: 0,
+                    tokens_forfeited: 0,
+                    verified_units: 0,
+                    banned: false,
+                    last_rejection: None,
                 },
                 speed: Speed::default(),
                 lease: None,
                 last_work_ms: now,
                 waiting_since: None,
                 left: false,
+                credits: Vec::new(),
+                refused_streak: 0,
             });
         let changed_device = m.stats.backend != backend || m.stats.device != device;
         m.stats.kind = kind.as_str();
@@ -513,14 +687,17 @@ impl Coordinator {
     }
 
     fn is_active(&self, m: &Member, now: u64) -> bool {
-        m.lease.is_some()
-            || (m.stats.connected
-                && !m.left
-                && now.saturating_sub(m.last_work_ms) <= self.cfg.lease_ms)
+        !m.stats.banned
+            && m.refused_streak == 0
+            && (m.lease.is_some()
+                || (m.stats.connected
+                    && !m.left
+                    && now.saturating_sub(m.last_work_ms) <= self.cfg.lease_ms))
     }
 
-    /// Participants that count towards a round: those holding a lease, and those connected
-    /// that leased or submitted within the last lease period.
+    /// Participants that count towards a round: those not banned and whose last submission
+    /// was not refused, holding a lease, or connected and leased or submitted within the last
+    /// lease period.
     pub fn active_participants(&self, now: u64) -> usize {
         self.members
             .values()
@@ -537,6 +714,11 @@ impl Coordinator {
         }
     }
 
+    /// Whether the run made its last version: later updates wait in the open round.
+    fn at_max_version(&self) -> bool {
+        self.cfg.max_version.is_some_and(|m| self.version >= m)
+    }
+
     /// Whether no more work will be handed out.
     fn finished(&self) -> bool {
         let leased: u64 = self
@@ -544,7 +726,7 @@ impl Coordinator {
             .values()
             .map(|l| self.cfg.unit_tokens(l.unit.inner_steps))
             .sum();
-        self.cfg.max_version.is_some_and(|m| self.version >= m)
+        self.at_max_version()
             || self
                 .cfg
                 .max_tokens
@@ -576,7 +758,11 @@ impl Coordinator {
     /// duration (from the outstanding leases' start times and their holders' speeds), and for
     /// no longer than that in all.
     fn should_wait(&mut self, id: &str, now: u64) -> bool {
-        if self.cfg.lockstep {
+        let counted = self.round.updates + self.round.held.len();
+        // A round that has all its updates and only waits for their re-execution closes as
+        // soon as the verifier is done (or at its deadline): a unit started now would only
+        // add a stale update to it.
+        if self.cfg.lockstep || (counted >= self.round_target(now) && !self.round.held.is_empty()) {
             return true;
         }
         let steps = self.unit_steps(id, now);
@@ -584,10 +770,7 @@ impl Coordinator {
             return false;
         };
         let budget = self.cfg.grace * self.cfg.unit_tokens(steps) as f64 / speed;
-        let needed = self
-            .round_target(now)
-            .saturating_sub(self.round.updates)
-            .max(1);
+        let needed = self.round_target(now).saturating_sub(counted).max(1);
         // When each outstanding unit should come back.
         let mut eta: Vec<f64> = self
             .leases
@@ -621,6 +804,9 @@ impl Coordinator {
         }
         if let Some(m) = self.members.get_mut(id) {
             m.stats.last_seen_ms = now;
+        }
+        if self.members[id].stats.banned {
+            return Work::Banned;
         }
         if let Some(l) = self.leases.values().find(|l| l.participant == id) {
             return Work::Unit(l.unit.clone());
@@ -688,6 +874,12 @@ impl Coordinator {
         delta: &[f32],
         tokens: u64,
     ) -> Result<Verdict, Rejection> {
+        if self.members.get(id).is_some_and(|m| m.stats.banned) {
+            return Err(reject(
+                RejectReason::Banned,
+                "this key is banned: a re-execution of one of its units disagreed with what it submitted",
+            ));
+        }
         let lease = self
             .leases
             .get(&unit_id)
@@ -779,11 +971,35 @@ impl Coordinator {
     /// Records a rejection against `id` (and drops a lease that can no longer succeed: too
     /// stale, or based on a rolled-back version; its unit goes back to the queue).
     pub fn record_rejection(&mut self, id: &str, unit_id: u64, reason: RejectReason) {
+        self.record_rejection_detail(id, unit_id, reason, "");
+    }
+
+    /// [`Coordinator::record_rejection`], keeping `detail` as the participant's latest reason.
+    pub fn record_rejection_detail(
+        &mut self,
+        id: &str,
+        unit_id: u64,
+        reason: RejectReason,
+        detail: &str,
+    ) {
         self.rejected_total += 1;
+        *self.rejections.entry(format!("{reason:?}")).or_default() += 1;
         if let Some(m) = self.members.get_mut(id) {
             m.stats.rejected_updates += 1;
+            m.refused_streak += 1;
+            m.stats.last_rejection = Some(if detail.is_empty() {
+                format!("{reason:?}")
+            } else {
+                format!("{reason:?}: {detail}")
+            });
         }
-        if matches!(reason, RejectReason::TooStale | RejectReason::RolledBack)
+        // A lease that can no longer succeed goes back to the queue; so does the unit of an
+        // update that failed verification (someone honest will train it).
+        let release = !matches!(
+            reason,
+            RejectReason::UnknownLease | RejectReason::BadSignature | RejectReason::Malformed
+        );
+        if release
             && self
                 .leases
                 .get(&unit_id)
@@ -793,17 +1009,217 @@ impl Coordinator {
         }
     }
 
-    /// Folds a checked submission into the round (call after it is durably stored). Closes the
-    /// round when it has as many updates as it needs.
+    /// Rejections so far, by reason.
+    pub fn rejections(&self) -> &BTreeMap<String, u64> {
+        &self.rejections
+    }
+
+    /// Updates whose distance from the center the clipping reduced.
+    pub fn clipped_total(&self) -> u64 {
+        self.clipped_total
+    }
+
+    /// Updates waiting for their re-execution.
+    pub fn held(&self) -> impl Iterator<Item = (&u64, &Held)> {
+        self.held.iter()
+    }
+
+    /// The cheap checks on a submission that passed [`Coordinator::check`]: an exact duplicate
+    /// or a norm far from the recent accepted updates of its size is rejected; a near copy of a
+    /// recent update is an anomaly (`Ok(Some(why))`) for which it is held until re-executed.
+    pub fn screen(
+        &self,
+        id: &str,
+        unit_id: u64,
+        m: &Measured,
+    ) -> Result<Option<String>, Rejection> {
+        if !self.cfg.screen.enabled {
+            return Ok(None);
+        }
+        let lease = self
+            .leases
+            .get(&unit_id)
+            .filter(|l| l.participant == id)
+            .ok_or_else(|| {
+                reject(
+                    RejectReason::UnknownLease,
+                    format!("unit {unit_id} is not leased to you"),
+                )
+            })?;
+        self.screen
+            .check(&self.cfg.screen, m, lease.unit.inner_steps, lease.unit.lr)
+            .map(|a| a.map(|f| f.to_string()))
+            .map_err(finding)
+    }
+
+    /// The loss probe's verdict on a submission: rejected when applying it does not lower the
+    /// loss of the unit's own batches; an anomaly (held until re-executed) when it lowers the
+    /// held-out batches' loss more.
+    pub fn judge_probe(&self, probe: &Probe) -> Result<Option<String>, Rejection> {
+        if !self.cfg.screen.enabled {
+            return Ok(None);
+        }
+        Screen::judge_probe(&self.cfg.screen, probe)
+            .map(|a| a.map(|f| f.to_string()))
+            .map_err(finding)
+    }
+
+    /// How closely `id`'s accepted update is checked: held out of the model until a
+    /// re-execution of its unit agrees for an identity's first units and for anomalies;
+    /// folded at once and audited (re-executed afterwards, its credit pending meanwhile) with
+    /// probability `reexecute_rate` (`sample` is uniform in `[0, 1)`, drawn by the shell).
+    pub fn scrutiny(&self, id: &str, sample: f64, anomaly: bool) -> Scrutiny {
+        let Some(m) = self.members.get(id).filter(|_| self.cfg.screen.enabled) else {
+            return Scrutiny::None;
+        };
+        if anomaly || m.stats.verified_units < self.cfg.screen.reexecute_first as u64 {
+            Scrutiny::Hold
+        } else if sample < self.cfg.screen.reexecute_rate {
+            Scrutiny::Audit
+        } else {
+            Scrutiny::None
+        }
+    }
+
+    /// The re-execution of `participant`'s unit `unit_id` agreed (`ok`) or not. A held update
+    /// that agreed is folded into the open round; an audited one only counts as verified.
+    /// One that disagreed bans the participant and forfeits its pending credit. Returns the
+    /// version this closed, if any.
+    pub fn reexecuted(
+        &mut self,
+        participant: &str,
+        unit_id: u64,
+        ok: bool,
+        detail: &str,
+        now: u64,
+    ) -> Option<u64> {
+        let held = self.held.remove(&unit_id);
+        self.round.held.remove(&unit_id);
+        if ok {
+            if let Some(m) = self.members.get_mut(participant) {
+                m.stats.verified_units += 1;
+            }
+            if let Some(held) = held {
+                let staleness = self.version.saturating_sub(held.unit.base_version);
+                let verdict = Verdict {
+                    staleness,
+                    tokens: held.tokens,
+                    weight: held.tokens as f32 / (1 + staleness) as f32,
+                };
+                self.fold(participant, unit_id, &held.delta, verdict, now);
+            }
+            self.outbox.push(LedgerChange::Verified {
+                participant: participant.to_string(),
+                unit_id,
+            });
+        } else {
+            self.ban(participant, unit_id, detail);
+        }
+        self.round_full(now).then(|| self.close_round())
+    }
+
+    /// Bans `id` after a failed re-execution of `unit_id`: its pending credit is forfeited,
+    /// its held updates never enter the model, its leases go back.
+    fn ban(&mut self, id: &str, unit_id: u64, detail: &str) {
+        let Some(m) = self.members.get_mut(id) else {
+            return;
+        };
+        if m.stats.banned {
+            return;
+        }
+        m.stats.banned = true;
+        m.stats.last_rejection = Some(format!("FailedReexecution: {detail}"));
+        let forfeited: Vec<u64> = m.credits.iter().map(|c| c.unit_id).collect();
+        let tokens: u64 = m.credits.iter().map(|c| c.tokens).sum();
+        m.credits.clear();
+        m.stats.tokens_pending = 0;
+        m.stats.tokens_forfeited += tokens;
+        *self
+            .rejections
+            .entry(format!("{:?}", RejectReason::FailedReexecution))
+            .or_default() += 1;
+        let round = &mut self.round;
+        self.held.retain(|u, h| {
+            let keep = h.participant != id;
+            if !keep {
+                round.held.remove(u);
+            }
+            keep
+        });
+        let units: Vec<u64> = self
+            .leases
+            .values()
+            .filter(|l| l.participant == id)
+            .map(|l| l.unit.unit_id)
+            .collect();
+        for u in units {
+            self.release(u);
+        }
+        self.outbox.push(LedgerChange::Banned {
+            participant: id.to_string(),
+            unit_id,
+            forfeited,
+            tokens,
+            detail: detail.to_string(),
+        });
+    }
+
+    /// Whether the open round can close now: it holds as many updates as it needs, none of
+    /// them still waiting for its re-execution, and the run has not made its last version.
+    fn round_full(&self, now: u64) -> bool {
+        self.round.updates > 0
+            && self.round.held.is_empty()
+            && self.round.updates >= self.round_target(now)
+            && !self.at_max_version()
+    }
+
+    /// A held update that cannot be verified (its base is gone): dropped, its unit's credit
+    /// forfeited, nothing else (a soft failure). Returns the version this closed, if any.
+    pub fn drop_held(&mut self, unit_id: u64, now: u64) -> Option<u64> {
+        let h = self.held.remove(&unit_id)?;
+        self.round.held.remove(&unit_id);
+        if let Some(m) = self.members.get_mut(&h.participant)
+            && let Some(i) = m.credits.iter().position(|c| c.unit_id == unit_id)
+        {
+            let c = m.credits.remove(i);
+            m.stats.tokens_pending -= c.tokens;
+            m.stats.tokens_forfeited += c.tokens;
+            self.outbox.push(LedgerChange::Dropped {
+                participant: h.participant,
+                unit_id,
+                tokens: c.tokens,
+            });
+        }
+        self.round_full(now).then(|| self.close_round())
+    }
+
+    /// The lease of `unit_id`, if any.
+    pub fn lease(&self, unit_id: u64) -> Option<&Lease> {
+        self.leases.get(&unit_id)
+    }
+
+    /// Ledger changes since the last call, for the shell to persist.
+    pub fn take_ledger_changes(&mut self) -> Vec<LedgerChange> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Accepts a checked submission (call after it is durably stored): its credit is pending;
+    /// it is folded into the round, or, when `hold`, kept out of the model until
+    /// [`Coordinator::reexecuted`] says its re-execution agreed (the round waits for it). `measured` (its hash, norm and sketch) joins the cheap checks' memory.
+    /// Closes the round when it has as many updates as it needs.
+    #[allow(clippy::too_many_arguments)]
     pub fn accept(
         &mut self,
         id: &str,
         unit_id: u64,
         delta: &[f32],
         verdict: Verdict,
+        measured: Option<&Measured>,
+        hold: bool,
         now: u64,
     ) -> Accepted {
-        if let Some(l) = self.leases.remove(&unit_id)
+        let lease = self.leases.remove(&unit_id);
+        if let Some(l) = &lease
             && let Some(m) = self.members.get_mut(id)
         {
             m.lease = None;
@@ -813,38 +1229,97 @@ impl Coordinator {
         }
         if let Some(m) = self.members.get_mut(id) {
             m.stats.accepted_updates += 1;
+            m.refused_streak = 0;
             m.stats.tokens_trained += verdict.tokens;
+            m.stats.tokens_pending += verdict.tokens;
             m.stats.last_seen_ms = now;
             m.last_work_ms = now;
+            m.credits.push(Credit {
+                unit_id,
+                tokens: verdict.tokens,
+                grant_at: None,
+            });
         }
         self.accepted_total += 1;
         self.tokens_total += verdict.tokens;
-        self.replay(id, delta, verdict, now);
-        let closed = (self.round.updates >= self.round_target(now)).then(|| self.close_round());
+        if let (Some(m), Some(l)) = (measured, &lease) {
+            self.screen
+                .remember(&self.cfg.screen, unit_id, m, l.unit.inner_steps, l.unit.lr);
+        }
+        match lease {
+            Some(l) if hold => {
+                self.held.insert(
+                    unit_id,
+                    Held {
+                        participant: id.to_string(),
+                        unit: l.unit,
+                        delta: delta.to_vec(),
+                        tokens: verdict.tokens,
+                    },
+                );
+                self.round.members.insert(id.to_string());
+                self.round.held.insert(unit_id);
+                self.round.started_ms.get_or_insert(now);
+            }
+            _ => self.fold(id, unit_id, delta, verdict, now),
+        }
+        let closed = self.round_full(now).then(|| self.close_round());
         Accepted { verdict, closed }
     }
 
     /// Folds an already-accepted update into the open round without any check or counting
     /// (restart: the ledger already counts it).
-    pub fn replay(&mut self, id: &str, delta: &[f32], verdict: Verdict, now: u64) {
+    pub fn replay(&mut self, id: &str, unit_id: u64, delta: &[f32], verdict: Verdict, now: u64) {
+        self.fold(id, unit_id, delta, verdict, now);
+    }
+
+    /// Adds an update to the open round: its distance from the previous round's average is
+    /// clipped (centered clipping, Karimireddy et al. 2021) to `clip` times the median of
+    /// recent distances, so that no single update moves the average far, whatever it holds.
+    fn fold(&mut self, id: &str, unit_id: u64, delta: &[f32], verdict: Verdict, now: u64) {
         let range = self
             .cfg
             .fragment
             .range(self.params.len())
             .expect("checked fragment");
+        let center = &self.center[range.clone()];
+        let clip = self.cfg.screen.clip;
+        let clipped;
+        let delta = if self.cfg.screen.enabled && clip > 0.0 {
+            let distance = aggregate::distance(delta, center);
+            let tau = (self.distances.len() >= self.cfg.screen.norm_min_history).then(|| {
+                let mut d: Vec<f64> = self.distances.iter().copied().collect();
+                d.sort_by(f64::total_cmp);
+                clip * d[d.len() / 2]
+            });
+            self.distances.push_back(distance);
+            while self.distances.len() > self.cfg.screen.norm_window.max(1) {
+                self.distances.pop_front();
+            }
+            match tau {
+                Some(tau) if distance > tau && distance > 0.0 => {
+                    self.clipped_total += 1;
+                    clipped = aggregate::clip_towards(delta, center, (tau / distance) as f32);
+                    &clipped[..]
+                }
+                _ => delta,
+            }
+        } else {
+            delta
+        };
         aggregate::fold(&mut self.round.sum[range], delta, verdict.weight);
         self.round.weight += verdict.weight as f64;
         self.round.updates += 1;
         self.round.tokens += verdict.tokens;
         self.round.members.insert(id.to_string());
+        self.round.units.push((id.to_string(), unit_id));
         self.round.started_ms.get_or_insert(now);
     }
 
     /// Closes the open round if it already holds enough updates (restart); returns the new
     /// version.
     pub fn close_round_if_full(&mut self, now: u64) -> Option<u64> {
-        (self.round.updates > 0 && self.round.updates >= self.round_target(now))
-            .then(|| self.close_round())
+        self.round_full(now).then(|| self.close_round())
     }
 
     fn close_round(&mut self) -> u64 {
@@ -865,6 +1340,7 @@ impl Coordinator {
                 .iter()
                 .map(|s| s * inv)
                 .collect();
+            self.center[range.clone()].copy_from_slice(&g);
             aggregate::nesterov_step(
                 &mut self.params[range.clone()],
                 &mut self.momentum[range.clone()],
@@ -874,10 +1350,43 @@ impl Coordinator {
             );
         }
         self.tokens_applied += self.round.tokens;
+        let folded = std::mem::take(&mut self.round.units);
         self.clear_round();
         self.guard.round_closed();
         self.version += 1;
+        self.settle_credit(&folded);
         self.version
+    }
+
+    /// Credit after a round closed: the units folded into it start their window; units whose
+    /// window has closed are granted.
+    fn settle_credit(&mut self, folded: &[(String, u64)]) {
+        let grant_at = self.version + self.cfg.screen.grant_after_rounds;
+        for (id, unit_id) in folded {
+            if let Some(c) = self
+                .members
+                .get_mut(id)
+                .and_then(|m| m.credits.iter_mut().find(|c| c.unit_id == *unit_id))
+            {
+                c.grant_at = Some(grant_at);
+            }
+        }
+        let version = self.version;
+        for m in self.members.values_mut() {
+            let (due, rest): (Vec<Credit>, Vec<Credit>) = std::mem::take(&mut m.credits)
+                .into_iter()
+                .partition(|c| c.grant_at.is_some_and(|g| g <= version));
+            m.credits = rest;
+            for c in due {
+                m.stats.tokens_pending -= c.tokens;
+                m.stats.tokens_granted += c.tokens;
+                self.outbox.push(LedgerChange::Granted {
+                    participant: m.stats.id.clone(),
+                    unit_id: c.unit_id,
+                    tokens: c.tokens,
+                });
+            }
+        }
     }
 
     fn clear_round(&mut self) {
@@ -887,6 +1396,8 @@ impl Coordinator {
         self.round.tokens = 0;
         self.round.started_ms = None;
         self.round.members.clear();
+        self.round.units.clear();
+        self.round.held.clear();
         for m in self.members.values_mut() {
             m.waiting_since = None;
         }
@@ -912,9 +1423,10 @@ impl Coordinator {
         }
         if let Some(start) = self.round.started_ms
             && self.round.updates > 0
+            && !self.at_max_version()
         {
             let late = now.saturating_sub(start) >= self.cfg.round_timeout_ms;
-            let full = self.round.updates >= self.round_target(now);
+            let full = self.round_full(now);
             let last = self.finished() && self.leases.is_empty();
             if late || full || last {
                 let updates = self.round.updates;
@@ -995,6 +1507,10 @@ mod tests {
             outer_momentum: 0.0,
             max_update_norm: 100.0,
             grace: 0.0,
+            screen: ScreenConfig {
+                enabled: false,
+                ..ScreenConfig::default()
+            },
             ..Config::new(8)
         }
     }
@@ -1042,7 +1558,7 @@ mod tests {
             delta,
             tokens,
         ) {
-            Ok(v) => Ok(c.accept(id, unit.unit_id, delta, v, now)),
+            Ok(v) => Ok(c.accept(id, unit.unit_id, delta, v, None, false, now)),
             Err(r) => {
                 c.record_rejection(id, unit.unit_id, r.reason);
                 Err(r)
@@ -1396,6 +1912,125 @@ mod tests {
         assert_eq!(c.tokens_applied(), 320);
     }
 
+    /// Accepts like the shell does: with the scrutiny the coordinator asks for.
+    fn submit_scrutinised(
+        c: &mut Coordinator,
+        id: &str,
+        unit: &WorkUnit,
+        delta: &[f32],
+        sample: f64,
+        now: u64,
+    ) -> (Scrutiny, Accepted) {
+        c.set_digest(unit.base_version, digest(unit.base_version));
+        let v = c
+            .check(
+                id,
+                unit.unit_id,
+                unit.base_version,
+                &digest(unit.base_version),
+                delta,
+                160,
+            )
+            .unwrap();
+        let s = c.scrutiny(id, sample, false);
+        let a = c.accept(id, unit.unit_id, delta, v, None, s == Scrutiny::Hold, now);
+        (s, a)
+    }
+
+    #[test]
+    fn new_identities_are_held_until_re_executed_and_a_failed_audit_bans_and_forfeits() {
+        let screened = ScreenConfig {
+            enabled: true,
+            reexecute_first: 1,
+            reexecute_rate: 0.1,
+            grant_after_rounds: 100,
+            ..ScreenConfig::default()
+        };
+        let mut c = coord_with(
+            Config {
+                screen: screened,
+                updates_per_round: 0,
+                ..cfg()
+            },
+            1,
+        );
+        join(&mut c, "a");
+        join(&mut c, "b");
+        let (ua, ub) = (unit(&mut c, "a", 0), unit(&mut c, "b", 0));
+        // Both are new: held, out of the model, and the round waits for their re-execution.
+        let (s, acc) = submit_scrutinised(&mut c, "a", &ua, &[0.5], 0.9, 10);
+        assert_eq!((s, acc.closed), (Scrutiny::Hold, None));
+        let (s, acc) = submit_scrutinised(&mut c, "b", &ub, &[0.3], 0.9, 20);
+        assert_eq!((s, acc.closed), (Scrutiny::Hold, None));
+        assert_eq!((c.round_updates(), c.pending_updates()), (2, 2));
+        assert!(c.tick(30).is_empty());
+        // b's re-execution disagrees: banned, nothing of it enters; a's agrees and closes.
+        assert_eq!(c.reexecuted("b", ub.unit_id, false, "cosine 0.1", 40), None);
+        assert_eq!(c.request_work("b", 50), Work::Banned);
+        // With b banned, a is the only active participant: its update closes the round.
+        assert_eq!(c.reexecuted("a", ua.unit_id, true, "cosine 1", 60), Some(1));
+        assert!((c.params()[0] - 0.5).abs() < 1e-6, "{:?}", c.params());
+        let b = c.participants().find(|p| p.id == "b").unwrap();
+        assert!(b.banned && b.tokens_forfeited == 160 && b.tokens_pending == 0);
+        // a is verified now: its next updates go straight in, one in ten audited.
+        let u = unit(&mut c, "a", 80);
+        let (s, acc) = submit_scrutinised(&mut c, "a", &u, &[0.1], 0.9, 90);
+        assert_eq!((s, acc.closed), (Scrutiny::None, Some(2)));
+        let u = unit(&mut c, "a", 100);
+        let (s, acc) = submit_scrutinised(&mut c, "a", &u, &[0.1], 0.05, 110);
+        assert_eq!((s, acc.closed), (Scrutiny::Audit, Some(3)));
+        let pending = c
+            .participants()
+            .find(|p| p.id == "a")
+            .unwrap()
+            .tokens_pending;
+        assert_eq!(pending, 3 * 160);
+        // The audit disagrees: the update is already in the model, but every pending token
+        // of a is forfeited and a is banned.
+        c.reexecuted("a", u.unit_id, false, "norm differs", 120);
+        let a = c.participants().find(|p| p.id == "a").unwrap();
+        assert!(a.banned && a.tokens_pending == 0 && a.tokens_granted == 0);
+        assert_eq!(a.tokens_forfeited, 3 * 160);
+        let changes = c.take_ledger_changes();
+        assert!(
+            changes
+                .iter()
+                .any(|ch| matches!(ch, LedgerChange::Banned { participant, tokens: 480, .. } if participant == "a")),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn no_round_closes_past_the_last_version() {
+        let mut c = coord_with(
+            Config {
+                max_version: Some(1),
+                round_timeout_ms: 100,
+                ..cfg()
+            },
+            1,
+        );
+        for id in ["a", "b", "c"] {
+            join(&mut c, id);
+        }
+        let (ua, ub, uc) = (
+            unit(&mut c, "a", 0),
+            unit(&mut c, "b", 0),
+            unit(&mut c, "c", 0),
+        );
+        submit(&mut c, "a", &ua, &[0.0], 10).unwrap();
+        assert_eq!(
+            submit(&mut c, "b", &ub, &[0.0], 20).unwrap().closed,
+            Some(1)
+        );
+        assert_eq!(c.request_work("a", 30), Work::Finished);
+        // The late unit is accepted and waits: neither the finished run, the deadline nor
+        // the shrinking set of active participants closes a version 2.
+        assert_eq!(submit(&mut c, "c", &uc, &[0.0], 40).unwrap().closed, None);
+        assert!(c.tick(10_000).is_empty());
+        assert_eq!(c.close_round_if_full(10_000), None);
+        assert_eq!(c.version(), 1);
+    }
     #[test]
     fn the_inner_learning_rate_decays_over_folded_tokens() {
         let c = Config {

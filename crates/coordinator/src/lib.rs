@@ -23,15 +23,26 @@
 //! - the [`guard`] rolls back to the last good version when an evaluated version is clearly
 //!   worse than the recent best, and damps the next outer steps.
 //!
+//! Nothing unverified enters the model or earns credit ([`screen`]): every update passes cheap
+//! checks (exact and near duplicates, its norm against recent ones of its size) and a loss probe
+//! the shell computes; an identity's first units and a random fraction of the rest are held out
+//! of the model until a re-execution agrees; what is folded is clipped around the previous
+//! round's average (centered clipping); credit stays pending until a unit's window closes, and a
+//! failed re-execution bans the key and forfeits its pending credit.
+//!
 //! Modules: [`aggregate`] (the arithmetic of folding and the outer step), [`pace`] (unit
-//! sizing), [`guard`] (rollbacks), and [`Coordinator`] (leases, rounds, staleness, acceptance).
+//! sizing), [`guard`] (rollbacks), [`screen`] (verification decisions), and [`Coordinator`]
+//! (leases, rounds, staleness, acceptance, credit).
 
 pub mod aggregate;
 mod coordinator;
 pub mod guard;
 pub mod pace;
+pub mod screen;
 
 pub use coordinator::{
-    Accepted, Config, Coordinator, Event, Lease, ParticipantStats, Rejection, Verdict, Work,
+    Accepted, Config, Coordinator, Event, Held, Lease, LedgerChange, ParticipantStats, Rejection,
+    Scrutiny, Verdict, Work,
 };
 pub use guard::{GuardConfig, Rollback};
+pub use screen::{Measured, Probe, ScreenConfig};

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
-use tessera_coordinator::{Lease, ParticipantStats, Rollback, Verdict};
+use tessera_coordinator::{Lease, LedgerChange, ParticipantStats, Rollback, Verdict};
 use tessera_protocol::messages::WorkUnit;
 use tessera_protocol::update::Fragment;
 
@@ -41,6 +41,11 @@ CREATE TABLE IF NOT EXISTS participants (
     accepted INTEGER NOT NULL DEFAULT 0,
     rejected INTEGER NOT NULL DEFAULT 0,
     tokens INTEGER NOT NULL DEFAULT 0,
+    granted INTEGER NOT NULL DEFAULT 0,
+    forfeited INTEGER NOT NULL DEFAULT 0,
+    verified INTEGER NOT NULL DEFAULT 0,
+    banned INTEGER NOT NULL DEFAULT 0,
+    last_rejection TEXT,
     first_seen_ms INTEGER NOT NULL,
     last_seen_ms INTEGER NOT NULL
 );
@@ -67,6 +72,19 @@ CREATE TABLE IF NOT EXISTS updates (
     received_ms INTEGER NOT NULL,
     applied_version INTEGER,
     outcome TEXT,
+    shard INTEGER NOT NULL,
+    inner_steps INTEGER NOT NULL,
+    warmup_steps INTEGER NOT NULL,
+    lr REAL NOT NULL,
+    sha256 BLOB NOT NULL,
+    own_gain REAL,
+    held_gain REAL,
+    -- 0: in the model or the open round; 1: held for its re-execution; 2: dropped (failed)
+    held INTEGER NOT NULL DEFAULT 0,
+    -- re-execution: NULL not done, 1 agreed, 0 disagreed
+    verified INTEGER,
+    -- pending, granted or forfeited
+    credit TEXT NOT NULL DEFAULT 'pending',
     payload BLOB
 );
 CREATE TABLE IF NOT EXISTS counters (
@@ -77,6 +95,8 @@ CREATE TABLE IF NOT EXISTS counters (
 
 /// An accepted update not yet folded into a version.
 pub struct PendingUpdate {
+    /// The unit.
+    pub unit_id: u64,
     /// Its participant.
     pub participant: String,
     /// Its verdict (weight, tokens, staleness).
@@ -89,6 +109,8 @@ pub struct PendingUpdate {
 
 /// What an accepted update records.
 pub struct UpdateRecord<'a> {
+    /// The unit as leased.
+    pub unit: &'a WorkUnit,
     /// The unit.
     pub unit_id: u64,
     /// Its participant.
@@ -105,6 +127,24 @@ pub struct UpdateRecord<'a> {
     pub received_ms: u64,
     /// The pseudo-gradient, f32 little-endian.
     pub payload: &'a [u8],
+    /// SHA-256 of the payload.
+    pub sha256: [u8; 32],
+    /// The probe's relative gains (own batches, held-out batches).
+    pub probe: Option<(f64, f64)>,
+    /// Held out of the model until its re-execution agrees.
+    pub held: bool,
+}
+
+/// An update held for its re-execution, as stored.
+pub struct HeldUpdate {
+    /// Its participant.
+    pub participant: String,
+    /// The unit as leased.
+    pub unit: WorkUnit,
+    /// Tokens credited.
+    pub tokens: u64,
+    /// The pseudo-gradient, f32 little-endian.
+    pub payload: Vec<u8>,
 }
 
 /// The database.
@@ -212,7 +252,7 @@ impl Db {
 
     /// Every participant's ledger entry.
     pub fn participants(&self) -> Result<Vec<ParticipantStats>> {
-        let mut st = self.conn.prepare("SELECT id, kind, backend, device, accepted, rejected, tokens, last_seen_ms FROM participants")?;
+        let mut st = self.conn.prepare("SELECT id, kind, backend, device, accepted, rejected, tokens, last_seen_ms, granted, forfeited, verified, banned, last_rejection FROM participants")?;
         let rows = st.query_map([], |r| {
             let kind: String = r.get(1)?;
             Ok(ParticipantStats {
@@ -231,6 +271,13 @@ impl Db {
                 last_seen_ms: r.get::<_, i64>(7)? as u64,
                 tokens_per_s: 0.0,
                 unit_steps: 0,
+                tokens_pending: (r.get::<_, i64>(6)? - r.get::<_, i64>(8)? - r.get::<_, i64>(9)?)
+                    .max(0) as u64,
+                tokens_granted: r.get::<_, i64>(8)? as u64,
+                tokens_forfeited: r.get::<_, i64>(9)? as u64,
+                verified_units: r.get::<_, i64>(10)? as u64,
+                banned: r.get::<_, i64>(11)? != 0,
+                last_rejection: r.get(12)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -300,8 +347,9 @@ impl Db {
     pub fn record_accepted(&mut self, u: &UpdateRecord<'_>) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT INTO updates (unit_id, participant, base_version, staleness, tokens, weight, loss_before, loss_after, received_ms, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO updates (unit_id, participant, base_version, staleness, tokens, weight, loss_before, loss_after, received_ms, payload,
+                shard, inner_steps, warmup_steps, lr, sha256, own_gain, held_gain, held)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             params![
                 u.unit_id as i64,
                 u.participant,
@@ -312,7 +360,15 @@ impl Db {
                 u.loss_before as f64,
                 u.loss_after as f64,
                 u.received_ms as i64,
-                u.payload
+                u.payload,
+                u.unit.shard as i64,
+                u.unit.inner_steps as i64,
+                u.unit.warmup_steps as i64,
+                u.unit.lr,
+                u.sha256.as_slice(),
+                u.probe.map(|p| p.0),
+                u.probe.map(|p| p.1),
+                u.held as i64
             ],
         )?;
         tx.execute(
@@ -325,12 +381,147 @@ impl Db {
     }
 
     /// Counts a rejection against a participant.
-    pub fn record_rejected(&self, participant: &str) -> Result<()> {
+    pub fn record_rejected(&self, participant: &str, reason: &str) -> Result<()> {
         self.conn.execute(
-            "UPDATE participants SET rejected = rejected + 1 WHERE id = ?1",
-            [participant],
+            "UPDATE participants SET rejected = rejected + 1, last_rejection = ?2 WHERE id = ?1",
+            params![participant, reason],
         )?;
         Ok(())
+    }
+
+    /// Persists the coordinator's changes to the credit ledger, in one transaction.
+    pub fn apply_ledger(&mut self, changes: &[LedgerChange]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        for c in changes {
+            match c {
+                LedgerChange::Granted {
+                    participant,
+                    unit_id,
+                    tokens,
+                } => {
+                    tx.execute(
+                        "UPDATE updates SET credit = 'granted' WHERE unit_id = ?1 AND participant = ?2 AND credit = 'pending'",
+                        params![*unit_id as i64, participant],
+                    )?;
+                    tx.execute(
+                        "UPDATE participants SET granted = granted + ?2 WHERE id = ?1",
+                        params![participant, *tokens as i64],
+                    )?;
+                }
+                LedgerChange::Verified {
+                    participant,
+                    unit_id,
+                } => {
+                    tx.execute(
+                        "UPDATE updates SET held = 0, verified = 1 WHERE unit_id = ?1 AND participant = ?2 AND held = 1",
+                        params![*unit_id as i64, participant],
+                    )?;
+                    tx.execute(
+                        "UPDATE participants SET verified = verified + 1 WHERE id = ?1",
+                        [participant],
+                    )?;
+                }
+                LedgerChange::Dropped {
+                    participant,
+                    unit_id,
+                    tokens,
+                } => {
+                    tx.execute(
+                        "UPDATE updates SET credit = 'forfeited', held = 2, payload = NULL WHERE unit_id = ?1 AND participant = ?2",
+                        params![*unit_id as i64, participant],
+                    )?;
+                    tx.execute(
+                        "UPDATE participants SET forfeited = forfeited + ?2 WHERE id = ?1",
+                        params![participant, *tokens as i64],
+                    )?;
+                }
+                LedgerChange::Banned {
+                    participant,
+                    unit_id,
+                    forfeited,
+                    tokens,
+                    detail,
+                } => {
+                    tx.execute(
+                        "UPDATE updates SET verified = 0 WHERE unit_id = ?1 AND participant = ?2",
+                        params![*unit_id as i64, participant],
+                    )?;
+                    for u in forfeited {
+                        tx.execute(
+                            "UPDATE updates SET credit = 'forfeited' WHERE unit_id = ?1 AND participant = ?2 AND credit = 'pending'",
+                            params![*u as i64, participant],
+                        )?;
+                    }
+                    // Its held updates never enter the model.
+                    tx.execute(
+                        "UPDATE updates SET held = 2, payload = NULL WHERE participant = ?1 AND held = 1",
+                        [participant],
+                    )?;
+                    tx.execute(
+                        "UPDATE participants SET banned = 1, forfeited = forfeited + ?2, last_rejection = ?3 WHERE id = ?1",
+                        params![participant, *tokens as i64, format!("FailedReexecution: {detail}")],
+                    )?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Updates held for their re-execution (after a restart, they are re-queued).
+    pub fn held_updates(&self, template: &WorkUnit) -> Result<Vec<HeldUpdate>> {
+        let mut st = self.conn.prepare(
+            "SELECT participant, unit_id, base_version, shard, inner_steps, warmup_steps, lr, tokens, payload FROM updates WHERE held = 1 ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(HeldUpdate {
+                participant: r.get(0)?,
+                unit: WorkUnit {
+                    unit_id: r.get::<_, i64>(1)? as u64,
+                    base_version: r.get::<_, i64>(2)? as u64,
+                    shard: r.get::<_, i64>(3)? as u64,
+                    inner_steps: r.get::<_, i64>(4)? as u32,
+                    warmup_steps: r.get::<_, i64>(5)? as u32,
+                    lr: r.get(6)?,
+                    ..template.clone()
+                },
+                tokens: r.get::<_, i64>(7)? as u64,
+                payload: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Credit still pending: `(participant, unit, tokens, folded into a recorded version)`.
+    pub fn pending_credit(&self) -> Result<Vec<(String, u64, u64, bool)>> {
+        let mut st = self.conn.prepare(
+            "SELECT participant, unit_id, tokens, applied_version IS NOT NULL FROM updates WHERE credit = 'pending' AND held != 2 ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, bool>(3)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// SHA-256 of every accepted payload (a replay stays a duplicate after a restart).
+    pub fn update_hashes(&self) -> Result<Vec<[u8; 32]>> {
+        let mut st = self.conn.prepare("SELECT sha256 FROM updates")?;
+        let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Ok(h) = <[u8; 32]>::try_from(r?.as_slice()) {
+                out.push(h);
+            }
+        }
+        Ok(out)
     }
 
     /// Records a new version (its checkpoint already on disk) and marks every pending update
@@ -338,7 +529,7 @@ impl Db {
     pub fn record_version(&mut self, version: u64, checkpoint: &str, now: u64) -> Result<usize> {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
-            "UPDATE updates SET applied_version = ?1, outcome = 'applied', payload = NULL WHERE applied_version IS NULL",
+            "UPDATE updates SET applied_version = ?1, outcome = 'applied', payload = NULL WHERE applied_version IS NULL AND held = 0",
             [version as i64],
         )?;
         tx.execute(
@@ -355,7 +546,7 @@ impl Db {
     pub fn record_rollback(&mut self, rb: &Rollback, checkpoint: &str) -> Result<usize> {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
-            "UPDATE updates SET applied_version = ?1, outcome = 'discarded', payload = NULL WHERE applied_version IS NULL",
+            "UPDATE updates SET applied_version = ?1, outcome = 'discarded', payload = NULL WHERE applied_version IS NULL AND held = 0",
             [rb.new_version as i64],
         )?;
         tx.execute(
@@ -410,10 +601,11 @@ impl Db {
     /// Accepted updates not yet folded into a recorded version, in arrival order.
     pub fn pending_updates(&self) -> Result<Vec<PendingUpdate>> {
         let mut st = self.conn.prepare(
-            "SELECT staleness, tokens, weight, payload, received_ms, participant FROM updates WHERE applied_version IS NULL ORDER BY id",
+            "SELECT staleness, tokens, weight, payload, received_ms, participant, unit_id FROM updates WHERE applied_version IS NULL AND held = 0 ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok(PendingUpdate {
+                unit_id: r.get::<_, i64>(6)? as u64,
                 participant: r.get(5)?,
                 verdict: Verdict {
                     staleness: r.get::<_, i64>(0)? as u64,

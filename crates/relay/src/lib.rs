@@ -6,8 +6,11 @@
 //!
 //! - [`db`]: the SQLite ledger (run, versions, leases, participants, accepted updates);
 //! - [`checkpoints`]: model versions as safetensors files, written atomically;
-//! - [`run`]: start-up and crash recovery, the accept and round-close paths, evaluation (the
-//!   validation loss and a text sample of each new version);
+//! - [`run`]: start-up and crash recovery, the accept and round-close paths (with the
+//!   verification pipeline: structural and cheap checks, the loss probe, held units and their
+//!   re-execution, credit), evaluation (the validation loss and a text sample of each new
+//!   version) and the guard's rollbacks;
+//! - [`verify`]: the compute of verification: the loss probe and re-executing a unit;
 //! - [`server`]: HTTP routes (`/ws`, `/api/status`, `/api/run`, `/metrics`,
 //!   `/api/model/{version}`, `/api/corpus`, the page and its scripts under `/web/`, the browser
 //!   participant's bundle under `/pkg/`) and the per-connection protocol.
@@ -21,6 +24,7 @@ pub mod checkpoints;
 pub mod db;
 pub mod run;
 pub mod server;
+pub mod verify;
 
 /// Milliseconds since the Unix epoch (the only clock the relay reads).
 pub fn now_ms() -> u64 {

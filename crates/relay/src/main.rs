@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use tessera_coordinator::{Config as CoordConfig, GuardConfig};
+use tessera_coordinator::{Config as CoordConfig, GuardConfig, ScreenConfig};
 use tessera_core::config::{CONFIG_NAMES, ModelConfig, TrainConfig};
 use tessera_relay::run::{Relay, RunSpec, Tuning};
 use tessera_relay::server;
@@ -93,6 +93,16 @@ struct Args {
     /// The guard's relative margin over the best recent validation loss.
     #[arg(long, default_value_t = GuardConfig::default().tolerance)]
     guard_tolerance: f64,
+    /// Turn verification off: no cheap checks, no loss probe, no re-execution, no clipping;
+    /// credit is granted as updates are folded (the control of the attack suite).
+    #[arg(long)]
+    no_verify: bool,
+    /// Fraction of units re-executed at random (besides every identity's first units).
+    #[arg(long, default_value_t = ScreenConfig::default().reexecute_rate)]
+    reexecute_rate: f64,
+    /// Every identity's first units are re-executed: how many.
+    #[arg(long, default_value_t = ScreenConfig::default().reexecute_first)]
+    reexecute_first: u32,
     /// Validation batches per evaluation.
     #[arg(long, default_value_t = 20)]
     eval_iters: usize,
@@ -192,6 +202,12 @@ async fn main() -> Result<()> {
             tolerance: a.guard_tolerance,
             ..GuardConfig::default()
         },
+        screen: ScreenConfig {
+            enabled: !a.no_verify,
+            reexecute_rate: a.reexecute_rate.clamp(0.0, 1.0),
+            reexecute_first: a.reexecute_first,
+            ..ScreenConfig::default()
+        },
         ..CoordConfig::new(model.block_size as u32)
     };
     let corpus = read_corpus(a.data.as_deref())?;
@@ -205,6 +221,7 @@ async fn main() -> Result<()> {
     eprintln!("open http://{addr}/ to join from a browser; /api/status for the run");
 
     tokio::spawn(relay.clone().evaluate_forever(tuning.eval_iters));
+    relay.start_verifier()?;
     let ticker = relay.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_millis(250));

@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tessera_coordinator::screen;
 use tessera_coordinator::{
-    Config as CoordConfig, Coordinator, Event, ParticipantStats, Rollback, Work,
+    Config as CoordConfig, Coordinator, Event, Held, LedgerChange, Measured, ParticipantStats,
+    Rejection, Rollback, Scrutiny, Verdict, Work,
 };
 use tessera_core::burn::prelude::Device;
 use tessera_core::config::{ModelConfig, TrainConfig};
@@ -25,6 +27,29 @@ use tokio::sync::{broadcast, watch};
 use crate::checkpoints::Checkpoints;
 use crate::db::{Db, UpdateRecord};
 use crate::now_ms;
+use crate::verify::Verifier;
+
+/// What a banned participant is told (and then disconnected).
+pub const BANNED: &str = "banned: a re-execution of one of this key's units disagreed with what it submitted; its pending credit is forfeited";
+
+/// A held or audited update waiting for its re-execution.
+struct Reexecution {
+    participant: String,
+    unit: WorkUnit,
+    delta: Vec<f32>,
+}
+
+/// A uniform sample in `[0, 1)` from the operating system's randomness.
+fn random_unit() -> f64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("randomness");
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A uniform integer in `0..n` (n ≥ 1).
+fn random_below(n: u32) -> u32 {
+    ((random_unit() * n.max(1) as f64) as u32).min(n.max(1) - 1)
+}
 
 /// Everything that defines a run (stored with it: a restart must use the same).
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -107,6 +132,9 @@ pub struct Relay {
     sample: Mutex<Option<(u64, String)>>,
     /// Counters.
     pub metrics: Metrics,
+    /// Probe and re-execution compute.
+    pub verifier: Verifier,
+    reexec: Mutex<Option<std::sync::mpsc::Sender<Reexecution>>>,
 }
 
 /// What `/api/status` returns.
@@ -133,6 +161,29 @@ pub struct Status {
     outer_lr: f32,
     /// The guard on the model.
     guard: GuardInfo,
+    /// Verification of submissions.
+    verification: VerificationInfo,
+}
+
+/// Verification, as `/api/status` shows it.
+#[derive(Serialize)]
+pub struct VerificationInfo {
+    enabled: bool,
+    /// Rejections by reason.
+    rejections: std::collections::BTreeMap<String, u64>,
+    /// Updates held out of the model until their re-execution.
+    held: usize,
+    /// Updates whose distance from the previous round's average was clipped.
+    clipped: u64,
+    /// Probes run, and seconds they took.
+    probes: u64,
+    probe_seconds: f64,
+    /// Units re-executed, seconds it took and tokens it trained.
+    reexecutions: u64,
+    reexecute_seconds: f64,
+    reexecuted_tokens: u64,
+    /// Banned participants.
+    banned: usize,
 }
 
 /// The open round, as `/api/status` shows it.
@@ -260,7 +311,30 @@ impl Relay {
                         data: u.payload.clone(),
                     }
                     .decode()?;
-                    coord.replay(&u.participant, &delta, u.verdict, u.received_ms);
+                    coord.replay(&u.participant, u.unit_id, &delta, u.verdict, u.received_ms);
+                }
+                for (participant, unit_id, tokens, folded) in db.pending_credit()? {
+                    coord.restore_credit(&participant, unit_id, tokens, folded);
+                }
+                for h in db.update_hashes()? {
+                    coord.restore_hash(h);
+                }
+                for h in db.held_updates(&template)? {
+                    let delta = tessera_protocol::update::Payload {
+                        codec: tessera_protocol::update::Codec::F32,
+                        len: (h.payload.len() / 4) as u64,
+                        data: h.payload,
+                    }
+                    .decode()?;
+                    coord.restore_held(
+                        h.unit.unit_id,
+                        Held {
+                            participant: h.participant,
+                            unit: h.unit,
+                            delta,
+                            tokens: h.tokens,
+                        },
+                    );
                 }
                 tracing::info!(
                     version,
@@ -301,13 +375,15 @@ impl Relay {
             num_params: num_params as u64,
             corpus_sha256: spec.corpus_sha256.clone(),
         };
+        let corpus = Arc::new(corpus);
+        let verifier = Verifier::new(spec.model, spec.train.clone(), corpus.clone());
         let relay = Arc::new(Relay {
             inner: Mutex::new(Inner { coord }),
             ckpt,
             db: Mutex::new(db),
             run_info,
             spec,
-            corpus: Arc::new(corpus),
+            corpus,
             corpus_bytes: Arc::new(corpus_text),
             latest: RwLock::new((version, Arc::new(latest))),
             versions: broadcast::channel(64).0,
@@ -315,6 +391,8 @@ impl Relay {
             history: Mutex::new(history),
             sample: Mutex::new(None),
             metrics: Metrics::default(),
+            verifier,
+            reexec: Mutex::new(None),
         });
         {
             // A round that filled up before the crash closes now.
@@ -393,6 +471,14 @@ impl Relay {
         Ok(())
     }
 
+    /// Whether `id` is banned.
+    pub fn is_banned(&self, id: &str) -> bool {
+        self.lock()
+            .coord
+            .participants()
+            .any(|p| p.id == id && p.banned)
+    }
+
     /// A participant proved its key.
     #[allow(clippy::too_many_arguments)]
     pub fn join(
@@ -430,6 +516,9 @@ impl Relay {
             }
             Work::Wait(retry_ms) => ServerMsg::NoWork { retry_ms },
             Work::Finished | Work::Unknown => ServerMsg::NoWork { retry_ms: 2_000 },
+            Work::Banned => ServerMsg::Error {
+                message: BANNED.into(),
+            },
         })
     }
 
@@ -460,47 +549,68 @@ impl Relay {
 
     /// Handles a submission: verifies, checks, stores durably, folds in; returns the reply.
     pub fn submit(&self, id: &str, public_key: &[u8; 32], s: Submission) -> Result<ServerMsg> {
-        let reject = |reason: RejectReason, detail: String| ServerMsg::Rejected {
-            unit_id: s.unit_id,
-            reason,
-            detail,
-        };
         let msg =
             identity::update_message(s.unit_id, s.base_version, &s.base_sha256, &s.payload.data);
-        let verdict_input = match identity::verify(public_key, &msg, &s.signature) {
-            Err(e) => Err((RejectReason::BadSignature, e.to_string())),
-            Ok(()) => s
-                .payload
-                .decode()
-                .map_err(|e| (RejectReason::Malformed, e.to_string())),
+        let decoded = match identity::verify(public_key, &msg, &s.signature) {
+            Err(e) => Err(Rejection {
+                reason: RejectReason::BadSignature,
+                detail: e.to_string(),
+            }),
+            Ok(()) => s.payload.decode().map_err(|e| Rejection {
+                reason: RejectReason::Malformed,
+                detail: e.to_string(),
+            }),
         };
-        let mut inner = self.inner.lock().expect("relay lock");
-        let delta = match verdict_input {
+        let delta = match decoded {
             Ok(d) => d,
-            Err((reason, detail)) => {
-                inner.coord.record_rejection(id, s.unit_id, reason);
-                self.db().record_rejected(id)?;
-                return Ok(reject(reason, detail));
+            Err(r) => return self.rejected(&mut self.lock(), id, s.unit_id, r),
+        };
+        let measured = Measured::of(&delta, work::sha256(&s.payload.data));
+        // The structural and cheap checks, under the lock.
+        let unit = {
+            let mut inner = self.lock();
+            match self.checked(&inner, id, &s, &delta, &measured) {
+                Ok((_, unit, _)) => unit,
+                Err(r) => return self.rejected(&mut inner, id, s.unit_id, r),
             }
         };
-        let verdict = match inner.coord.check(
-            id,
-            s.unit_id,
-            s.base_version,
-            &s.base_sha256,
-            &delta,
-            s.tokens,
-        ) {
-            Ok(v) => v,
-            Err(r) => {
-                inner.coord.record_rejection(id, s.unit_id, r.reason);
-                self.db().record_rejected(id)?;
-                tracing::info!(participant = id, unit = s.unit_id, reason = ?r.reason, "rejected: {}", r.detail);
-                return Ok(reject(r.reason, r.detail));
-            }
+        // The loss probe, outside it (forward passes on the relay's CPU).
+        let probe = if self.screening() {
+            let base = self.verifier.base(&self.ckpt, unit.base_version)?;
+            let steps = [
+                random_below(unit.inner_steps),
+                random_below(unit.inner_steps),
+            ];
+            Some(self.verifier.probe(&unit, &base, &delta, steps)?)
+        } else {
+            None
         };
+        let mut inner = self.lock();
+        let mut anomaly = match probe.as_ref().map(|p| inner.coord.judge_probe(p)) {
+            Some(Err(r)) => return self.rejected(&mut inner, id, s.unit_id, r),
+            Some(Ok(a)) => a,
+            None => None,
+        };
+        // Again: the lease may have expired, or a copy arrived, while the probe ran.
+        let verdict = match self.checked(&inner, id, &s, &delta, &measured) {
+            Ok((v, _, a)) => {
+                anomaly = anomaly.or(a);
+                v
+            }
+            Err(r) => return self.rejected(&mut inner, id, s.unit_id, r),
+        };
+        if let Some(a) = &anomaly {
+            tracing::info!(
+                participant = id,
+                unit = s.unit_id,
+                "held for re-execution: {a}"
+            );
+        }
+        let scrutiny = inner.coord.scrutiny(id, random_unit(), anomaly.is_some());
+        let hold = scrutiny == Scrutiny::Hold;
         let now = now_ms();
         self.db().record_accepted(&UpdateRecord {
+            unit: &unit,
             unit_id: s.unit_id,
             participant: id,
             base_version: s.base_version,
@@ -509,15 +619,188 @@ impl Relay {
             loss_after: s.loss_after,
             received_ms: now,
             payload: &s.payload.data,
+            sha256: measured.sha256,
+            probe: probe.map(|p| (p.own_gain(), p.held_gain())),
+            held: hold,
         })?;
-        let accepted = inner.coord.accept(id, s.unit_id, &delta, verdict, now);
+        let accepted =
+            inner
+                .coord
+                .accept(id, s.unit_id, &delta, verdict, Some(&measured), hold, now);
+        if scrutiny != Scrutiny::None {
+            self.queue_reexecution(Reexecution {
+                participant: id.to_string(),
+                unit,
+                delta,
+            });
+        }
         if let Some(v) = accepted.closed {
             self.persist_version(&mut inner, v)?;
         }
+        self.persist_ledger(&mut inner)?;
         Ok(ServerMsg::Accepted {
             unit_id: s.unit_id,
             model_version: inner.coord.version(),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("relay lock")
+    }
+
+    fn screening(&self) -> bool {
+        self.lock().coord.config().screen.enabled
+    }
+
+    /// The coordinator's structural checks and cheap checks: the verdict, the leased unit and
+    /// an anomaly, if any.
+    fn checked(
+        &self,
+        inner: &Inner,
+        id: &str,
+        s: &Submission,
+        delta: &[f32],
+        measured: &Measured,
+    ) -> std::result::Result<(Verdict, WorkUnit, Option<String>), Rejection> {
+        let v = inner.coord.check(
+            id,
+            s.unit_id,
+            s.base_version,
+            &s.base_sha256,
+            delta,
+            s.tokens,
+        )?;
+        let anomaly = inner.coord.screen(id, s.unit_id, measured)?;
+        let unit = inner
+            .coord
+            .lease(s.unit_id)
+            .map(|l| l.unit.clone())
+            .ok_or_else(|| Rejection {
+                reason: RejectReason::UnknownLease,
+                detail: format!("unit {} is not leased", s.unit_id),
+            })?;
+        Ok((v, unit, anomaly))
+    }
+
+    /// Records a rejection and answers it.
+    fn rejected(
+        &self,
+        inner: &mut Inner,
+        id: &str,
+        unit_id: u64,
+        r: Rejection,
+    ) -> Result<ServerMsg> {
+        inner
+            .coord
+            .record_rejection_detail(id, unit_id, r.reason, &r.detail);
+        self.db()
+            .record_rejected(id, &format!("{:?}: {}", r.reason, r.detail))?;
+        tracing::info!(participant = id, unit = unit_id, reason = ?r.reason, "rejected: {}", r.detail);
+        Ok(ServerMsg::Rejected {
+            unit_id,
+            reason: r.reason,
+            detail: r.detail,
+        })
+    }
+
+    /// Persists the coordinator's credit changes.
+    fn persist_ledger(&self, inner: &mut Inner) -> Result<()> {
+        let changes = inner.coord.take_ledger_changes();
+        for c in &changes {
+            if let LedgerChange::Banned {
+                participant,
+                tokens,
+                detail,
+                ..
+            } = c
+            {
+                tracing::warn!(
+                    participant,
+                    forfeited = tokens,
+                    "banned: a re-execution disagreed ({detail})"
+                );
+            }
+        }
+        self.db().apply_ledger(&changes)
+    }
+
+    fn queue_reexecution(&self, job: Reexecution) {
+        if let Some(tx) = self.reexec.lock().expect("queue lock").as_ref() {
+            tx.send(job).ok();
+        }
+    }
+
+    /// Starts the thread that re-executes held and audited units, one at a time, and re-queues
+    /// those held when the relay last stopped.
+    pub fn start_verifier(self: &Arc<Self>) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel::<Reexecution>();
+        let held: Vec<Reexecution> = {
+            let inner = self.lock();
+            inner
+                .coord
+                .held()
+                .map(|(_, h)| Reexecution {
+                    participant: h.participant.clone(),
+                    unit: h.unit.clone(),
+                    delta: h.delta.clone(),
+                })
+                .collect()
+        };
+        for job in held {
+            tx.send(job).ok();
+        }
+        *self.reexec.lock().expect("queue lock") = Some(tx);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("reexecute".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    if let Err(e) = me.reexecute(&job) {
+                        tracing::error!(unit = job.unit.unit_id, "re-execution: {e:#}");
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Re-trains a held or audited unit and lets the coordinator judge.
+    fn reexecute(&self, job: &Reexecution) -> Result<()> {
+        let unit_id = job.unit.unit_id;
+        let outcome = match self.verifier.base(&self.ckpt, job.unit.base_version) {
+            Ok(base) => {
+                let reference = self.verifier.reexecute(&job.unit, &base)?;
+                let cfg = self.lock().coord.config().screen;
+                let (cos, rel, ok) = screen::compare(&cfg, &job.delta, &reference);
+                Some((
+                    ok,
+                    format!(
+                        "unit {unit_id} re-executed: cosine {cos:.6}, norm differs by {:.3}%",
+                        100.0 * rel
+                    ),
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(unit_id, "cannot re-execute, dropping the update: {e:#}");
+                None
+            }
+        };
+        let mut inner = self.lock();
+        let closed = match &outcome {
+            Some((ok, detail)) => {
+                tracing::info!(participant = job.participant, ok, "{detail}");
+                inner
+                    .coord
+                    .reexecuted(&job.participant, unit_id, *ok, detail, now_ms())
+            }
+            None => inner.coord.drop_held(unit_id, now_ms()),
+        };
+        // The verdict first: a verified update is out of hold before the version it closed
+        // records what it folded.
+        self.persist_ledger(&mut inner)?;
+        if let Some(v) = closed {
+            self.persist_version(&mut inner, v)?;
+        }
+        self.persist_ledger(&mut inner)
     }
 
     /// Time passes: expire leases, close late rounds.
@@ -576,7 +859,7 @@ impl Relay {
                 .collect(),
             participants: inner.coord.participants().cloned().collect(),
             round: RoundInfo {
-                updates: inner.coord.pending_updates(),
+                updates: inner.coord.round_updates(),
                 target: inner.coord.round_target(now),
                 active_participants: inner.coord.active_participants(now),
             },
@@ -587,6 +870,22 @@ impl Relay {
                 threshold: guard.threshold(),
                 last_good_version: guard.last_good().map(|g| g.0),
                 rollbacks: guard.rollbacks().to_vec(),
+            },
+            verification: {
+                use std::sync::atomic::Ordering::Relaxed;
+                let c = &self.verifier.cost;
+                VerificationInfo {
+                    enabled: inner.coord.config().screen.enabled,
+                    rejections: inner.coord.rejections().clone(),
+                    held: inner.coord.held().count(),
+                    clipped: inner.coord.clipped_total(),
+                    probes: c.probes.load(Relaxed),
+                    probe_seconds: c.probe_us.load(Relaxed) as f64 / 1e6,
+                    reexecutions: c.reexecutions.load(Relaxed),
+                    reexecute_seconds: c.reexecute_us.load(Relaxed) as f64 / 1e6,
+                    reexecuted_tokens: c.reexecuted_tokens.load(Relaxed),
+                    banned: inner.coord.participants().filter(|p| p.banned).count(),
+                }
             },
         }
     }

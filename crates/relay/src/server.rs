@@ -254,6 +254,61 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
         "Bytes of update payloads received.",
         r.metrics.update_bytes.load(Ordering::Relaxed) as f64,
     );
+    let v = &s["verification"];
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    metric(
+        "tessera_held_updates",
+        "gauge",
+        "Updates held out of the model until their re-execution.",
+        f("held"),
+    );
+    metric(
+        "tessera_clipped_updates_total",
+        "counter",
+        "Updates whose distance from the previous round's average was clipped.",
+        f("clipped"),
+    );
+    metric(
+        "tessera_probes_total",
+        "counter",
+        "Loss probes run.",
+        f("probes"),
+    );
+    metric(
+        "tessera_probe_seconds_total",
+        "counter",
+        "Seconds spent on loss probes.",
+        f("probe_seconds"),
+    );
+    metric(
+        "tessera_reexecutions_total",
+        "counter",
+        "Units re-executed.",
+        f("reexecutions"),
+    );
+    metric(
+        "tessera_reexecute_seconds_total",
+        "counter",
+        "Seconds spent re-executing units.",
+        f("reexecute_seconds"),
+    );
+    metric(
+        "tessera_banned_participants",
+        "gauge",
+        "Participants banned after a failed re-execution.",
+        f("banned"),
+    );
+    out.push_str(
+        "# HELP tessera_rejections_total Rejected submissions, by reason.\n# TYPE tessera_rejections_total counter\n",
+    );
+    if let Some(reasons) = v["rejections"].as_object() {
+        for (reason, n) in reasons {
+            out.push_str(&format!(
+                "tessera_rejections_total{{reason=\"{reason}\"}} {}\n",
+                n.as_f64().unwrap_or(0.0)
+            ));
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
@@ -354,6 +409,9 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
         &hello.device,
         hello.tokens_per_s,
     )?;
+    if r.is_banned(&id) {
+        return fail(&mut socket, crate::run::BANNED.into()).await;
+    }
     tracing::info!(
         participant = id,
         kind = hello.kind.as_str(),
@@ -388,7 +446,10 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
                     };
                     let reply = match msg {
                         ClientMsg::Hello(_) => return fail(&mut socket, "hello sent twice".into()).await,
-                        ClientMsg::RequestWork => r.request_work(&id)?,
+                        ClientMsg::RequestWork => match r.request_work(&id)? {
+                            ServerMsg::Error { message } => return fail(&mut socket, message).await,
+                            m => m,
+                        },
                         ClientMsg::Heartbeat { .. } => {
                             r.heartbeat(&id);
                             ServerMsg::HeartbeatAck

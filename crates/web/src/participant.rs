@@ -655,7 +655,7 @@ async fn bench(o: BenchOptions) -> Result<JsValue, String> {
         inner_steps: o.steps,
         batch_size: o.batch,
         lr: o.lr,
-        warmup_steps: 0,
+        warmup_steps: 5.min(o.steps / 4),
         seed: run.train.seed,
         fragment: Fragment::ALL,
         deadline_ms: u64::MAX,

@@ -52,7 +52,7 @@ fn native(
     for step in 0..unit.inner_steps {
         let t = Instant::now();
         let batch = work::batch(unit, &run.model, corpus, step);
-        let out = trainer.step_with_lr(&batch, unit.lr);
+        let out = trainer.step_with_lr(&batch, work::lr_at(unit, step));
         let l: Vec<f32> = out.loss.into_data().try_into_vec().unwrap();
         ms.push(t.elapsed().as_secs_f64() * 1e3);
         losses.push(l[0]);
@@ -63,6 +63,12 @@ fn native(
         ms,
         losses,
     )
+}
+
+/// Cosine and relative norm difference of `a` against the reference `r`.
+fn spread(a: &[f32], r: &[f32]) -> Value {
+    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    json!({"cosine": work::cosine(a, r), "norm_rel_diff": (n(a) - n(r)).abs() / n(r)})
 }
 
 /// Mean step time after the first two steps (shader compilation, allocation warm-up).
@@ -161,7 +167,8 @@ fn main() {
         inner_steps: steps,
         batch_size: batch,
         lr: LR,
-        warmup_steps: 0,
+        // As the relay's units: a short warmup of a fresh AdamW.
+        warmup_steps: 5.min(steps / 4),
         seed: run.train.seed,
         fragment: Fragment::ALL,
         deadline_ms: u64::MAX,
@@ -192,6 +199,13 @@ fn main() {
         "cosine_tab_webgpu_vs_native_wgpu": work::cosine(&d_tab_gpu, &d_wgpu),
         "cosine_tab_cpu_vs_native_cpu": work::cosine(&d_tab_cpu, &d_cpu),
         "cosine_native_wgpu_vs_native_cpu": work::cosine(&d_wgpu, &d_cpu),
+        // What the relay's re-execution (flex on its CPU) sees of each backend's result of the
+        // same unit: the spread its tolerance must allow.
+        "vs_native_cpu": {
+            "native_wgpu": spread(&d_wgpu, &d_cpu),
+            "tab_webgpu": spread(&d_tab_gpu, &d_cpu),
+            "tab_wasm_cpu": spread(&d_tab_cpu, &d_cpu),
+        },
         "ms_per_step_warm": {
             "tab_webgpu": warm_mean(&ms_tab_gpu), "native_wgpu": warm_mean(&ms_wgpu),
             "tab_wasm_cpu": warm_mean(&ms_tab_cpu), "native_cpu": warm_mean(&ms_cpu),

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use tessera_coordinator::{Config, Coordinator, GuardConfig, Work};
+use tessera_coordinator::{Config, Coordinator, GuardConfig, Measured, Work};
 use tessera_core::burn::prelude::Device;
 use tessera_core::config::{ModelConfig, TrainConfig};
 use tessera_core::data::Corpus;
@@ -65,6 +65,9 @@ fn parse() -> Result<Args> {
         enabled: false,
         ..GuardConfig::default()
     };
+    // The cheap checks and the centered clipping are the relay's; here only with --screen (no
+    // probe, no re-execution: every participant is honest).
+    a.cfg.screen.enabled = false;
     let mut decay = true;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -102,6 +105,7 @@ fn parse() -> Result<Args> {
             "--outer-lr" => a.cfg.outer_lr = val()?.parse()?,
             "--outer-momentum" => a.cfg.outer_momentum = val()?.parse()?,
             "--guard" => a.cfg.guard.enabled = true,
+            "--screen" => a.cfg.screen.enabled = true,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -236,7 +240,7 @@ fn main() -> Result<()> {
                     waits += 1;
                     sched.push(now + ms, p, Action::Request);
                 }
-                Work::Finished | Work::Unknown => {}
+                Work::Finished | Work::Unknown | Work::Banned => {}
             },
             Action::Submit {
                 unit,
@@ -244,18 +248,31 @@ fn main() -> Result<()> {
                 tokens,
             } => {
                 let base = digest(&versions[&unit.base_version]);
-                match coord.check(
-                    &ids[p],
-                    unit.unit_id,
-                    unit.base_version,
-                    &base,
-                    &delta,
-                    tokens,
-                ) {
+                let bytes: Vec<u8> = delta.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let measured = Measured::of(&delta, work::sha256(&bytes));
+                match coord
+                    .check(
+                        &ids[p],
+                        unit.unit_id,
+                        unit.base_version,
+                        &base,
+                        &delta,
+                        tokens,
+                    )
+                    .and_then(|v| coord.screen(&ids[p], unit.unit_id, &measured).map(|_| v))
+                {
                     Ok(v) => {
                         accepted += 1;
                         stale_sum += v.staleness;
-                        let r = coord.accept(&ids[p], unit.unit_id, &delta, v, now);
+                        let r = coord.accept(
+                            &ids[p],
+                            unit.unit_id,
+                            &delta,
+                            v,
+                            Some(&measured),
+                            false,
+                            now,
+                        );
                         if a.trace {
                             eprintln!(
                                 "{now} ms: p{p} unit {} ({} steps, base v{}, staleness {}) accepted{}",
@@ -301,6 +318,7 @@ fn main() -> Result<()> {
         "updates_per_round": cfg.updates_per_round, "lockstep": cfg.lockstep,
         "outer_lr": cfg.outer_lr, "outer_momentum": cfg.outer_momentum,
         "absolute_staleness_discount": cfg.absolute_staleness_discount, "grace": cfg.grace,
+        "screen": cfg.screen.enabled, "clipped": coord.clipped_total(),
         "keep_optimizer": a.keep_optimizer, "seed": a.seed,
         "versions": coord.version(), "accepted": accepted, "rejected": rejected,
         "mean_staleness": stale_sum as f64 / accepted.max(1) as f64, "waits": waits,
