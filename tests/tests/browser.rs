@@ -234,6 +234,17 @@ fn mixed_run_of_a_tab_and_a_native_host_lowers_validation_loss() {
             .as_str()
             .is_some_and(|t| t.contains("version"))
     });
+    // …the tab's stake as the relay's ledger has it (granted / pending), and verification.
+    wait_until(
+        Duration::from_secs(10),
+        "the page shows the tab's stake",
+        || {
+            let stake = tab.eval("document.getElementById('stake').textContent");
+            let verification = tab.eval("document.getElementById('verification').textContent");
+            stake.as_str().is_some_and(|t| t.contains(" / "))
+                && verification.as_str().is_some_and(|t| t.contains(" / "))
+        },
+    );
     screenshot(&mut tab, "browser-mixed.png");
 
     // The relay dies (SIGKILL) and comes back on the same database: the tab reconnects by
