@@ -104,6 +104,10 @@ impl Attack {
 pub struct Tally {
     /// Accepted.
     pub accepted: u64,
+    /// Accepted among the attacking units (after its patience).
+    pub accepted_attacks: u64,
+    /// Tokens of the units it trained honestly and had accepted (its patience).
+    pub honest_tokens: u64,
     /// Rejected, with the relay's reasons.
     pub rejected: Vec<String>,
     /// It was banned (and disconnected).
@@ -136,11 +140,13 @@ fn norm(v: &[f32]) -> f64 {
 }
 
 /// Runs `attack` against the relay on `port` with `secret` until `deadline`, or until the
-/// relay has no more work for it, or bans it. `corpus` is the run's corpus.
+/// relay has no more work for it, or bans it. `corpus` is the run's corpus. A patient attacker
+/// trains its first `patience` units honestly (to earn the relay's trust) and attacks after.
 pub async fn run(
     port: u16,
     secret: [u8; 32],
     attack: Attack,
+    patience: u32,
     corpus: &Corpus,
     deadline: Instant,
 ) -> Tally {
@@ -157,6 +163,7 @@ pub async fn run(
     let mut previous: Option<Vec<f32>> = None;
     let fixed = client::noise(run.num_params as usize, 1.0, 0xfeed);
     let mut idle_since = None;
+    let mut units = 0u32;
     while Instant::now() < deadline {
         send(&mut ws, &ClientMsg::RequestWork).await;
         let unit = match next(&mut ws).await {
@@ -180,7 +187,9 @@ pub async fn run(
         let base = client::base(port, &model, unit.base_version);
         let h = unit.inner_steps;
         let honest = || train(&run, &unit, &base.weights, corpus, h);
+        units += 1;
         let delta: Vec<f32> = match attack {
+            _ if units <= patience => honest(),
             Attack::NoiseHonestNorm => {
                 let n = norm(&honest());
                 client::noise(base.weights.len(), n, unit.unit_id)
@@ -255,6 +264,11 @@ pub async fn run(
         match client::submit(&mut ws, s).await {
             ServerMsg::Accepted { .. } => {
                 tally.accepted += 1;
+                tally.accepted_attacks += u64::from(units > patience);
+                if units <= patience {
+                    tally.honest_tokens +=
+                        h as u64 * unit.batch_size as u64 * model.block_size as u64;
+                }
                 previous = Some(delta);
             }
             ServerMsg::Rejected { reason, detail, .. } => {

@@ -42,7 +42,7 @@ fn done(s: &Value) -> bool {
 /// One run: three honest hosts and `attack` (or a fourth honest host), defences on or off.
 /// Runs take the machine one at a time, so that timing does not differ between the clean run
 /// and the attacked ones more than it must.
-fn run(attack: Option<Attack>, defended: bool) -> Outcome {
+fn run(attack: Option<(Attack, u32)>, defended: bool) -> Outcome {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
@@ -63,7 +63,7 @@ fn run(attack: Option<Attack>, defended: bool) -> Outcome {
         .collect();
     let secret = [77u8; 32];
     let (tally, attacker, _extra) = match attack {
-        Some(a) => {
+        Some((a, patience)) => {
             let corpus = Corpus::from_text(
                 &tessera_core::corpus::default_corpus(),
                 tessera_core::config::ModelConfig::named("tiny")
@@ -73,7 +73,7 @@ fn run(attack: Option<Attack>, defended: bool) -> Outcome {
             .unwrap();
             let deadline = Instant::now() + Duration::from_secs(240);
             let rt = tokio::runtime::Runtime::new().unwrap();
-            let t = rt.block_on(attack::run(port, secret, a, &corpus, deadline));
+            let t = rt.block_on(attack::run(port, secret, a, patience, &corpus, deadline));
             let id = identity::short_id(&identity::public_key(&secret));
             (Some(t), Some(id), None)
         }
@@ -110,7 +110,7 @@ fn clean() -> f64 {
 /// The attack with the defences on: no harm, no stake, reasons given.
 fn defended(attack: Attack) {
     let clean = clean();
-    let o = run(Some(attack), true);
+    let o = run(Some((attack, 0)), true);
     let t = o.tally.clone().unwrap();
     let a = o.attacker().clone();
     eprintln!(
@@ -158,11 +158,55 @@ fn defended(attack: Attack) {
     );
 }
 
+/// Units a patient attacker trains honestly before it attacks: as many as the relay
+/// re-executes of every new identity.
+const PATIENCE: u32 = 2;
+
+/// A patient attacker: honest for its first units, then the attack, every unit after. Its
+/// attacking updates meet the probe, the norm checks, audits and clipping rather than the
+/// probation's re-execution: the model stays within 2% of the clean run, the attacker is
+/// caught (refused or banned) and no stake is granted for its attacks (what it may keep is the
+/// credit of its honest units, re-executed and found honest, whose window closed before it
+/// was caught).
+fn patient(attack: Attack) {
+    let clean = clean();
+    let o = run(Some((attack, PATIENCE)), true);
+    let t = o.tally.clone().unwrap();
+    let a = o.attacker().clone();
+    eprintln!(
+        "patient {}: val {:.4} (clean {clean:.4}); attacker accepted {} (attacks {}) rejected {:?} banned {}; ledger {a}",
+        attack.name(),
+        o.val,
+        t.accepted,
+        t.accepted_attacks,
+        t.rejected,
+        t.banned
+    );
+    assert!(
+        o.val <= clean * 1.02,
+        "patient {}: validation loss {} against {clean} clean",
+        attack.name(),
+        o.val
+    );
+    assert!(
+        t.banned || t.accepted_attacks == 0,
+        "patient {}: {} attacking updates accepted and never caught: {a}",
+        attack.name(),
+        t.accepted_attacks
+    );
+    assert!(
+        a["tokens_granted"].as_u64().unwrap() <= t.honest_tokens,
+        "patient {}: the attacker holds granted stake for its attacks ({} honest tokens): {a}",
+        attack.name(),
+        t.honest_tokens
+    );
+}
+
 /// The attack with the defences off: the harm shows (the model is worse, or the attacker
 /// earns stake for work it did not do).
 fn undefended(attack: Attack) {
     let clean = clean();
-    let o = run(Some(attack), false);
+    let o = run(Some((attack, 0)), false);
     let a = o.attacker().clone();
     eprintln!(
         "{} undefended: val {:.4} (clean {clean:.4}); ledger {a}",
@@ -256,4 +300,34 @@ fn control_noise_harms_the_model_without_the_defences() {
 #[test]
 fn control_lazy_participants_earn_stake_without_the_defences() {
     undefended(Attack::Lazy(LazySteps::Zero));
+}
+
+#[test]
+fn patient_noise_at_the_honest_norm() {
+    patient(Attack::NoiseHonestNorm);
+}
+
+#[test]
+fn patient_sign_flip() {
+    patient(Attack::SignFlip);
+}
+
+#[test]
+fn patient_lazy_a_quarter_of_the_steps() {
+    patient(Attack::Lazy(LazySteps::Quarter));
+}
+
+#[test]
+fn patient_alie_colluders() {
+    patient(Attack::Alie(1.0));
+}
+
+#[test]
+fn patient_inner_product_manipulation() {
+    patient(Attack::Ipm(0.5));
+}
+
+#[test]
+fn patient_just_under_the_thresholds() {
+    patient(Attack::UnderThreshold);
 }

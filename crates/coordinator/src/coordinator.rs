@@ -1067,14 +1067,21 @@ impl Coordinator {
     /// How closely `id`'s accepted update is checked: held out of the model until a
     /// re-execution of its unit agrees for an identity's first units and for anomalies;
     /// folded at once and audited (re-executed afterwards, its credit pending meanwhile) with
-    /// probability `reexecute_rate` (`sample` is uniform in `[0, 1)`, drawn by the shell).
+    /// probability `reexecute_young_rate` until `trusted_after` of its units were found
+    /// honest, `reexecute_rate` after (`sample` is uniform in `[0, 1)`, drawn by the shell).
     pub fn scrutiny(&self, id: &str, sample: f64, anomaly: bool) -> Scrutiny {
         let Some(m) = self.members.get(id).filter(|_| self.cfg.screen.enabled) else {
             return Scrutiny::None;
         };
         if anomaly || m.stats.verified_units < self.cfg.screen.reexecute_first as u64 {
             Scrutiny::Hold
-        } else if sample < self.cfg.screen.reexecute_rate {
+        } else if sample
+            < if m.stats.verified_units < self.cfg.screen.trusted_after {
+                self.cfg.screen.reexecute_young_rate
+            } else {
+                self.cfg.screen.reexecute_rate
+            }
+        {
             Scrutiny::Audit
         } else {
             Scrutiny::None

@@ -39,8 +39,13 @@ pub struct ScreenConfig {
     /// margin), it is held for re-execution (early in a run honest updates generalise almost
     /// fully, so this is a signal, not a verdict).
     pub probe_margin: f64,
-    /// Fraction of units re-executed at random.
+    /// Fraction of a trusted identity's units re-executed at random (audited)…
     pub reexecute_rate: f64,
+    /// …and of a young one's: fewer than `trusted_after` of its units re-executed and found
+    /// honest.
+    pub reexecute_young_rate: f64,
+    /// Re-executed units, found honest, after which an identity is trusted.
+    pub trusted_after: u64,
     /// Every identity's first units are re-executed.
     pub reexecute_first: u32,
     /// A re-executed update must have at least this cosine with the submitted one…
@@ -51,7 +56,8 @@ pub struct ScreenConfig {
     /// to this multiple of the median distance (0: off).
     pub clip: f64,
     /// Credit is granted this many rounds after the update's round closed (a failed
-    /// re-execution before then forfeits it).
+    /// re-execution before then forfeits it). With audits at rate r, a cheating unit escapes
+    /// its window with probability about (1 − r)^window: 4% at 10% and 30 rounds.
     pub grant_after_rounds: u64,
 }
 
@@ -69,11 +75,13 @@ impl Default for ScreenConfig {
             probe_min_gain: -0.01,
             probe_margin: 0.0,
             reexecute_rate: 0.1,
+            reexecute_young_rate: 0.5,
+            trusted_after: 10,
             reexecute_first: 2,
             reexecute_cosine: 0.99,
             reexecute_norm: 0.05,
             clip: 2.0,
-            grant_after_rounds: 2,
+            grant_after_rounds: 30,
         }
     }
 }
