@@ -46,6 +46,28 @@ pub struct JoinArgs {
     /// participant for experiments and tests.
     #[arg(long, default_value_t = 1.0, value_parser = parse_throttle)]
     throttle: f64,
+    /// Exit when the process that started this one ends (the relay's `--demo` participant;
+    /// unix only).
+    #[arg(long)]
+    exit_with_parent: bool,
+}
+
+/// Exits this process as soon as its parent is gone (it is re-parented), checking twice a
+/// second on a thread of its own.
+fn exit_with_parent() {
+    #[cfg(unix)]
+    {
+        let parent = std::os::unix::process::parent_id();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                if std::os::unix::process::parent_id() != parent {
+                    eprintln!("the process that started this participant is gone: leaving");
+                    std::process::exit(0);
+                }
+            }
+        });
+    }
 }
 
 fn parse_throttle(s: &str) -> Result<f64, String> {
@@ -142,6 +164,9 @@ struct Participant {
 
 /// Runs `tessera-host join`.
 pub fn run(args: JoinArgs) -> Result<()> {
+    if args.exit_with_parent {
+        exit_with_parent();
+    }
     let key_path = args.key.clone().unwrap_or_else(default_key_path);
     let secret = load_or_create_key(&key_path)?;
     let backend = args.backend.unwrap_or_else(backend::fastest);

@@ -248,3 +248,44 @@ fn a_relay_killed_mid_run_resumes_from_what_it_committed() {
         "{s} vs {folded_tokens} folded in the ledger"
     );
 }
+
+/// The processes whose parent is `pid` (from /proc).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                // pid (comm) state ppid …: comm may hold spaces, so split after its ')'.
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_demo_relay_killed_with_sigkill_takes_its_participant_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut relay = start_relay(dir.path(), port, &["--demo"]);
+    wait_until(
+        Duration::from_secs(60),
+        "the demo's participant joins",
+        || !status(port)["participants"].as_array().unwrap().is_empty(),
+    );
+    let hosts = children(relay.child.id());
+    assert_eq!(hosts.len(), 1, "the demo's participant: {hosts:?}");
+    relay.kill9();
+    wait_until(
+        Duration::from_secs(10),
+        "the demo's participant exits",
+        || {
+            std::fs::read_to_string(format!("/proc/{}/stat", hosts[0])).map_or(true, |s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+        },
+    );
+}

@@ -301,18 +301,19 @@ fn spawn_demo_participant(addr: &str, dir: &std::path::Path) -> Result<tokio::pr
         );
     }
     let key = dir.join("demo-host.key");
-    let child = tokio::process::Command::new(host)
-        .args([
-            "join",
-            &format!("ws://{addr}/ws"),
-            "--backend",
-            "cpu",
-            "--key",
-        ])
-        .arg(key)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the demo participant")?;
+    let mut cmd = tokio::process::Command::new(host);
+    cmd.args([
+        "join",
+        &format!("ws://{addr}/ws"),
+        "--backend",
+        "cpu",
+        // However the relay ends (SIGKILL included), its demo participant ends with it.
+        "--exit-with-parent",
+        "--key",
+    ])
+    .arg(key)
+    .kill_on_drop(true);
+    let child = cmd.spawn().context("starting the demo participant")?;
     Ok(child)
 }
 
