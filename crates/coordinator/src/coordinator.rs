@@ -970,8 +970,8 @@ impl Coordinator {
 
     /// Records a rejection against `id` (and drops a lease that can no longer succeed: too
     /// stale, or based on a rolled-back version; its unit goes back to the queue).
-    pub fn record_rejection(&mut self, id: &str, unit_id: u64, reason: RejectReason) {
-        self.record_rejection_detail(id, unit_id, reason, "");
+    pub fn record_rejection(&mut self, id: &str, unit_id: u64, reason: RejectReason, now: u64) {
+        self.record_rejection_detail(id, unit_id, reason, "", now);
     }
 
     /// [`Coordinator::record_rejection`], keeping `detail` as the participant's latest reason.
@@ -981,6 +981,7 @@ impl Coordinator {
         unit_id: u64,
         reason: RejectReason,
         detail: &str,
+        now: u64,
     ) {
         self.rejected_total += 1;
         *self.rejections.entry(format!("{reason:?}")).or_default() += 1;
@@ -992,6 +993,17 @@ impl Coordinator {
             } else {
                 format!("{reason:?}: {detail}")
             });
+        }
+        // A unit trained but refused for being late still says how fast its participant is:
+        // without this a participant too slow for its first (probe) unit would get the same
+        // unit size, and the same refusal, forever.
+        if matches!(reason, RejectReason::TooStale | RejectReason::RolledBack)
+            && let Some(l) = self.leases.get(&unit_id).filter(|l| l.participant == id)
+            && let Some(m) = self.members.get_mut(id)
+        {
+            let tokens = self.cfg.unit_tokens(l.unit.inner_steps);
+            m.speed.measure(tokens, now.saturating_sub(l.leased_ms));
+            m.stats.tokens_per_s = m.speed.tokens_per_ms().unwrap_or(0.0) * 1000.0;
         }
         // A lease that can no longer succeed goes back to the queue; so does the unit of an
         // update that failed verification (someone honest will train it).
@@ -1567,7 +1579,7 @@ mod tests {
         ) {
             Ok(v) => Ok(c.accept(id, unit.unit_id, delta, v, None, false, now)),
             Err(r) => {
-                c.record_rejection(id, unit.unit_id, r.reason);
+                c.record_rejection(id, unit.unit_id, r.reason, now);
                 Err(r)
             }
         }
@@ -1844,6 +1856,13 @@ mod tests {
         let stats = c.participants().find(|p| p.id == "slow").unwrap();
         assert!((stats.tokens_per_s - 64.0).abs() < 1e-9, "{stats:?}");
         assert_eq!(stats.unit_steps, 4);
+        // A participant too slow for its probe unit: the unit comes back too stale, and its
+        // next unit is sized by how long that one took.
+        join(&mut c, "tortoise");
+        let t = unit(&mut c, "tortoise", 2_500);
+        assert_eq!(t.inner_steps, 10);
+        c.record_rejection("tortoise", t.unit_id, RejectReason::TooStale, 102_500);
+        assert_eq!(unit(&mut c, "tortoise", 102_500).inner_steps, 1);
     }
 
     /// Grace: a participant whose update sits in a round about to close waits for it and then

@@ -692,7 +692,7 @@ impl Relay {
     ) -> Result<ServerMsg> {
         inner
             .coord
-            .record_rejection_detail(id, unit_id, r.reason, &r.detail);
+            .record_rejection_detail(id, unit_id, r.reason, &r.detail, now_ms());
         self.db()
             .record_rejected(id, &format!("{:?}: {}", r.reason, r.detail))?;
         tracing::info!(participant = id, unit = unit_id, reason = ?r.reason, "rejected: {}", r.detail);

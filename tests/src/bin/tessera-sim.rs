@@ -288,7 +288,7 @@ fn main() -> Result<()> {
                     }
                     Err(r) => {
                         rejected += 1;
-                        coord.record_rejection(&ids[p], unit.unit_id, r.reason);
+                        coord.record_rejection(&ids[p], unit.unit_id, r.reason, now);
                     }
                 }
                 sched.push(now, p, Action::Request);
