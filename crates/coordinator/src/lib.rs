@@ -25,10 +25,11 @@
 //!
 //! Nothing unverified enters the model or earns credit ([`screen`]): every update passes cheap
 //! checks (exact and near duplicates, its norm against recent ones of its size) and a loss probe
-//! the shell computes; an identity's first units and a random fraction of the rest are held out
-//! of the model until a re-execution agrees; what is folded is clipped around the previous
-//! round's average (centered clipping); credit stays pending until a unit's window closes, and a
-//! failed re-execution bans the key and forfeits its pending credit.
+//! the shell computes; an identity's first units and anomalies are held out of the model until a
+//! re-execution agrees, and a random fraction of the rest (higher for young identities) is
+//! re-executed after folding; what is folded is clipped around the previous round's average
+//! (centered clipping); credit stays pending until a unit's window closes, and a failed
+//! re-execution bans the key and forfeits its pending credit.
 //!
 //! Modules: [`aggregate`] (the arithmetic of folding and the outer step), [`pace`] (unit
 //! sizing), [`guard`] (rollbacks), [`screen`] (verification decisions), and [`Coordinator`]

@@ -6,6 +6,10 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
+use tessera_protocol::work::cosine;
+
+use crate::aggregate::l2_norm;
+
 /// Dimensions of an update's count-sketch.
 pub const SKETCH_DIM: usize = 1024;
 
@@ -86,15 +90,6 @@ impl Default for ScreenConfig {
     }
 }
 
-/// Euclidean norm, accumulated in f64.
-pub fn l2_norm(values: &[f32]) -> f64 {
-    values
-        .iter()
-        .map(|&v| (v as f64) * (v as f64))
-        .sum::<f64>()
-        .sqrt()
-}
-
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -113,22 +108,6 @@ pub fn sketch(values: &[f32]) -> Vec<f32> {
         s[bucket] += if h >> 63 == 1 { -v } else { v };
     }
     s
-}
-
-/// Cosine of two vectors (0 when either is zero).
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    if aa == 0.0 || bb == 0.0 {
-        0.0
-    } else {
-        ab / (aa.sqrt() * bb.sqrt())
-    }
 }
 
 /// An update's norm made comparable across unit sizes and learning rates: Adam moves each

@@ -416,7 +416,7 @@ impl Db {
                     unit_id,
                 } => {
                     tx.execute(
-                        "UPDATE updates SET held = 0, verified = 1 WHERE unit_id = ?1 AND participant = ?2 AND held = 1",
+                        "UPDATE updates SET held = 0, verified = 1 WHERE unit_id = ?1 AND participant = ?2 AND held < 2",
                         params![*unit_id as i64, participant],
                     )?;
                     tx.execute(
