@@ -880,16 +880,7 @@ impl Coordinator {
                 "this key is banned: a re-execution of one of its units disagreed with what it submitted",
             ));
         }
-        let lease = self
-            .leases
-            .get(&unit_id)
-            .filter(|l| l.participant == id)
-            .ok_or_else(|| {
-                reject(
-                    RejectReason::UnknownLease,
-                    format!("unit {unit_id} is not leased to you (expired or reassigned)"),
-                )
-            })?;
+        let lease = self.lease_of(id, unit_id)?;
         if base_version != lease.unit.base_version {
             return Err(reject(
                 RejectReason::Malformed,
@@ -1048,16 +1039,7 @@ impl Coordinator {
         if !self.cfg.screen.enabled {
             return Ok(None);
         }
-        let lease = self
-            .leases
-            .get(&unit_id)
-            .filter(|l| l.participant == id)
-            .ok_or_else(|| {
-                reject(
-                    RejectReason::UnknownLease,
-                    format!("unit {unit_id} is not leased to you"),
-                )
-            })?;
+        let lease = self.lease_of(id, unit_id)?;
         self.screen
             .check(&self.cfg.screen, m, lease.unit.inner_steps, lease.unit.lr)
             .map(|a| a.map(|f| f.to_string()))
@@ -1210,6 +1192,19 @@ impl Coordinator {
             });
         }
         self.round_full(now).then(|| self.close_round())
+    }
+
+    /// The lease of `unit_id` held by `id`, or why a submission for it is refused.
+    fn lease_of(&self, id: &str, unit_id: u64) -> Result<&Lease, Rejection> {
+        self.leases
+            .get(&unit_id)
+            .filter(|l| l.participant == id)
+            .ok_or_else(|| {
+                reject(
+                    RejectReason::UnknownLease,
+                    format!("unit {unit_id} is not leased to you (expired or reassigned)"),
+                )
+            })
     }
 
     /// The lease of `unit_id`, if any.
