@@ -73,6 +73,17 @@ fn parse() -> Result<Args> {
     while let Some(flag) = it.next() {
         let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
+            "--help" | "-h" => {
+                println!(
+                    "tessera-sim --tokens N [--participants N --speeds S1,S2,… --config C --data FILE \\\n    \
+                     --inner-steps H --min-inner-steps M --warmup W --batch B --inner-lr LR --no-decay \\\n    \
+                     --updates-per-round K --lockstep --grace G --max-staleness S --relative-staleness \\\n    \
+                     --outer-lr LR --outer-momentum MU --keep-optimizer --guard --screen \\\n    \
+                     --step-ms MS --overhead-ms MS --eval-every V --eval-iters N --seed S --trace --json]\n\
+                     Unset settings are the relay's defaults; see the top of tests/src/bin/tessera-sim.rs."
+                );
+                std::process::exit(0);
+            }
             "--config" => a.config = val()?,
             "--data" => a.data = Some(val()?.into()),
             "--participants" => a.participants = val()?.parse()?,
