@@ -1,12 +1,14 @@
 //! Leases, rounds, staleness, pacing, acceptance and the guard's rollbacks.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use serde::Serialize;
 use tessera_protocol::messages::{ParticipantKind, RejectReason, WorkUnit};
 use tessera_protocol::update::Fragment;
 
 use crate::aggregate;
+use crate::checks::{Checks, RelayCheck, Stage};
 use crate::guard::{Guard, GuardConfig, Judgement, Rollback};
 use crate::pace::{self, Speed};
 use crate::screen::{Finding, Measured, Probe, Screen, ScreenConfig};
@@ -73,6 +75,12 @@ pub struct Config {
     pub guard: GuardConfig,
     /// Verification of submissions.
     pub screen: ScreenConfig,
+    /// Participants (ids) trusted to re-execute others' units from their first connection;
+    /// others become verifiers once `screen.trusted_after` of their own units were verified.
+    pub trusted_verifiers: BTreeSet<String>,
+    /// A check waits this long for a verifier before the relay re-executes it itself (when a
+    /// verifier is connected; when none is, the relay does it at once).
+    pub verifier_wait_ms: u64,
 }
 
 impl Config {
@@ -102,6 +110,8 @@ impl Config {
             max_tokens: None,
             guard: GuardConfig::default(),
             screen: ScreenConfig::default(),
+            trusted_verifiers: BTreeSet::new(),
+            verifier_wait_ms: 5_000,
         }
     }
 
@@ -171,6 +181,8 @@ pub struct ParticipantStats {
     pub tokens_forfeited: u64,
     /// Units of it re-executed and found identical.
     pub verified_units: u64,
+    /// Re-executions of others' units it did that the relay found right.
+    pub verifications: u64,
     /// Banned after a failed re-execution: no more work, no more submissions.
     pub banned: bool,
     /// The reason of its latest rejection.
@@ -203,6 +215,18 @@ pub enum LedgerChange {
         /// The unit.
         unit_id: u64,
         /// Tokens forfeited.
+        tokens: u64,
+    },
+    /// A verifier's re-execution of `participant`'s unit was found right (it agreed with a
+    /// submission found honest, or disagreed with one the relay's re-execution refuted).
+    Checked {
+        /// The verifier.
+        verifier: String,
+        /// Whose unit.
+        participant: String,
+        /// The unit.
+        unit_id: u64,
+        /// Tokens re-trained.
         tokens: u64,
     },
     /// A re-execution failed: the participant is banned and its pending credit forfeited.
@@ -351,6 +375,10 @@ struct Member {
     /// Its submissions refused since its last accepted one: while any, it does not count
     /// towards a round (a round does not wait for someone whose work is refused).
     refused_streak: u32,
+    /// It is re-executing another's unit (a verifier between units: not counted in rounds).
+    checking: bool,
+    /// When it last asked for a re-execution to do.
+    verifier_seen_ms: Option<u64>,
 }
 
 /// The open round.
@@ -395,6 +423,8 @@ pub struct Coordinator {
     screen: Screen,
     /// Updates waiting for their re-execution, by unit.
     held: BTreeMap<u64, Held>,
+    /// Re-executions to do (held and audited units), and who does them.
+    checks: Checks,
     /// The previous round's average pseudo-gradient: the center of the clipping.
     center: Vec<f32>,
     /// Recent distances of updates from the center.
@@ -448,6 +478,7 @@ impl Coordinator {
             digests: BTreeMap::new(),
             screen: Screen::default(),
             held: BTreeMap::new(),
+            checks: Checks::default(),
             center: vec![0.0; n],
             distances: VecDeque::new(),
             outbox: Vec::new(),
@@ -540,6 +571,8 @@ impl Coordinator {
                 left: false,
                 credits: Vec::new(),
                 refused_streak: 0,
+                checking: false,
+                verifier_seen_ms: None,
             },
         );
     }
@@ -559,7 +592,14 @@ impl Coordinator {
     }
 
     /// Restores an update held for re-execution (after a restart).
-    pub fn restore_held(&mut self, unit_id: u64, held: Held) {
+    pub fn restore_held(&mut self, unit_id: u64, held: Held, now: u64) {
+        self.checks.queue(
+            &held.participant,
+            held.unit.clone(),
+            Arc::new(held.delta.clone()),
+            held.tokens,
+            now,
+        );
         self.held.insert(unit_id, held);
     }
 
@@ -623,6 +663,7 @@ impl Coordinator {
                     tokens_granted: 0,
                     tokens_forfeited: 0,
                     verified_units: 0,
+                    verifications: 0,
                     banned: false,
                     last_rejection: None,
                 },
@@ -633,6 +674,8 @@ impl Coordinator {
                 left: false,
                 credits: Vec::new(),
                 refused_streak: 0,
+                checking: false,
+                verifier_seen_ms: None,
             });
         let changed_device = m.stats.backend != backend || m.stats.device != device;
         m.stats.kind = kind.as_str();
@@ -656,7 +699,9 @@ impl Coordinator {
             m.stats.connected = false;
             m.stats.last_seen_ms = now;
             m.waiting_since = None;
+            m.checking = false;
         }
+        self.checks.release(id);
     }
 
     /// A participant left on purpose: its leases are released at once.
@@ -689,6 +734,7 @@ impl Coordinator {
     fn is_active(&self, m: &Member, now: u64) -> bool {
         !m.stats.banned
             && m.refused_streak == 0
+            && !(m.checking && m.lease.is_none())
             && (m.lease.is_some()
                 || (m.stats.connected
                     && !m.left
@@ -804,6 +850,7 @@ impl Coordinator {
         }
         if let Some(m) = self.members.get_mut(id) {
             m.stats.last_seen_ms = now;
+            m.checking = false;
         }
         if self.members[id].stats.banned {
             return Work::Banned;
@@ -861,6 +908,7 @@ impl Coordinator {
         for l in self.leases.values_mut().filter(|l| l.participant == id) {
             l.unit.deadline_ms = l.unit.deadline_ms.max(deadline);
         }
+        self.checks.renew(id, deadline);
     }
 
     /// Checks a submission without changing anything. `delta` is the decoded pseudo-gradient;
@@ -1096,6 +1144,13 @@ impl Coordinator {
     ) -> Option<u64> {
         let held = self.held.remove(&unit_id);
         self.round.held.remove(&unit_id);
+        if self
+            .checks
+            .get(unit_id)
+            .is_some_and(|c| c.participant == participant)
+        {
+            self.checks.remove(unit_id);
+        }
         if ok {
             if let Some(m) = self.members.get_mut(participant) {
                 m.stats.verified_units += 1;
@@ -1129,6 +1184,7 @@ impl Coordinator {
             return;
         }
         m.stats.banned = true;
+        m.checking = false;
         m.stats.last_rejection = Some(format!("FailedReexecution: {detail}"));
         let forfeited: Vec<u64> = m.credits.iter().map(|c| c.unit_id).collect();
         let tokens: u64 = m.credits.iter().map(|c| c.tokens).sum();
@@ -1139,6 +1195,8 @@ impl Coordinator {
             .rejections
             .entry(format!("{:?}", RejectReason::FailedReexecution))
             .or_default() += 1;
+        self.checks.drop_participant(id);
+        self.checks.release(id);
         let round = &mut self.round;
         self.held.retain(|u, h| {
             let keep = h.participant != id;
@@ -1177,6 +1235,7 @@ impl Coordinator {
     /// A held update that cannot be verified (its base is gone): dropped, its unit's credit
     /// forfeited, nothing else (a soft failure). Returns the version this closed, if any.
     pub fn drop_held(&mut self, unit_id: u64, now: u64) -> Option<u64> {
+        self.checks.remove(unit_id);
         let h = self.held.remove(&unit_id)?;
         self.round.held.remove(&unit_id);
         if let Some(m) = self.members.get_mut(&h.participant)
@@ -1192,6 +1251,215 @@ impl Coordinator {
             });
         }
         self.round_full(now).then(|| self.close_round())
+    }
+
+    /// Queues the re-execution of `id`'s accepted update of `unit` (held or audited, as
+    /// [`Coordinator::scrutiny`] said): a verifier or the relay will do it.
+    pub fn queue_check(
+        &mut self,
+        id: &str,
+        unit: WorkUnit,
+        delta: Arc<Vec<f32>>,
+        tokens: u64,
+        now: u64,
+    ) {
+        self.checks.queue(id, unit, delta, tokens, now);
+    }
+
+    /// Re-executions not yet settled.
+    pub fn checks_pending(&self) -> usize {
+        self.checks.len()
+    }
+
+    /// Whether `id` may re-execute other participants' units: a key the relay was told to
+    /// trust, or an identity with `trusted_after` of its own units found honest; never a banned
+    /// one.
+    pub fn may_verify(&self, id: &str) -> bool {
+        self.members.get(id).is_some_and(|m| {
+            !m.stats.banned
+                && (self.cfg.trusted_verifiers.contains(id)
+                    || m.stats.verified_units >= self.cfg.screen.trusted_after)
+        })
+    }
+
+    /// A verifier asks for a re-execution: the one it already holds, else the oldest waiting
+    /// check of somebody else's unit; `None` when it may not verify or nothing waits (it then
+    /// trains). The unit's deadline is the assignment's (heartbeats renew it).
+    pub fn verification_for(&mut self, id: &str, now: u64) -> Option<WorkUnit> {
+        if !self.may_verify(id) || self.leases.values().any(|l| l.participant == id) {
+            return None;
+        }
+        let deadline = now + self.cfg.lease_ms;
+        let unit = match self.checks.assigned_to(id) {
+            Some(u) => self.checks.get(u).map(|c| c.unit.clone()),
+            None => self.checks.assign(id, now, deadline),
+        };
+        let m = self.members.get_mut(id).expect("may_verify: a member");
+        m.verifier_seen_ms = Some(now);
+        m.stats.last_seen_ms = now;
+        m.checking = unit.is_some();
+        unit.map(|u| WorkUnit {
+            deadline_ms: deadline,
+            ..u
+        })
+    }
+
+    /// Whether a verifier is connected and asked for a re-execution within the last lease
+    /// period.
+    fn verifier_present(&self, now: u64) -> bool {
+        self.members.values().any(|m| {
+            m.stats.connected
+                && !m.stats.banned
+                && m.verifier_seen_ms
+                    .is_some_and(|t| now.saturating_sub(t) <= self.cfg.lease_ms)
+        })
+    }
+
+    /// What the relay's own re-execution thread should do next (see [`crate::checks`]).
+    pub fn relay_check(&mut self, now: u64) -> Option<RelayCheck> {
+        let present = self.verifier_present(now);
+        self.checks
+            .take_for_relay(present, self.cfg.verifier_wait_ms, now)
+    }
+
+    /// The relay's thread could not finish the check of `unit_id` and will try again.
+    pub fn relay_check_interrupted(&mut self, unit_id: u64) {
+        self.checks.untake(unit_id);
+    }
+
+    /// The unit and the submitted update that `verifier`'s re-execution of `unit_id` is to be
+    /// compared with, or why its result is refused.
+    pub fn check_of(
+        &self,
+        verifier: &str,
+        unit_id: u64,
+    ) -> Result<(WorkUnit, Arc<Vec<f32>>), Rejection> {
+        self.checks
+            .held_by(verifier, unit_id)
+            .map(|c| (c.unit.clone(), c.delta.clone()))
+            .ok_or_else(|| {
+                reject(
+                    RejectReason::UnknownLease,
+                    format!("no re-execution of unit {unit_id} is assigned to you"),
+                )
+            })
+    }
+
+    /// A verifier's re-execution of `unit_id` agreed with the submission (`agrees`) or not.
+    /// Agreement verifies the submission (two executions agree) and, with probability
+    /// `screen.verifier_recheck_rate` (`sample` uniform in `[0, 1)`), leaves a spot check of
+    /// the verifier to the relay; disagreement leaves the relay to decide which of the two is
+    /// wrong. Returns the version this closed, if any.
+    pub fn verifier_result(
+        &mut self,
+        verifier: &str,
+        unit_id: u64,
+        agrees: bool,
+        detail: &str,
+        sample: f64,
+        now: u64,
+    ) -> Result<Option<u64>, Rejection> {
+        let check = self
+            .checks
+            .held_by(verifier, unit_id)
+            .ok_or_else(|| {
+                reject(
+                    RejectReason::UnknownLease,
+                    format!("no re-execution of unit {unit_id} is assigned to you"),
+                )
+            })?
+            .clone();
+        if let Some(m) = self.members.get_mut(verifier) {
+            m.checking = false;
+            m.stats.last_seen_ms = now;
+        }
+        if !agrees {
+            self.checks.get_mut(unit_id).expect("held above").stage = Stage::Relay {
+                taken: false,
+                disputed_by: Some(verifier.to_string()),
+                vouched_by: None,
+            };
+            return Ok(None);
+        }
+        self.credit_check(verifier, &check.participant, unit_id, check.tokens);
+        let closed = self.reexecuted(&check.participant, unit_id, true, detail, now);
+        if sample < self.cfg.screen.verifier_recheck_rate {
+            self.checks.queue(
+                &check.participant,
+                check.unit,
+                check.delta,
+                check.tokens,
+                now,
+            );
+            self.checks.get_mut(unit_id).expect("queued").stage = Stage::Relay {
+                taken: false,
+                disputed_by: None,
+                vouched_by: Some(verifier.to_string()),
+            };
+        }
+        Ok(closed)
+    }
+
+    fn credit_check(&mut self, verifier: &str, participant: &str, unit_id: u64, tokens: u64) {
+        if let Some(m) = self.members.get_mut(verifier) {
+            m.stats.verifications += 1;
+        }
+        self.outbox.push(LedgerChange::Checked {
+            verifier: verifier.to_string(),
+            participant: participant.to_string(),
+            unit_id,
+            tokens,
+        });
+    }
+
+    /// The relay's own re-execution of `unit_id` agreed with the submission (`agrees`) or
+    /// not. Settles the submission as [`Coordinator::reexecuted`] does, and the verifier
+    /// involved, if any: one that disagreed with a submission the relay confirms, or vouched
+    /// for one the relay refutes, is banned. Returns the version this closed, if any.
+    pub fn relay_result(
+        &mut self,
+        unit_id: u64,
+        agrees: bool,
+        detail: &str,
+        now: u64,
+    ) -> Option<u64> {
+        let check = self.checks.remove(unit_id)?;
+        let (disputed_by, vouched_by) = match check.stage {
+            Stage::Relay {
+                disputed_by,
+                vouched_by,
+                ..
+            } => (disputed_by, vouched_by),
+            _ => (None, None),
+        };
+        if let Some(v) = vouched_by {
+            // A spot check of a verifier: the submission was already settled on its word.
+            if !agrees {
+                self.ban(&check.participant, unit_id, detail);
+                self.ban(
+                    &v,
+                    unit_id,
+                    &format!("vouched for unit {unit_id}, which the relay's re-execution refutes ({detail})"),
+                );
+            }
+            return self.round_full(now).then(|| self.close_round());
+        }
+        let mut closed = self.reexecuted(&check.participant, unit_id, agrees, detail, now);
+        if let Some(v) = disputed_by {
+            if agrees {
+                self.ban(
+                    &v,
+                    unit_id,
+                    &format!("its re-execution of unit {unit_id} disagreed with the submission, which the relay's confirms ({detail})"),
+                );
+                if closed.is_none() && self.round_full(now) {
+                    closed = Some(self.close_round());
+                }
+            } else {
+                self.credit_check(&v, &check.participant, unit_id, check.tokens);
+            }
+        }
+        closed
     }
 
     /// The lease of `unit_id` held by `id`, or why a submission for it is refused.
@@ -2018,6 +2286,112 @@ mod tests {
                 .iter()
                 .any(|ch| matches!(ch, LedgerChange::Banned { participant, tokens: 480, .. } if participant == "a")),
             "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn verifiers_re_execute_held_units_and_a_wrong_verifier_is_banned() {
+        let mut c = coord_with(
+            Config {
+                screen: ScreenConfig {
+                    enabled: true,
+                    reexecute_first: 1,
+                    verifier_recheck_rate: 0.5,
+                    ..ScreenConfig::default()
+                },
+                updates_per_round: 1,
+                trusted_verifiers: ["v".to_string(), "w".to_string()].into(),
+                ..cfg()
+            },
+            1,
+        );
+        for id in ["a", "b", "v", "w", "x"] {
+            join(&mut c, id);
+        }
+        // Only trusted keys (or identities with enough verified units) may verify.
+        assert!(c.may_verify("v") && !c.may_verify("x") && !c.may_verify("a"));
+        assert_eq!(c.verification_for("x", 0), None);
+        // Nothing to check yet: the verifier trains.
+        assert_eq!(c.verification_for("v", 0), None);
+        let ua = unit(&mut c, "a", 0);
+        let (s, acc) = submit_scrutinised(&mut c, "a", &ua, &[0.5], 0.9, 10);
+        assert_eq!((s, acc.closed), (Scrutiny::Hold, None));
+        c.queue_check("a", ua.clone(), Arc::new(vec![0.5]), 160, 10);
+        // A verifier is present: the relay leaves the check to it for a while.
+        assert!(c.relay_check(20).is_none());
+        let got = c.verification_for("v", 20).expect("a's unit to check");
+        assert_eq!((got.unit_id, got.deadline_ms), (ua.unit_id, 20 + 5_000));
+        // Asking again gives the same assignment; a result for another unit is refused.
+        assert_eq!(
+            c.verification_for("v", 25).map(|u| u.unit_id),
+            Some(ua.unit_id)
+        );
+        assert!(
+            c.verifier_result("w", ua.unit_id, true, "", 0.9, 30)
+                .is_err()
+        );
+        // v agrees: a's update is folded and closes the round; v's work is credited; no spot
+        // check at this sample.
+        let closed = c.verifier_result("v", ua.unit_id, true, "cosine 1", 0.9, 30);
+        assert_eq!(closed, Ok(Some(1)));
+        assert!((c.params()[0] - 0.5).abs() < 1e-6);
+        let stats =
+            |c: &Coordinator, id: &str| c.participants().find(|p| p.id == id).unwrap().clone();
+        assert_eq!(
+            (stats(&c, "v").verifications, stats(&c, "a").verified_units),
+            (1, 1)
+        );
+        assert_eq!(c.checks_pending(), 0);
+
+        // b's first unit: w disagrees; the relay decides, agrees with b: w is banned.
+        let ub = unit(&mut c, "b", 40);
+        submit_scrutinised(&mut c, "b", &ub, &[0.25], 0.9, 50);
+        c.queue_check("b", ub.clone(), Arc::new(vec![0.25]), 160, 50);
+        assert_eq!(
+            c.verification_for("w", 60).map(|u| u.unit_id),
+            Some(ub.unit_id)
+        );
+        assert_eq!(
+            c.verifier_result("w", ub.unit_id, false, "cosine 0", 0.9, 70),
+            Ok(None)
+        );
+        let job = c.relay_check(80).expect("the dispute goes to the relay");
+        assert_eq!(job.unit.unit_id, ub.unit_id);
+        assert_eq!(c.relay_result(ub.unit_id, true, "cosine 1", 90), Some(2));
+        assert!(stats(&c, "w").banned && !stats(&c, "b").banned);
+        assert_eq!(stats(&c, "b").verified_units, 1);
+        assert_eq!(c.verification_for("w", 100), None);
+
+        // x's first unit is bad: v vouches for it anyway, the relay's spot check refutes it:
+        // both are banned.
+        let ux = unit(&mut c, "x", 110);
+        submit_scrutinised(&mut c, "x", &ux, &[9.0], 0.9, 120);
+        c.queue_check("x", ux.clone(), Arc::new(vec![9.0]), 160, 120);
+        assert_eq!(
+            c.verification_for("v", 130).map(|u| u.unit_id),
+            Some(ux.unit_id)
+        );
+        c.verifier_result("v", ux.unit_id, true, "cosine 1", 0.1, 140)
+            .unwrap();
+        let job = c.relay_check(150).expect("a spot check of v");
+        assert_eq!(job.participant, "x");
+        c.relay_result(ux.unit_id, false, "cosine 0.2", 160);
+        assert!(stats(&c, "x").banned && stats(&c, "v").banned);
+        assert!(!c.may_verify("v"));
+        let changes = c.take_ledger_changes();
+        let checked = changes
+            .iter()
+            .filter(|ch| matches!(ch, LedgerChange::Checked { .. }))
+            .count();
+        assert_eq!(checked, 2, "{changes:?}");
+
+        // With no verifier left, the relay takes checks at once.
+        let ua2 = unit(&mut c, "a", 200);
+        submit_scrutinised(&mut c, "a", &ua2, &[0.1], 0.0, 210);
+        c.queue_check("a", ua2.clone(), Arc::new(vec![0.1]), 160, 210);
+        assert_eq!(
+            c.relay_check(211).map(|j| j.unit.unit_id),
+            Some(ua2.unit_id)
         );
     }
 

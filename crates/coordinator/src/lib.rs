@@ -31,16 +31,24 @@
 //! (centered clipping); credit stays pending until a unit's window closes, and a failed
 //! re-execution bans the key and forfeits its pending credit.
 //!
+//! Re-executions are work like training: a participant the relay trusts (a `--verifier` host
+//! named by the operator, or one with enough of its own units verified) re-trains others'
+//! units; the relay does it itself when no verifier is there or one is slow, breaks ties when a
+//! verifier disagrees with a submission, and spot-checks a fraction of verifiers' agreements
+//! ([`checks`]). A verifier found wrong is banned like any cheat.
+//!
 //! Modules: [`aggregate`] (the arithmetic of folding and the outer step), [`pace`] (unit
-//! sizing), [`guard`] (rollbacks), [`screen`] (verification decisions), and [`Coordinator`]
-//! (leases, rounds, staleness, acceptance, credit).
+//! sizing), [`guard`] (rollbacks), [`screen`] (verification decisions), [`checks`] (who
+//! re-executes what), and [`Coordinator`] (leases, rounds, staleness, acceptance, credit).
 
 pub mod aggregate;
+pub mod checks;
 mod coordinator;
 pub mod guard;
 pub mod pace;
 pub mod screen;
 
+pub use checks::RelayCheck;
 pub use coordinator::{
     Accepted, Config, Coordinator, Event, Held, Lease, LedgerChange, ParticipantStats, Rejection,
     Scrutiny, Verdict, Work,

@@ -63,6 +63,9 @@ pub struct ScreenConfig {
     /// re-execution before then forfeits it). With audits at rate r, a cheating unit escapes
     /// its window with probability about (1 − r)^window: 4% at 10% and 30 rounds.
     pub grant_after_rounds: u64,
+    /// Fraction of verifiers' agreeing re-executions that the relay re-executes too (a
+    /// verifier that vouches without working is caught and banned).
+    pub verifier_recheck_rate: f64,
 }
 
 impl Default for ScreenConfig {
@@ -86,6 +89,7 @@ impl Default for ScreenConfig {
             reexecute_norm: 0.05,
             clip: 2.0,
             grant_after_rounds: 30,
+            verifier_recheck_rate: 0.1,
         }
     }
 }
