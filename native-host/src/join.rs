@@ -50,6 +50,29 @@ pub struct JoinArgs {
     /// unix only).
     #[arg(long)]
     exit_with_parent: bool,
+    /// Verify too: before each unit, ask the relay for another participant's unit to
+    /// re-execute, and train only when there is none. The relay hands them to keys it was told
+    /// to trust (`tessera-relay --trusted-verifier ID`, ID as `tessera-host id` prints it) and
+    /// to identities with enough of their own units verified.
+    #[arg(long)]
+    verifier: bool,
+}
+
+/// Options of `tessera-host id`.
+#[derive(Args, Debug)]
+pub struct IdArgs {
+    /// Identity key file (created on first run).
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+/// Prints the participant id of a key (what the relay's status and
+/// `tessera-relay --trusted-verifier` name it by).
+pub fn print_id(args: IdArgs) -> Result<()> {
+    let path = args.key.unwrap_or_else(default_key_path);
+    let secret = load_or_create_key(&path)?;
+    println!("{}", identity::short_id(&identity::public_key(&secret)));
+    Ok(())
 }
 
 /// Exits this process as soon as its parent is gone (it is re-parented), checking twice a
@@ -160,6 +183,7 @@ struct Participant {
     /// Training speed of the last unit (0 before the first): the capability sent in a hello.
     tokens_per_s: f32,
     throttle: f64,
+    verifier: bool,
 }
 
 /// Runs `tessera-host join`.
@@ -191,6 +215,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
         optim: None,
         keep_optimizer: args.keep_optimizer,
         throttle: args.throttle,
+        verifier: args.verifier,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -283,6 +308,9 @@ impl Participant {
                 ws.close(None).await.ok();
                 return Ok(());
             }
+            if self.verifier && self.verify_one(&mut ws, &run, corpus.clone()).await? {
+                continue;
+            }
             send(&mut ws, &ClientMsg::RequestWork).await?;
             let unit = loop {
                 match recv(&mut ws).await? {
@@ -299,7 +327,7 @@ impl Participant {
             let base = self.fetch_weights(unit.base_version, &run.model).await?;
             let training = Instant::now();
             let (submission, first, last) = self
-                .train(&mut ws, &run, &unit, base, corpus.clone())
+                .train(&mut ws, &run, &unit, base, corpus.clone(), false)
                 .await?;
             self.tokens_per_s =
                 (submission.tokens as f64 / training.elapsed().as_secs_f64().max(1e-3)) as f32;
@@ -321,6 +349,57 @@ impl Participant {
                     eprintln!("unit {} rejected: {reason:?}: {detail}", unit.unit_id)
                 }
                 _ => unreachable!(),
+            }
+        }
+    }
+
+    /// Asks for a unit of another participant to re-execute and, if one is given, trains it
+    /// exactly as leased and sends the signed result; `false` when there was none to do (or
+    /// its base is gone: the relay then gives the check to someone else).
+    async fn verify_one(
+        &mut self,
+        ws: &mut Ws,
+        run: &RunInfo,
+        corpus: Arc<Corpus>,
+    ) -> Result<bool> {
+        send(ws, &ClientMsg::RequestVerification).await?;
+        let unit = loop {
+            match recv(ws).await? {
+                ServerMsg::Verify(u) => break u,
+                ServerMsg::NoWork { .. } => return Ok(false),
+                _ => continue,
+            }
+        };
+        let started = Instant::now();
+        let base = match self.fetch_weights(unit.base_version, &run.model).await {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("cannot verify unit {}: {e:#}", unit.unit_id);
+                return Ok(false);
+            }
+        };
+        let (result, ..) = self.train(ws, run, &unit, base, corpus, true).await?;
+        send(ws, &ClientMsg::SubmitVerification(result)).await?;
+        loop {
+            match recv(ws).await? {
+                ServerMsg::VerificationReceived { .. } => {
+                    eprintln!(
+                        "verified unit {} (base v{}, {} steps) in {:.1} s",
+                        unit.unit_id,
+                        unit.base_version,
+                        unit.inner_steps,
+                        started.elapsed().as_secs_f64()
+                    );
+                    return Ok(true);
+                }
+                ServerMsg::Rejected { reason, detail, .. } => {
+                    eprintln!(
+                        "verification of unit {} refused: {reason:?}: {detail}",
+                        unit.unit_id
+                    );
+                    return Ok(true);
+                }
+                _ => continue,
             }
         }
     }
@@ -387,6 +466,7 @@ impl Participant {
         unit: &WorkUnit,
         base: Arc<work::Base>,
         corpus: Arc<Corpus>,
+        verification: bool,
     ) -> Result<(Submission, f32, f32)> {
         let progress = Arc::new(AtomicU32::new(0));
         let job = {
@@ -399,11 +479,16 @@ impl Participant {
                 self.throttle,
             );
             let train = run.train.clone();
-            let optim = self
-                .optim
-                .take()
-                .filter(|_| self.keep_optimizer)
-                .unwrap_or_default();
+            // A re-execution starts from a fresh AdamW, as every unit is defined, and leaves
+            // this participant's own carried state alone.
+            let optim = if verification {
+                AdamW::new()
+            } else {
+                self.optim
+                    .take()
+                    .filter(|_| self.keep_optimizer)
+                    .unwrap_or_default()
+            };
             tokio::task::spawn_blocking(move || {
                 let mut last = Instant::now();
                 work::train(
@@ -438,7 +523,9 @@ impl Participant {
             tokio::select! {
                 r = &mut job => {
                     let t = r??;
-                    self.optim = Some(t.optimizer);
+                    if !verification {
+                        self.optim = Some(t.optimizer);
+                    }
                     break (t.delta, t.loss_first, t.loss_last);
                 }
                 _ = beat.tick() => {
@@ -450,7 +537,12 @@ impl Participant {
             }
         };
         bar.finish_and_clear();
-        let submission = work::submission(
+        let sign = if verification {
+            work::verification
+        } else {
+            work::submission
+        };
+        let submission = sign(
             &self.secret,
             unit,
             &run.model,

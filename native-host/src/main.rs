@@ -26,6 +26,8 @@ enum Command {
     Join(join::JoinArgs),
     /// Print text sampled from a checkpoint.
     Sample(train::SampleArgs),
+    /// Print this participant's id (creating its key on first use).
+    Id(join::IdArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Sample(args) => train::sample(args),
         Command::Join(args) => join::run(args),
+        Command::Id(args) => join::print_id(args),
     }
 }

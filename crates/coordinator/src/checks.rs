@@ -48,6 +48,10 @@ pub struct Check {
     pub delta: Arc<Vec<f32>>,
     /// Tokens of the unit (a verifier re-trains as many).
     pub tokens: u64,
+    /// The update is held out of the model until the check agrees: only the relay and
+    /// verifiers the operator named may pass it in (an identity that earned verifier status
+    /// by its own units could vouch for a partner's first units).
+    pub held: bool,
     /// When it was queued.
     pub queued_ms: u64,
     /// Where it stands.
@@ -79,6 +83,7 @@ impl Checks {
         unit: WorkUnit,
         delta: Arc<Vec<f32>>,
         tokens: u64,
+        held: bool,
         now: u64,
     ) {
         self.by_unit.insert(
@@ -88,6 +93,7 @@ impl Checks {
                 unit,
                 delta,
                 tokens,
+                held,
                 queued_ms: now,
                 stage: Stage::Queued,
             },
@@ -120,10 +126,18 @@ impl Checks {
     }
 
     /// Gives `verifier` the oldest waiting check of somebody else's unit (or one whose
-    /// assignment lapsed), until `deadline_ms`.
-    pub fn assign(&mut self, verifier: &str, now: u64, deadline_ms: u64) -> Option<WorkUnit> {
+    /// assignment lapsed), until `deadline_ms`; checks of held updates only to a verifier
+    /// the operator named (`named`).
+    pub fn assign(
+        &mut self,
+        verifier: &str,
+        named: bool,
+        now: u64,
+        deadline_ms: u64,
+    ) -> Option<WorkUnit> {
         let (_, check) = self.by_unit.iter_mut().find(|(_, c)| {
             c.participant != verifier
+                && (named || !c.held)
                 && match &c.stage {
                     Stage::Queued => true,
                     Stage::Assigned { deadline_ms, .. } => *deadline_ms <= now,
@@ -269,10 +283,11 @@ mod tests {
     fn verifiers_get_others_units_and_the_relay_takes_what_waits_too_long() {
         let mut c = Checks::default();
         let d = Arc::new(vec![0.0; 4]);
-        c.queue("a", unit(1), d.clone(), 10, 0);
-        c.queue("b", unit(2), d.clone(), 10, 100);
-        // A verifier never checks its own unit.
-        assert_eq!(c.assign("a", 200, 1_000).map(|u| u.unit_id), Some(2));
+        c.queue("a", unit(1), d.clone(), 10, false, 0);
+        c.queue("b", unit(2), d.clone(), 10, true, 100);
+        // A verifier never checks its own unit, and only a named one checks a held update.
+        assert_eq!(c.assign("a", false, 200, 1_000).map(|u| u.unit_id), None);
+        assert_eq!(c.assign("a", true, 200, 1_000).map(|u| u.unit_id), Some(2));
         assert_eq!(c.assigned_to("a"), Some(2));
         assert!(c.held_by("a", 2).is_some() && c.held_by("b", 2).is_none());
         // With a verifier present the relay leaves young checks to it…
@@ -281,8 +296,11 @@ mod tests {
         let r = c.take_for_relay(true, 5_000, 5_000).expect("unit 1 waited");
         assert_eq!((r.participant.as_str(), r.unit.unit_id), ("a", 1));
         // A lapsed assignment goes to another verifier.
-        assert!(c.assign("c", 500, 2_000).is_none());
-        assert_eq!(c.assign("c", 1_000, 2_000).map(|u| u.unit_id), Some(2));
+        assert!(c.assign("c", true, 500, 2_000).is_none());
+        assert_eq!(
+            c.assign("c", true, 1_000, 2_000).map(|u| u.unit_id),
+            Some(2)
+        );
         c.release("c");
         assert_eq!(c.get(2).map(|c| &c.stage), Some(&Stage::Queued));
         // A dispute goes before anything else.

@@ -598,6 +598,7 @@ impl Coordinator {
             held.unit.clone(),
             Arc::new(held.delta.clone()),
             held.tokens,
+            true,
             now,
         );
         self.held.insert(unit_id, held);
@@ -852,6 +853,8 @@ impl Coordinator {
             m.stats.last_seen_ms = now;
             m.checking = false;
         }
+        // A participant works on one thing at a time: asking for a unit gives up a check.
+        self.checks.release(id);
         if self.members[id].stats.banned {
             return Work::Banned;
         }
@@ -1263,7 +1266,8 @@ impl Coordinator {
         tokens: u64,
         now: u64,
     ) {
-        self.checks.queue(id, unit, delta, tokens, now);
+        let held = self.held.contains_key(&unit.unit_id);
+        self.checks.queue(id, unit, delta, tokens, held, now);
     }
 
     /// Re-executions not yet settled.
@@ -1271,9 +1275,10 @@ impl Coordinator {
         self.checks.len()
     }
 
-    /// Whether `id` may re-execute other participants' units: a key the relay was told to
-    /// trust, or an identity with `trusted_after` of its own units found honest; never a banned
-    /// one.
+    /// Whether `id` may re-execute other participants' units: a key the operator named
+    /// (`trusted_verifiers`), or an identity with `trusted_after` of its own units found
+    /// honest (which only gets audits, never the checks that let a held update in); never a
+    /// banned one.
     pub fn may_verify(&self, id: &str) -> bool {
         self.members.get(id).is_some_and(|m| {
             !m.stats.banned
@@ -1292,7 +1297,10 @@ impl Coordinator {
         let deadline = now + self.cfg.lease_ms;
         let unit = match self.checks.assigned_to(id) {
             Some(u) => self.checks.get(u).map(|c| c.unit.clone()),
-            None => self.checks.assign(id, now, deadline),
+            None => {
+                let named = self.cfg.trusted_verifiers.contains(id);
+                self.checks.assign(id, named, now, deadline)
+            }
         };
         let m = self.members.get_mut(id).expect("may_verify: a member");
         m.verifier_seen_ms = Some(now);
@@ -1389,6 +1397,7 @@ impl Coordinator {
                 check.unit,
                 check.delta,
                 check.tokens,
+                false,
                 now,
             );
             self.checks.get_mut(unit_id).expect("queued").stage = Stage::Relay {
@@ -2296,6 +2305,7 @@ mod tests {
                 screen: ScreenConfig {
                     enabled: true,
                     reexecute_first: 1,
+                    trusted_after: 1,
                     verifier_recheck_rate: 0.5,
                     ..ScreenConfig::default()
                 },
@@ -2385,12 +2395,26 @@ mod tests {
             .count();
         assert_eq!(checked, 2, "{changes:?}");
 
-        // With no verifier left, the relay takes checks at once.
+        // b earned verifier status with its own verified unit: it gets a's audit, never the
+        // held first unit of a newcomer.
+        join(&mut c, "y");
+        let uy = unit(&mut c, "y", 170);
+        submit_scrutinised(&mut c, "y", &uy, &[0.1], 0.9, 180);
+        c.queue_check("y", uy.clone(), Arc::new(vec![0.1]), 160, 180);
+        assert!(c.may_verify("b"));
+        assert_eq!(c.verification_for("b", 190), None);
         let ua2 = unit(&mut c, "a", 200);
         submit_scrutinised(&mut c, "a", &ua2, &[0.1], 0.0, 210);
         c.queue_check("a", ua2.clone(), Arc::new(vec![0.1]), 160, 210);
         assert_eq!(
-            c.relay_check(211).map(|j| j.unit.unit_id),
+            c.verification_for("b", 220).map(|u| u.unit_id),
+            Some(ua2.unit_id)
+        );
+        // b leaves: with no verifier left, the relay takes checks at once.
+        c.leave("b", 230);
+        assert_eq!(c.relay_check(231).map(|j| j.unit.unit_id), Some(uy.unit_id));
+        assert_eq!(
+            c.relay_check(232).map(|j| j.unit.unit_id),
             Some(ua2.unit_id)
         );
     }

@@ -24,9 +24,42 @@ pub fn update_message(
     base_sha256: &[u8; 32],
     payload_bytes: &[u8],
 ) -> Vec<u8> {
+    tagged(
+        b"tessera-update-v2",
+        unit_id,
+        base_version,
+        base_sha256,
+        payload_bytes,
+    )
+}
+
+/// The message a verifier signs with its re-execution of another participant's unit: as
+/// [`update_message`] under another domain tag, so that neither signature passes for the other.
+pub fn verification_message(
+    unit_id: u64,
+    base_version: u64,
+    base_sha256: &[u8; 32],
+    payload_bytes: &[u8],
+) -> Vec<u8> {
+    tagged(
+        b"tessera-verification-v1",
+        unit_id,
+        base_version,
+        base_sha256,
+        payload_bytes,
+    )
+}
+
+fn tagged(
+    tag: &[u8],
+    unit_id: u64,
+    base_version: u64,
+    base_sha256: &[u8; 32],
+    payload_bytes: &[u8],
+) -> Vec<u8> {
     let digest = Sha256::digest(payload_bytes);
     [
-        b"tessera-update-v2".as_slice(),
+        tag,
         &unit_id.to_le_bytes(),
         &base_version.to_le_bytes(),
         base_sha256.as_slice(),
@@ -73,6 +106,15 @@ mod tests {
         assert!(verify(&key, &update_message(3, 9, &[2; 32], b"payload"), &sig).is_err());
         assert!(verify(&public_key(&[8u8; 32]), &msg, &sig).is_err());
         assert!(verify(&key, &msg, &sig[..10]).is_err());
+        // A verification is not an update, nor the other way round.
+        assert!(
+            verify(
+                &key,
+                &verification_message(3, 9, &[1; 32], b"payload"),
+                &sig
+            )
+            .is_err()
+        );
         assert_eq!(short_id(&key).len(), 16);
     }
 }

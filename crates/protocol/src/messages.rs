@@ -162,6 +162,13 @@ pub enum ClientMsg {
     },
     /// Leaving politely: release any lease now.
     Leave,
+    /// A verifier asks for another participant's unit to re-execute (answered by
+    /// [`ServerMsg::Verify`], or [`ServerMsg::NoWork`] when it is not trusted to verify or
+    /// nothing waits: it then trains).
+    RequestVerification,
+    /// A verifier's re-execution of the unit it was given, signed with
+    /// [`crate::identity::verification_message`].
+    SubmitVerification(Submission),
 }
 
 /// Messages from the relay.
@@ -217,6 +224,16 @@ pub enum ServerMsg {
     Error {
         /// Human-readable reason.
         message: String,
+    },
+    // New variants go last: the wire keeps its numbering for older participants.
+    /// Re-execute this unit of another participant exactly as leased (same base, batches and
+    /// hyperparameters) and send the result with [`ClientMsg::SubmitVerification`].
+    Verify(WorkUnit),
+    /// A verification was received (what it showed is not said: a verifier cannot learn to
+    /// agree without working).
+    VerificationReceived {
+        /// The unit.
+        unit_id: u64,
     },
 }
 

@@ -172,10 +172,52 @@ pub fn submission(
     loss_before: f32,
     loss_after: f32,
 ) -> Submission {
+    signed(
+        secret,
+        identity::update_message,
+        unit,
+        model,
+        base_sha256,
+        delta,
+        (loss_before, loss_after),
+    )
+}
+
+/// A verifier's signed re-execution of another participant's `unit`: as [`submission`],
+/// signed as a verification ([`identity::verification_message`]).
+pub fn verification(
+    secret: &[u8; 32],
+    unit: &WorkUnit,
+    model: &ModelConfig,
+    base_sha256: [u8; 32],
+    delta: &[f32],
+    loss_before: f32,
+    loss_after: f32,
+) -> Submission {
+    signed(
+        secret,
+        identity::verification_message,
+        unit,
+        model,
+        base_sha256,
+        delta,
+        (loss_before, loss_after),
+    )
+}
+
+fn signed(
+    secret: &[u8; 32],
+    message: fn(u64, u64, &[u8; 32], &[u8]) -> Vec<u8>,
+    unit: &WorkUnit,
+    model: &ModelConfig,
+    base_sha256: [u8; 32],
+    delta: &[f32],
+    (loss_before, loss_after): (f32, f32),
+) -> Submission {
     let payload = Payload::f32(delta);
     let signature = identity::sign(
         secret,
-        &identity::update_message(unit.unit_id, unit.base_version, &base_sha256, &payload.data),
+        &message(unit.unit_id, unit.base_version, &base_sha256, &payload.data),
     )
     .to_vec();
     Submission {

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS participants (
     granted INTEGER NOT NULL DEFAULT 0,
     forfeited INTEGER NOT NULL DEFAULT 0,
     verified INTEGER NOT NULL DEFAULT 0,
+    verifications INTEGER NOT NULL DEFAULT 0,
     banned INTEGER NOT NULL DEFAULT 0,
     last_rejection TEXT,
     first_seen_ms INTEGER NOT NULL,
@@ -86,6 +87,13 @@ CREATE TABLE IF NOT EXISTS updates (
     -- pending, granted or forfeited
     credit TEXT NOT NULL DEFAULT 'pending',
     payload BLOB
+);
+CREATE TABLE IF NOT EXISTS verifications (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    unit_id INTEGER NOT NULL,
+    participant TEXT NOT NULL,
+    verifier TEXT NOT NULL,
+    tokens INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (
     key TEXT PRIMARY KEY,
@@ -162,6 +170,17 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        // Databases of earlier relays lack the verifier column.
+        let has_verifications: bool = conn
+            .prepare(
+                "SELECT 1 FROM pragma_table_info('participants') WHERE name = 'verifications'",
+            )?
+            .exists([])?;
+        if !has_verifications {
+            conn.execute_batch(
+                "ALTER TABLE participants ADD COLUMN verifications INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
         Ok(Db { conn })
     }
 
@@ -252,7 +271,7 @@ impl Db {
 
     /// Every participant's ledger entry.
     pub fn participants(&self) -> Result<Vec<ParticipantStats>> {
-        let mut st = self.conn.prepare("SELECT id, kind, backend, device, accepted, rejected, tokens, last_seen_ms, granted, forfeited, verified, banned, last_rejection FROM participants")?;
+        let mut st = self.conn.prepare("SELECT id, kind, backend, device, accepted, rejected, tokens, last_seen_ms, granted, forfeited, verified, banned, last_rejection, verifications FROM participants")?;
         let rows = st.query_map([], |r| {
             let kind: String = r.get(1)?;
             Ok(ParticipantStats {
@@ -278,6 +297,7 @@ impl Db {
                 verified_units: r.get::<_, i64>(10)? as u64,
                 banned: r.get::<_, i64>(11)? != 0,
                 last_rejection: r.get(12)?,
+                verifications: r.get::<_, i64>(13)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -436,6 +456,21 @@ impl Db {
                     tx.execute(
                         "UPDATE participants SET forfeited = forfeited + ?2 WHERE id = ?1",
                         params![participant, *tokens as i64],
+                    )?;
+                }
+                LedgerChange::Checked {
+                    verifier,
+                    participant,
+                    unit_id,
+                    tokens,
+                } => {
+                    tx.execute(
+                        "INSERT INTO verifications (unit_id, participant, verifier, tokens) VALUES (?1, ?2, ?3, ?4)",
+                        params![*unit_id as i64, participant, verifier, *tokens as i64],
+                    )?;
+                    tx.execute(
+                        "UPDATE participants SET verifications = verifications + 1 WHERE id = ?1",
+                        [verifier],
                     )?;
                 }
                 LedgerChange::Banned {

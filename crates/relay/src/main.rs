@@ -103,6 +103,24 @@ struct Args {
     /// Every identity's first units are re-executed: how many.
     #[arg(long, default_value_t = ScreenConfig::default().reexecute_first)]
     reexecute_first: u32,
+    /// Fraction of a young identity's units re-executed at random (until `--trusted-after`).
+    #[arg(long, default_value_t = ScreenConfig::default().reexecute_young_rate)]
+    reexecute_young_rate: f64,
+    /// Units of an identity found honest after which it is trusted: audited at
+    /// `--reexecute-rate`, and allowed to verify others' units (`tessera-host join --verifier`).
+    #[arg(long, default_value_t = ScreenConfig::default().trusted_after)]
+    trusted_after: u64,
+    /// A participant id (as `tessera-host id` prints it) trusted to verify others' units from
+    /// its first connection; repeat for several.
+    #[arg(long = "trusted-verifier", value_name = "ID")]
+    trusted_verifiers: Vec<String>,
+    /// With a verifier connected, a unit to re-execute waits this long for it before the relay
+    /// re-executes it itself.
+    #[arg(long, default_value_t = CoordConfig::new(1).verifier_wait_ms)]
+    verifier_wait_ms: u64,
+    /// Fraction of verifiers' agreeing re-executions that the relay re-executes too.
+    #[arg(long, default_value_t = ScreenConfig::default().verifier_recheck_rate)]
+    verifier_recheck_rate: f64,
     /// Validation batches per evaluation.
     #[arg(long, default_value_t = 20)]
     eval_iters: usize,
@@ -206,8 +224,13 @@ async fn main() -> Result<()> {
             enabled: !a.no_verify,
             reexecute_rate: a.reexecute_rate.clamp(0.0, 1.0),
             reexecute_first: a.reexecute_first,
+            reexecute_young_rate: a.reexecute_young_rate.clamp(0.0, 1.0),
+            trusted_after: a.trusted_after,
+            verifier_recheck_rate: a.verifier_recheck_rate.clamp(0.0, 1.0),
             ..ScreenConfig::default()
         },
+        trusted_verifiers: a.trusted_verifiers.iter().cloned().collect(),
+        verifier_wait_ms: a.verifier_wait_ms,
         ..CoordConfig::new(model.block_size as u32)
     };
     let corpus = read_corpus(a.data.as_deref())?;

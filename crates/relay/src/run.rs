@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use tessera_coordinator::screen;
 use tessera_coordinator::{
     Config as CoordConfig, Coordinator, Event, Held, LedgerChange, Measured, ParticipantStats,
-    Rejection, Rollback, Scrutiny, Verdict, Work,
+    Rejection, RelayCheck, Rollback, Scrutiny, Verdict, Work,
 };
 use tessera_core::burn::prelude::Device;
 use tessera_core::config::{ModelConfig, TrainConfig};
@@ -30,14 +30,7 @@ use crate::now_ms;
 use crate::verify::Verifier;
 
 /// What a banned participant is told (and then disconnected).
-pub const BANNED: &str = "banned: a re-execution of one of this key's units disagreed with what it submitted; its pending credit is forfeited";
-
-/// A held or audited update waiting for its re-execution.
-struct Reexecution {
-    participant: String,
-    unit: WorkUnit,
-    delta: Vec<f32>,
-}
+pub const BANNED: &str = "banned: a re-execution contradicted this key's work (a unit it trained, or one it verified); its pending credit is forfeited";
 
 /// A uniform sample in `[0, 1)` from the operating system's randomness.
 fn random_unit() -> f64 {
@@ -134,7 +127,8 @@ pub struct Relay {
     pub metrics: Metrics,
     /// Probe and re-execution compute.
     pub verifier: Verifier,
-    reexec: Mutex<Option<std::sync::mpsc::Sender<Reexecution>>>,
+    /// Rung when a check may be waiting for the relay's re-execution thread.
+    doorbell: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 /// What `/api/status` returns.
@@ -184,6 +178,10 @@ pub struct VerificationInfo {
     reexecuted_tokens: u64,
     /// Banned participants.
     banned: usize,
+    /// Re-executions not yet settled (held and audited units).
+    checks_pending: usize,
+    /// Re-executions done by verifier participants and found right.
+    verifier_checks: u64,
 }
 
 /// The open round, as `/api/status` shows it.
@@ -334,6 +332,7 @@ impl Relay {
                             delta,
                             tokens: h.tokens,
                         },
+                        now_ms(),
                     );
                 }
                 tracing::info!(
@@ -392,7 +391,7 @@ impl Relay {
             sample: Mutex::new(None),
             metrics: Metrics::default(),
             verifier,
-            reexec: Mutex::new(None),
+            doorbell: Mutex::new(None),
         });
         {
             // A round that filled up before the crash closes now.
@@ -628,11 +627,10 @@ impl Relay {
                 .coord
                 .accept(id, s.unit_id, &delta, verdict, Some(&measured), hold, now);
         if scrutiny != Scrutiny::None {
-            self.queue_reexecution(Reexecution {
-                participant: id.to_string(),
-                unit,
-                delta,
-            });
+            inner
+                .coord
+                .queue_check(id, unit, Arc::new(delta), verdict.tokens, now);
+            self.ring();
         }
         if let Some(v) = accepted.closed {
             self.persist_version(&mut inner, v)?;
@@ -724,47 +722,44 @@ impl Relay {
         self.db().apply_ledger(&changes)
     }
 
-    fn queue_reexecution(&self, job: Reexecution) {
-        if let Some(tx) = self.reexec.lock().expect("queue lock").as_ref() {
-            tx.send(job).ok();
+    fn ring(&self) {
+        if let Some(tx) = self.doorbell.lock().expect("doorbell lock").as_ref() {
+            tx.send(()).ok();
         }
     }
 
-    /// Starts the thread that re-executes held and audited units, one at a time, and re-queues
-    /// those held when the relay last stopped.
+    /// Starts the thread that re-executes the checks the coordinator leaves to the relay (all
+    /// of them when no verifier is connected; disputes and spot checks of verifiers; checks a
+    /// verifier left waiting), one at a time.
     pub fn start_verifier(self: &Arc<Self>) -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::channel::<Reexecution>();
-        let held: Vec<Reexecution> = {
-            let inner = self.lock();
-            inner
-                .coord
-                .held()
-                .map(|(_, h)| Reexecution {
-                    participant: h.participant.clone(),
-                    unit: h.unit.clone(),
-                    delta: h.delta.clone(),
-                })
-                .collect()
-        };
-        for job in held {
-            tx.send(job).ok();
-        }
-        *self.reexec.lock().expect("queue lock") = Some(tx);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        *self.doorbell.lock().expect("doorbell lock") = Some(tx);
         let me = self.clone();
         std::thread::Builder::new()
             .name("reexecute".into())
             .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    if let Err(e) = me.reexecute(&job) {
-                        tracing::error!(unit = job.unit.unit_id, "re-execution: {e:#}");
+                loop {
+                    let job = me.lock().coord.relay_check(now_ms());
+                    match job {
+                        Some(job) => {
+                            if let Err(e) = me.reexecute(&job) {
+                                tracing::error!(unit = job.unit.unit_id, "re-execution: {e:#}");
+                                me.lock().coord.relay_check_interrupted(job.unit.unit_id);
+                                std::thread::sleep(std::time::Duration::from_secs(1));
+                            }
+                        }
+                        None => match rx.recv_timeout(std::time::Duration::from_millis(250)) {
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                            _ => continue,
+                        },
                     }
                 }
             })?;
         Ok(())
     }
 
-    /// Re-trains a held or audited unit and lets the coordinator judge.
-    fn reexecute(&self, job: &Reexecution) -> Result<()> {
+    /// Re-trains a unit the relay checks itself and lets the coordinator judge.
+    fn reexecute(&self, job: &RelayCheck) -> Result<()> {
         let unit_id = job.unit.unit_id;
         let outcome = match self.verifier.base(&self.ckpt, job.unit.base_version) {
             Ok(base) => {
@@ -774,7 +769,7 @@ impl Relay {
                 Some((
                     ok,
                     format!(
-                        "unit {unit_id} re-executed: cosine {cos:.6}, norm differs by {:.3}%",
+                        "unit {unit_id} re-executed by the relay: cosine {cos:.6}, norm differs by {:.3}%",
                         100.0 * rel
                     ),
                 ))
@@ -788,19 +783,106 @@ impl Relay {
         let closed = match &outcome {
             Some((ok, detail)) => {
                 tracing::info!(participant = job.participant, ok, "{detail}");
-                inner
-                    .coord
-                    .reexecuted(&job.participant, unit_id, *ok, detail, now_ms())
+                inner.coord.relay_result(unit_id, *ok, detail, now_ms())
             }
             None => inner.coord.drop_held(unit_id, now_ms()),
         };
-        // The verdict first: a verified update is out of hold before the version it closed
-        // records what it folded.
-        self.persist_ledger(&mut inner)?;
+        self.settled(&mut inner, closed)
+    }
+
+    /// Persists what a verdict changed: the ledger first (a verified update is out of hold
+    /// before the version it closed records what it folded), then the version, then what
+    /// closing it granted.
+    fn settled(&self, inner: &mut Inner, closed: Option<u64>) -> Result<()> {
+        self.persist_ledger(inner)?;
         if let Some(v) = closed {
-            self.persist_version(&mut inner, v)?;
+            self.persist_version(inner, v)?;
         }
-        self.persist_ledger(&mut inner)
+        self.persist_ledger(inner)
+    }
+
+    /// A verifier asks for a unit to re-execute.
+    pub fn request_verification(&self, id: &str) -> ServerMsg {
+        if self.is_banned(id) {
+            return ServerMsg::Error {
+                message: BANNED.into(),
+            };
+        }
+        match self.lock().coord.verification_for(id, now_ms()) {
+            Some(unit) => ServerMsg::Verify(unit),
+            None => ServerMsg::NoWork { retry_ms: 0 },
+        }
+    }
+
+    /// A verifier's re-execution: checked like a submission (signature, payload, base digest),
+    /// compared with what the unit's participant submitted, and judged by the coordinator.
+    pub fn submit_verification(
+        &self,
+        id: &str,
+        public_key: &[u8; 32],
+        s: Submission,
+    ) -> Result<ServerMsg> {
+        let refused = |r: Rejection| ServerMsg::Rejected {
+            unit_id: s.unit_id,
+            reason: r.reason,
+            detail: r.detail,
+        };
+        let msg = identity::verification_message(
+            s.unit_id,
+            s.base_version,
+            &s.base_sha256,
+            &s.payload.data,
+        );
+        if let Err(e) = identity::verify(public_key, &msg, &s.signature) {
+            return Ok(refused(Rejection {
+                reason: RejectReason::BadSignature,
+                detail: e.to_string(),
+            }));
+        }
+        let (unit, submitted) = match self.lock().coord.check_of(id, s.unit_id) {
+            Ok(c) => c,
+            Err(r) => return Ok(refused(r)),
+        };
+        let reference = s.payload.decode().ok().filter(|d| {
+            d.len() == submitted.len()
+                && d.iter().all(|x| x.is_finite())
+                && s.base_version == unit.base_version
+        });
+        let Some(reference) = reference else {
+            return Ok(refused(Rejection {
+                reason: RejectReason::Malformed,
+                detail: format!(
+                    "the re-execution of unit {} does not decode to {} finite values from version {}",
+                    s.unit_id,
+                    submitted.len(),
+                    unit.base_version
+                ),
+            }));
+        };
+        let cfg = self.lock().coord.config().screen;
+        let (cos, rel, agrees) = screen::compare(&cfg, &submitted, &reference);
+        let detail = format!(
+            "unit {} re-executed by verifier {id}: cosine {cos:.6}, norm differs by {:.3}%",
+            s.unit_id,
+            100.0 * rel
+        );
+        tracing::info!(verifier = id, agrees, "{detail}");
+        let mut inner = self.lock();
+        let closed = match inner.coord.verifier_result(
+            id,
+            s.unit_id,
+            agrees,
+            &detail,
+            random_unit(),
+            now_ms(),
+        ) {
+            Ok(c) => c,
+            Err(r) => return Ok(refused(r)),
+        };
+        self.settled(&mut inner, closed)?;
+        drop(inner);
+        self.ring();
+        Ok(ServerMsg::VerificationReceived { unit_id: s.unit_id })
     }
 
     /// Time passes: expire leases, close late rounds.
@@ -885,6 +967,8 @@ impl Relay {
                     reexecute_seconds: c.reexecute_us.load(Relaxed) as f64 / 1e6,
                     reexecuted_tokens: c.reexecuted_tokens.load(Relaxed),
                     banned: inner.coord.participants().filter(|p| p.banned).count(),
+                    checks_pending: inner.coord.checks_pending(),
+                    verifier_checks: inner.coord.participants().map(|p| p.verifications).sum(),
                 }
             },
         }

@@ -283,8 +283,20 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
     metric(
         "tessera_reexecutions_total",
         "counter",
-        "Units re-executed.",
+        "Units re-executed by the relay.",
         f("reexecutions"),
+    );
+    metric(
+        "tessera_verifier_checks_total",
+        "counter",
+        "Units re-executed by verifier participants and found right.",
+        f("verifier_checks"),
+    );
+    metric(
+        "tessera_checks_pending",
+        "gauge",
+        "Re-executions not yet settled.",
+        f("checks_pending"),
     );
     metric(
         "tessera_reexecute_seconds_total",
@@ -460,6 +472,17 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
                             let id2 = id.clone();
                             let key = hello.public_key;
                             tokio::task::spawn_blocking(move || r2.submit(&id2, &key, s)).await??
+                        }
+                        ClientMsg::RequestVerification => match r.request_verification(&id) {
+                            ServerMsg::Error { message } => return fail(&mut socket, message).await,
+                            m => m,
+                        },
+                        ClientMsg::SubmitVerification(s) => {
+                            r.metrics.update_bytes.fetch_add(s.payload.data.len() as u64, Ordering::Relaxed);
+                            let r2 = r.clone();
+                            let id2 = id.clone();
+                            let key = hello.public_key;
+                            tokio::task::spawn_blocking(move || r2.submit_verification(&id2, &key, s)).await??
                         }
                         ClientMsg::Leave => {
                             r.leave(&id)?;
