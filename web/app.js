@@ -171,7 +171,7 @@ async function refresh() {
   $('verification').textContent = v.enabled ? `${v.held} / ${v.reexecutions} + ${v.verifier_checks} / ${v.banned}` : 'off';
   const esc = t => String(t).replace(/[&<>]/g, c => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;' })[c]);
   $('participants').innerHTML =
-    '<tr><th>id</th><th>kind</th><th>backend</th><th>device</th><th>tokens/s</th><th>unit steps</th><th>accepted / rejected</th><th>granted</th><th>pending</th><th>verified (own / others')</th><th>last rejection</th><th></th></tr>' +
+    '<tr><th>id</th><th>kind</th><th>backend</th><th>device</th><th>tokens/s</th><th>unit steps</th><th>accepted / rejected</th><th>granted</th><th>pending</th><th>units verified: own / checked for others</th><th>last rejection</th><th></th></tr>' +
     s.participants.map(p => `<tr><td>${esc(p.id)}${p.id === tab.participantId ? ' (you)' : ''}</td><td>${esc(p.kind)}</td>` +
       `<td>${esc(p.backend)}</td><td>${esc(p.device)}</td><td>${p.tokens_per_s ? fmt(p.tokens_per_s) : '—'}</td>` +
       `<td>${p.unit_steps || '—'}</td><td>${p.accepted_updates} / ${p.rejected_updates}</td>` +

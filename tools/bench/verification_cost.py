@@ -7,6 +7,11 @@ time (each participant's tokens over its measured tokens/s).
     cargo build --release --workspace --bins
     python3 tools/bench/verification_cost.py                       # tiny, 3 hosts, 1.2M tokens
     python3 tools/bench/verification_cost.py --config baby --tokens 400000
+    python3 tools/bench/verification_cost.py --verifiers 1   # the last host also verifies
+
+With --verifiers K the last K hosts run `tessera-host join --verifier` and the relay trusts
+their keys (--trusted-verifier): the relay's re-execution seconds fall by what they take on
+(verifier_checks), their training time counting as the participants' like any other.
 
 Also reports what the honest run lost to verification: refused updates, bans, forfeited
 tokens (all should be 0) and the share of updates held or audited."""
@@ -42,15 +47,23 @@ def main():
     ap.add_argument("--hosts", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=1_200_000)
     ap.add_argument("--corpus", default=None, help="a text file (default: the embedded corpus)")
+    ap.add_argument("--verifiers", type=int, default=0, help="of the hosts, how many also verify")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="tessera-verify-")
     port = free_port()
+    host = os.path.join(BIN, "tessera-host")
+    keys = [os.path.join(work, f"h{i}.key") for i in range(a.hosts)]
+    verifiers = list(range(a.hosts - a.verifiers, a.hosts))
     relay_cmd = [os.path.join(BIN, "tessera-relay"), "--listen", f"127.0.0.1:{port}",
                  "--db", os.path.join(work, "relay.db"),
                  "--checkpoints", os.path.join(work, "checkpoints"), "--config", a.config,
                  "--max-tokens", str(a.tokens), "--inner-lr-decay-tokens", str(a.tokens)]
     if a.corpus:
         relay_cmd += ["--data", a.corpus]
+    for i in verifiers:
+        vid = subprocess.run([host, "id", "--key", keys[i]], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        relay_cmd += ["--trusted-verifier", vid]
     relay = subprocess.Popen(relay_cmd, stdout=subprocess.DEVNULL,
                              stderr=open(os.path.join(work, "relay.log"), "w"))
     procs = [relay]
@@ -63,8 +76,8 @@ def main():
                 time.sleep(0.1)
         for i in range(a.hosts):
             procs.append(subprocess.Popen(
-                [os.path.join(BIN, "tessera-host"), "join", f"ws://127.0.0.1:{port}/ws", "--backend", "cpu",
-                 "--key", os.path.join(work, f"h{i}.key")],
+                [host, "join", f"ws://127.0.0.1:{port}/ws", "--backend", "cpu", "--key", keys[i]]
+                + (["--verifier"] if i in verifiers else []),
                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"h{i}.log"), "w")))
         start = time.time()
         while True:
@@ -81,6 +94,8 @@ def main():
         out = {
             "config": a.config,
             "hosts": a.hosts,
+            "verifiers": a.verifiers,
+            "verifier_checks": v["verifier_checks"],
             "tokens_applied": s["tokens_applied"],
             "accepted": s["accepted_updates"],
             "rejected": s["rejected_updates"],
