@@ -205,11 +205,11 @@ impl Checks {
     }
 
     /// What the relay's thread should re-execute next: a dispute or a spot check first, then
-    /// the oldest waiting check when no verifier is there or it has waited `wait_ms`.
+    /// the oldest waiting check when no verifier is there (`wait_ms` is `None`) or it has
+    /// waited `wait_ms(its tokens)`.
     pub fn take_for_relay(
         &mut self,
-        verifier_present: bool,
-        wait_ms: u64,
+        wait_ms: Option<&dyn Fn(u64) -> u64>,
         now: u64,
     ) -> Option<RelayCheck> {
         let pick = self
@@ -219,7 +219,7 @@ impl Checks {
             .or_else(|| {
                 self.by_unit.iter().find(|(_, c)| {
                     c.stage == Stage::Queued
-                        && (!verifier_present || now.saturating_sub(c.queued_ms) >= wait_ms)
+                        && wait_ms.is_none_or(|w| now.saturating_sub(c.queued_ms) >= w(c.tokens))
                 })
             })
             .map(|(u, _)| *u)?;
@@ -245,17 +245,6 @@ impl Checks {
             unit: c.unit.clone(),
             delta: c.delta.clone(),
         })
-    }
-
-    /// The relay's thread could not finish `unit_id` (it stopped): back to its turn.
-    pub fn untake(&mut self, unit_id: u64) {
-        if let Some(Check {
-            stage: Stage::Relay { taken, .. },
-            ..
-        }) = self.by_unit.get_mut(&unit_id)
-        {
-            *taken = false;
-        }
     }
 }
 
@@ -291,9 +280,10 @@ mod tests {
         assert_eq!(c.assigned_to("a"), Some(2));
         assert!(c.held_by("a", 2).is_some() && c.held_by("b", 2).is_none());
         // With a verifier present the relay leaves young checks to it…
-        assert!(c.take_for_relay(true, 5_000, 300).is_none());
+        let wait: &dyn Fn(u64) -> u64 = &|_| 5_000;
+        assert!(c.take_for_relay(Some(wait), 300).is_none());
         // …and takes one that waited too long.
-        let r = c.take_for_relay(true, 5_000, 5_000).expect("unit 1 waited");
+        let r = c.take_for_relay(Some(wait), 5_000).expect("unit 1 waited");
         assert_eq!((r.participant.as_str(), r.unit.unit_id), ("a", 1));
         // A lapsed assignment goes to another verifier.
         assert!(c.assign("c", true, 500, 2_000).is_none());
@@ -309,16 +299,8 @@ mod tests {
             disputed_by: Some("c".into()),
             vouched_by: None,
         };
-        assert_eq!(
-            c.take_for_relay(false, 0, 0).map(|r| r.unit.unit_id),
-            Some(2)
-        );
-        assert!(c.take_for_relay(false, 0, 0).is_none());
-        c.untake(2);
-        assert_eq!(
-            c.take_for_relay(false, 0, 0).map(|r| r.unit.unit_id),
-            Some(2)
-        );
+        assert_eq!(c.take_for_relay(None, 0).map(|r| r.unit.unit_id), Some(2));
+        assert!(c.take_for_relay(None, 0).is_none());
         c.drop_participant("b");
         c.drop_participant("a");
         assert!(c.is_empty());

@@ -1235,8 +1235,9 @@ impl Coordinator {
             && !self.at_max_version()
     }
 
-    /// A held update that cannot be verified (its base is gone): dropped, its unit's credit
-    /// forfeited, nothing else (a soft failure). Returns the version this closed, if any.
+    /// A held update that cannot be verified (its base is gone, or re-training it failed):
+    /// dropped, its unit's credit forfeited, nothing else (a soft failure); an audit's check is
+    /// dropped with it. Returns the version this closed, if any.
     pub fn drop_held(&mut self, unit_id: u64, now: u64) -> Option<u64> {
         self.checks.remove(unit_id);
         let h = self.held.remove(&unit_id)?;
@@ -1312,27 +1313,38 @@ impl Coordinator {
         })
     }
 
-    /// Whether a verifier is connected and asked for a re-execution within the last lease
-    /// period.
-    fn verifier_present(&self, now: u64) -> bool {
-        self.members.values().any(|m| {
-            m.stats.connected
-                && !m.stats.banned
-                && m.verifier_seen_ms
-                    .is_some_and(|t| now.saturating_sub(t) <= self.cfg.lease_ms)
-        })
+    /// The verifiers connected that asked for a re-execution within the last lease period:
+    /// `None` when there is none, else the speed of the fastest (tokens/ms; 0 when unknown).
+    fn verifiers_present(&self, now: u64) -> Option<f64> {
+        self.members
+            .values()
+            .filter(|m| {
+                m.stats.connected
+                    && !m.stats.banned
+                    && m.verifier_seen_ms
+                        .is_some_and(|t| now.saturating_sub(t) <= self.cfg.lease_ms)
+            })
+            .map(|m| m.speed.tokens_per_ms().unwrap_or(0.0))
+            .reduce(f64::max)
     }
 
-    /// What the relay's own re-execution thread should do next (see [`crate::checks`]).
+    /// What the relay's own re-execution thread should do next (see [`crate::checks`]). With
+    /// a verifier present, a check waits for it `verifier_wait_ms`, or twice the time the
+    /// fastest verifier takes to train such a unit when that is longer (it may be in the middle
+    /// of a unit of its own), at most a lease period.
     pub fn relay_check(&mut self, now: u64) -> Option<RelayCheck> {
-        let present = self.verifier_present(now);
-        self.checks
-            .take_for_relay(present, self.cfg.verifier_wait_ms, now)
-    }
-
-    /// The relay's thread could not finish the check of `unit_id` and will try again.
-    pub fn relay_check_interrupted(&mut self, unit_id: u64) {
-        self.checks.untake(unit_id);
+        let present = self.verifiers_present(now);
+        let (min_wait, max_wait) = (self.cfg.verifier_wait_ms, self.cfg.lease_ms);
+        let wait = move |tokens: u64| -> u64 {
+            match present {
+                Some(speed) if speed > 0.0 => {
+                    ((2.0 * tokens as f64 / speed) as u64).clamp(min_wait, max_wait.max(min_wait))
+                }
+                _ => min_wait,
+            }
+        };
+        let wait: Option<&dyn Fn(u64) -> u64> = present.map(|_| &wait as &dyn Fn(u64) -> u64);
+        self.checks.take_for_relay(wait, now)
     }
 
     /// The unit and the submitted update that `verifier`'s re-execution of `unit_id` is to be

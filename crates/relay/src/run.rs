@@ -743,9 +743,17 @@ impl Relay {
                     match job {
                         Some(job) => {
                             if let Err(e) = me.reexecute(&job) {
-                                tracing::error!(unit = job.unit.unit_id, "re-execution: {e:#}");
-                                me.lock().coord.relay_check_interrupted(job.unit.unit_id);
-                                std::thread::sleep(std::time::Duration::from_secs(1));
+                                // A soft failure: that unit is dropped (its credit only), the
+                                // round does not wait for it forever.
+                                tracing::error!(
+                                    unit = job.unit.unit_id,
+                                    "re-execution failed, dropping the unit: {e:#}"
+                                );
+                                let mut inner = me.lock();
+                                let closed = inner.coord.drop_held(job.unit.unit_id, now_ms());
+                                if let Err(e) = me.settled(&mut inner, closed) {
+                                    tracing::error!("persisting a dropped unit: {e:#}");
+                                }
                             }
                         }
                         None => match rx.recv_timeout(std::time::Duration::from_millis(250)) {
