@@ -2432,6 +2432,35 @@ mod tests {
     }
 
     #[test]
+    fn a_check_waits_for_a_verifier_as_long_as_it_takes_to_train_such_a_unit() {
+        let mut c = coord_with(
+            Config {
+                screen: ScreenConfig {
+                    enabled: true,
+                    ..ScreenConfig::default()
+                },
+                lease_ms: 60_000,
+                trusted_verifiers: ["v".to_string()].into(),
+                ..cfg()
+            },
+            1,
+        );
+        join(&mut c, "a");
+        // The verifier reports 16 tokens/s: a unit of 160 tokens takes it 10 s.
+        c.join("v", ParticipantKind::Native, "cpu", "slow", 16.0, 0);
+        assert_eq!(c.verification_for("v", 0), None);
+        let u = unit(&mut c, "a", 0);
+        submit_scrutinised(&mut c, "a", &u, &[0.5], 0.9, 1_000);
+        c.queue_check("a", u.clone(), Arc::new(vec![0.5]), 160, 1_000);
+        // Twice that (it may be in the middle of a unit of its own), not the flat 5 s.
+        assert!(c.relay_check(1_000 + 19_999).is_none());
+        assert_eq!(
+            c.relay_check(1_000 + 20_000).map(|j| j.unit.unit_id),
+            Some(u.unit_id)
+        );
+    }
+
+    #[test]
     fn no_round_closes_past_the_last_version() {
         let mut c = coord_with(
             Config {
