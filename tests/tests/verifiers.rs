@@ -29,6 +29,22 @@ fn finished(s: &Value) -> bool {
         && s["tokens_applied"].as_u64().unwrap() >= 235_000
 }
 
+/// A relay with its defaults that trusts `verifier` and folds [`TOKENS`].
+fn relay_trusting(dir: &std::path::Path, port: u16, verifier: &str) -> Proc {
+    start_relay(
+        dir,
+        port,
+        &[
+            "--trusted-verifier",
+            verifier,
+            "--max-tokens",
+            TOKENS,
+            "--inner-lr-decay-tokens",
+            TOKENS,
+        ],
+    )
+}
+
 /// The id a key file will give a host, writing the key first.
 fn key_with_id(dir: &std::path::Path, name: &str, secret: [u8; 32]) -> String {
     std::fs::write(dir.join(format!("{name}.key")), hex::encode(secret)).unwrap();
@@ -40,18 +56,7 @@ fn a_trusted_verifier_host_re_executes_units_in_the_relays_place() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let vid = key_with_id(dir.path(), "v", [21u8; 32]);
-    let _relay = start_relay(
-        dir.path(),
-        port,
-        &[
-            "--trusted-verifier",
-            &vid,
-            "--max-tokens",
-            TOKENS,
-            "--inner-lr-decay-tokens",
-            TOKENS,
-        ],
-    );
+    let _relay = relay_trusting(dir.path(), port, &vid);
     let hosts: Vec<Proc> = (0..2)
         .map(|i| start_host(dir.path(), port, &format!("h{i}"), &[]))
         .collect();
@@ -125,18 +130,7 @@ fn a_verifier_that_lies_is_banned_and_the_participant_it_accused_is_not() {
     let port = free_port();
     let secret = [33u8; 32];
     let liar = identity::short_id(&identity::public_key(&secret));
-    let _relay = start_relay(
-        dir.path(),
-        port,
-        &[
-            "--trusted-verifier",
-            &liar,
-            "--max-tokens",
-            TOKENS,
-            "--inner-lr-decay-tokens",
-            TOKENS,
-        ],
-    );
+    let _relay = relay_trusting(dir.path(), port, &liar);
     let hosts: Vec<Proc> = (0..2)
         .map(|i| start_host(dir.path(), port, &format!("h{i}"), &[]))
         .collect();

@@ -847,9 +847,12 @@ impl Relay {
                 detail: e.to_string(),
             }));
         }
-        let (unit, submitted) = match self.lock().coord.check_of(id, s.unit_id) {
-            Ok(c) => c,
-            Err(r) => return Ok(refused(r)),
+        let (unit, submitted, cfg) = {
+            let inner = self.lock();
+            match inner.coord.check_of(id, s.unit_id) {
+                Ok((u, d)) => (u, d, inner.coord.config().screen),
+                Err(r) => return Ok(refused(r)),
+            }
         };
         let reference = s.payload.decode().ok().filter(|d| {
             d.len() == submitted.len()
@@ -867,7 +870,6 @@ impl Relay {
                 ),
             }));
         };
-        let cfg = self.lock().coord.config().screen;
         let (cos, rel, agrees) = screen::compare(&cfg, &submitted, &reference);
         let detail = format!(
             "unit {} re-executed by verifier {id}: cosine {cos:.6}, norm differs by {:.3}%",

@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use tessera_protocol::messages::{ClientMsg, Hello, ServerMsg};
+use tessera_protocol::messages::{ClientMsg, Hello, ServerMsg, Submission};
 use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity};
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -373,6 +373,22 @@ async fn fail(socket: &mut WebSocket, message: String) -> anyhow::Result<()> {
     anyhow::bail!(message)
 }
 
+/// Counts a payload's bytes and hands it to `handle` (an update or a verification: signature,
+/// decoding, checks, probe, database) on a blocking thread, off the async runtime.
+async fn off_runtime(
+    r: &Arc<Relay>,
+    id: &str,
+    key: [u8; 32],
+    s: Submission,
+    handle: fn(&Relay, &str, &[u8; 32], Submission) -> anyhow::Result<ServerMsg>,
+) -> anyhow::Result<ServerMsg> {
+    r.metrics
+        .update_bytes
+        .fetch_add(s.payload.data.len() as u64, Ordering::Relaxed);
+    let (r, id) = (r.clone(), id.to_string());
+    tokio::task::spawn_blocking(move || handle(&r, &id, &key, s)).await?
+}
+
 async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyhow::Result<()> {
     let mut nonce = [0u8; 32];
     getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
@@ -467,22 +483,14 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
                             ServerMsg::HeartbeatAck
                         }
                         ClientMsg::Submit(s) => {
-                            r.metrics.update_bytes.fetch_add(s.payload.data.len() as u64, Ordering::Relaxed);
-                            let r2 = r.clone();
-                            let id2 = id.clone();
-                            let key = hello.public_key;
-                            tokio::task::spawn_blocking(move || r2.submit(&id2, &key, s)).await??
+                            off_runtime(&r, &id, hello.public_key, s, Relay::submit).await?
                         }
                         ClientMsg::RequestVerification => match r.request_verification(&id) {
                             ServerMsg::Error { message } => return fail(&mut socket, message).await,
                             m => m,
                         },
                         ClientMsg::SubmitVerification(s) => {
-                            r.metrics.update_bytes.fetch_add(s.payload.data.len() as u64, Ordering::Relaxed);
-                            let r2 = r.clone();
-                            let id2 = id.clone();
-                            let key = hello.public_key;
-                            tokio::task::spawn_blocking(move || r2.submit_verification(&id2, &key, s)).await??
+                            off_runtime(&r, &id, hello.public_key, s, Relay::submit_verification).await?
                         }
                         ClientMsg::Leave => {
                             r.leave(&id)?;
