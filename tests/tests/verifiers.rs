@@ -9,7 +9,7 @@ use serde_json::Value;
 use tessera_e2e::client::{self, recv, send};
 use tessera_e2e::*;
 use tessera_protocol::identity;
-use tessera_protocol::messages::{ClientMsg, ServerMsg};
+use tessera_protocol::messages::{ClientMsg, RejectReason, ServerMsg};
 
 /// Tokens each run folds (the tiny model).
 const TOKENS: &str = "240000";
@@ -95,18 +95,26 @@ fn a_trusted_verifier_host_re_executes_units_in_the_relays_place() {
 }
 
 /// A trusted verifier that re-executes nothing and sends noise as its result, until the relay
-/// stops answering it; returns how many results it sent and whether it was told it is banned.
-async fn lying_verifier(port: u16, secret: [u8; 32], deadline: Instant) -> (u32, bool) {
+/// stops answering it. Its first result signs a wrong base digest. Returns how many results it
+/// sent, whether it was told it is banned, and the relay's answer to the wrong base.
+async fn lying_verifier(
+    port: u16,
+    secret: [u8; 32],
+    deadline: Instant,
+) -> (u32, bool, Option<ServerMsg>) {
     let (mut ws, run) = client::joined(port, secret).await;
     let mut sent = 0;
+    let mut wrong_base = None;
     while Instant::now() < deadline {
         send(&mut ws, &ClientMsg::RequestVerification).await;
         let unit = loop {
             match recv(&mut ws).await {
                 Some(ServerMsg::Verify(u)) => break Some(u),
                 Some(ServerMsg::NoWork { .. }) => break None,
-                Some(ServerMsg::Error { message }) => return (sent, message.starts_with("banned")),
-                None => return (sent, false),
+                Some(ServerMsg::Error { message }) => {
+                    return (sent, message.starts_with("banned"), wrong_base);
+                }
+                None => return (sent, false, wrong_base),
                 Some(_) => continue,
             }
         };
@@ -115,13 +123,33 @@ async fn lying_verifier(port: u16, secret: [u8; 32], deadline: Instant) -> (u32,
             continue;
         };
         let noise = client::noise(run.num_params as usize, 1.0, unit.unit_id);
+        if wrong_base.is_none() {
+            let result = tessera_protocol::work::verification(
+                &secret, &unit, &run.model, [0; 32], &noise, 1.0, 0.5,
+            );
+            send(&mut ws, &ClientMsg::SubmitVerification(result)).await;
+            wrong_base = loop {
+                match recv(&mut ws).await {
+                    Some(
+                        m @ (ServerMsg::Rejected { .. } | ServerMsg::VerificationReceived { .. }),
+                    ) => {
+                        break Some(m);
+                    }
+                    Some(_) => continue,
+                    None => return (sent, false, None),
+                }
+            };
+            continue;
+        }
+        // The lie itself signs the base it was given, so only its values are wrong.
+        let base = client::base(port, &run.model, unit.base_version).sha256;
         let result = tessera_protocol::work::verification(
-            &secret, &unit, &run.model, [0; 32], &noise, 1.0, 0.5,
+            &secret, &unit, &run.model, base, &noise, 1.0, 0.5,
         );
         send(&mut ws, &ClientMsg::SubmitVerification(result)).await;
         sent += 1;
     }
-    (sent, false)
+    (sent, false, wrong_base)
 }
 
 #[test]
@@ -135,7 +163,7 @@ fn a_verifier_that_lies_is_banned_and_the_participant_it_accused_is_not() {
         .map(|i| start_host(dir.path(), port, &format!("h{i}"), &[]))
         .collect();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (sent, told) = rt.block_on(lying_verifier(
+    let (sent, told, wrong_base) = rt.block_on(lying_verifier(
         port,
         secret,
         Instant::now() + Duration::from_secs(120),
@@ -149,6 +177,17 @@ fn a_verifier_that_lies_is_banned_and_the_participant_it_accused_is_not() {
     eprintln!(
         "liar sent {sent}, told banned {told}: {l}\nverification: {}",
         s["verification"]
+    );
+    // A result from other weights than the unit's base is refused, not judged.
+    assert!(
+        matches!(
+            wrong_base,
+            Some(ServerMsg::Rejected {
+                reason: RejectReason::BaseMismatch,
+                ..
+            })
+        ),
+        "{wrong_base:?}"
     );
     assert!(sent >= 1 && told, "sent {sent}, told it is banned: {told}");
     assert!(l["banned"].as_bool().unwrap(), "{l}");

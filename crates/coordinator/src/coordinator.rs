@@ -1271,6 +1271,15 @@ impl Coordinator {
         self.checks.queue(id, unit, delta, tokens, held, now);
     }
 
+    /// `verifier` gives back the check it holds without a result (its re-execution started
+    /// from other weights than the unit's base): the check is queued again.
+    pub fn return_check(&mut self, verifier: &str) {
+        if let Some(m) = self.members.get_mut(verifier) {
+            m.checking = false;
+        }
+        self.checks.release(verifier);
+    }
+
     /// Re-executions not yet settled.
     pub fn checks_pending(&self) -> usize {
         self.checks.len()

@@ -822,8 +822,9 @@ impl Relay {
         }
     }
 
-    /// A verifier's re-execution: checked like a submission (signature, payload, base digest),
-    /// compared with what the unit's participant submitted, and judged by the coordinator.
+    /// A verifier's re-execution: checked like a submission (signature, payload, the base
+    /// digest against the version as this relay serves it), compared with what the unit's
+    /// participant submitted, and judged by the coordinator.
     pub fn submit_verification(
         &self,
         id: &str,
@@ -870,6 +871,25 @@ impl Relay {
                 ),
             }));
         };
+        // A result trained from other weights than the unit's base says nothing about the
+        // submission: refused (not a disagreement, which could get an honest verifier with a
+        // corrupted download banned), and the check goes back to the queue.
+        let served = self
+            .weights(unit.base_version)
+            .map(|bytes| work::sha256(&bytes));
+        if served != Some(s.base_sha256) {
+            self.lock().coord.return_check(id);
+            return Ok(refused(Rejection {
+                reason: RejectReason::BaseMismatch,
+                detail: match served {
+                    Some(_) => format!(
+                        "the re-execution of unit {} signs a base digest that is not version {}'s",
+                        s.unit_id, unit.base_version
+                    ),
+                    None => format!("version {} is not kept any more", unit.base_version),
+                },
+            }));
+        }
         let (cos, rel, agrees) = screen::compare(&cfg, &submitted, &reference);
         let detail = format!(
             "unit {} re-executed by verifier {id}: cosine {cos:.6}, norm differs by {:.3}%",
