@@ -38,6 +38,7 @@ struct Args {
     eval_iters: usize,
     eval_every: u64,
     keep_optimizer: bool,
+    keep_second_moment: bool,
     trace: bool,
     json: bool,
     cfg: Config,
@@ -56,6 +57,7 @@ fn parse() -> Result<Args> {
         eval_iters: 50,
         eval_every: 0,
         keep_optimizer: false,
+        keep_second_moment: false,
         trace: false,
         json: false,
         cfg: Config::new(0),
@@ -78,7 +80,7 @@ fn parse() -> Result<Args> {
                     "tessera-sim --tokens N [--participants N --speeds S1,S2,… --config C --data FILE \\\n    \
                      --inner-steps H --min-inner-steps M --warmup W --batch B --inner-lr LR --no-decay \\\n    \
                      --updates-per-round K --lockstep --grace G --max-staleness S --relative-staleness \\\n    \
-                     --outer-lr LR --outer-momentum MU --keep-optimizer --guard --screen \\\n    \
+                     --outer-lr LR --outer-momentum MU --keep-optimizer --keep-second-moment --guard --screen \\\n    \
                      --step-ms MS --overhead-ms MS --eval-every V --eval-iters N --seed S --trace --json]\n\
                      Unset settings are the relay's defaults; see the top of tests/src/bin/tessera-sim.rs."
                 );
@@ -99,6 +101,7 @@ fn parse() -> Result<Args> {
             "--eval-iters" => a.eval_iters = val()?.parse()?,
             "--eval-every" => a.eval_every = val()?.parse()?,
             "--keep-optimizer" => a.keep_optimizer = true,
+            "--keep-second-moment" => a.keep_second_moment = true,
             "--trace" => a.trace = true,
             "--json" => a.json = true,
             "--seed" => a.seed = val()?.parse()?,
@@ -229,6 +232,12 @@ fn main() -> Result<()> {
                         .clone();
                     let optim = if a.keep_optimizer {
                         std::mem::take(&mut optims[p])
+                    } else if a.keep_second_moment {
+                        let mut o = std::mem::take(&mut optims[p]);
+                        for m in &mut o.moments {
+                            m.exp_avg = m.exp_avg.zeros_like();
+                        }
+                        o
                     } else {
                         AdamW::new()
                     };
