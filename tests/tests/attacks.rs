@@ -165,16 +165,17 @@ const PATIENCE: u32 = 2;
 /// A patient attacker: honest for its first units, then the attack, every unit after. Its
 /// attacking updates meet the probe, the norm checks, audits and clipping rather than the
 /// probation's re-execution: the model stays within 2% of the clean run, the attacker is
-/// caught (refused or banned) and no stake is granted for its attacks (what it may keep is the
-/// credit of its honest units, re-executed and found honest, whose window closed before it
-/// was caught).
+/// caught (refused or banned), what it had folded before is taken back out of the model, and
+/// no stake is granted for its attacks (what it may keep is the credit of its honest units,
+/// re-executed and found honest, whose window closed before it was caught).
 fn patient(attack: Attack) {
     let clean = clean();
     let o = run(Some((attack, PATIENCE)), true);
     let t = o.tally.clone().unwrap();
     let a = o.attacker().clone();
+    let reverted = o.status["verification"]["reverted"].as_u64().unwrap();
     eprintln!(
-        "patient {}: val {:.4} (clean {clean:.4}); attacker accepted {} (attacks {}) rejected {:?} banned {}; ledger {a}",
+        "patient {}: val {:.4} (clean {clean:.4}); attacker accepted {} (attacks {}) rejected {:?} banned {}, {reverted} updates taken back out; ledger {a}",
         attack.name(),
         o.val,
         t.accepted,

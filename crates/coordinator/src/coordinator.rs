@@ -11,6 +11,7 @@ use crate::aggregate;
 use crate::checks::{Checks, RelayCheck, Stage};
 use crate::guard::{Guard, GuardConfig, Judgement, Rollback};
 use crate::pace::{self, Speed};
+use crate::revert::Parts;
 use crate::screen::{Finding, Measured, Probe, Screen, ScreenConfig};
 
 /// The run's coordination parameters.
@@ -239,6 +240,9 @@ pub enum LedgerChange {
         forfeited: Vec<u64>,
         /// Tokens forfeited.
         tokens: u64,
+        /// Its units taken back out of the model (out of the open round, or out of the weights
+        /// of closed rounds).
+        reverted: Vec<u64>,
         /// Why.
         detail: String,
     },
@@ -435,6 +439,11 @@ pub struct Coordinator {
     rejections: BTreeMap<String, u64>,
     /// Updates whose norm the centered clipping reduced.
     clipped_total: u64,
+    /// Folded updates whose credit is pending, kept so that a ban can take them out again.
+    parts: Parts,
+    /// A ban took updates out of the closed rounds' weights: the next settlement makes a new
+    /// version even if no round closes.
+    revised: bool,
 }
 
 impl Coordinator {
@@ -484,6 +493,8 @@ impl Coordinator {
             outbox: Vec::new(),
             rejections: BTreeMap::new(),
             clipped_total: 0,
+            parts: Parts::default(),
+            revised: false,
         }
     }
 
@@ -1158,6 +1169,7 @@ impl Coordinator {
             if let Some(m) = self.members.get_mut(participant) {
                 m.stats.verified_units += 1;
             }
+            self.parts.forget(&BTreeSet::from([unit_id]));
             if let Some(held) = held {
                 let staleness = self.version.saturating_sub(held.unit.base_version);
                 let verdict = Verdict {
@@ -1165,7 +1177,7 @@ impl Coordinator {
                     tokens: held.tokens,
                     weight: held.tokens as f32 / (1 + staleness) as f32,
                 };
-                self.fold(participant, unit_id, &held.delta, verdict, now);
+                self.fold(participant, unit_id, &held.delta, verdict, true, now);
             }
             self.outbox.push(LedgerChange::Verified {
                 participant: participant.to_string(),
@@ -1174,7 +1186,76 @@ impl Coordinator {
         } else {
             self.ban(participant, unit_id, detail);
         }
-        self.round_full(now).then(|| self.close_round())
+        self.advance(now)
+    }
+
+    /// After a verdict: closes the open round if it is full, or else makes a new version if a
+    /// ban took updates out of the weights. Returns the new version, if any.
+    fn advance(&mut self, now: u64) -> Option<u64> {
+        if self.round_full(now) {
+            Some(self.close_round())
+        } else if std::mem::take(&mut self.revised) {
+            self.version += 1;
+            Some(self.version)
+        } else {
+            None
+        }
+    }
+
+    /// Takes `id`'s updates whose credit is pending out of the model: out of the open round,
+    /// and out of the weights and momentum of closed rounds (which makes a new version at the
+    /// next settlement). Returns their units.
+    fn revert(&mut self, id: &str) -> Vec<u64> {
+        let range = self
+            .cfg
+            .fragment
+            .range(self.params.len())
+            .expect("checked fragment");
+        let (open, closed) = self.parts.take(id);
+        self.parts.reverted += (open.len() + closed.len()) as u64;
+        let mut units = Vec::new();
+        for p in open {
+            let r = &mut self.round;
+            aggregate::fold(&mut r.sum[range.clone()], &p.values, -p.weight);
+            r.weight -= p.weight as f64;
+            r.updates -= 1;
+            r.tokens -= p.tokens;
+            r.units.retain(|(_, u)| *u != p.unit_id);
+            units.push(p.unit_id);
+        }
+        let r = &mut self.round;
+        if r.updates == 0 {
+            r.sum.iter_mut().for_each(|s| *s = 0.0);
+            r.weight = 0.0;
+            if r.held.is_empty() {
+                r.started_ms = None;
+            }
+        }
+        if !r.units.iter().any(|(p, _)| p == id) {
+            r.members.remove(id);
+        }
+        for p in closed {
+            p.undo(
+                &mut self.params[range.clone()],
+                &mut self.momentum[range.clone()],
+            );
+            self.tokens_applied = self.tokens_applied.saturating_sub(p.tokens);
+            self.revised = true;
+            units.push(p.unit_id);
+        }
+        units
+    }
+
+    /// Banned participants' updates taken back out of the model.
+    pub fn reverted_total(&self) -> u64 {
+        self.parts.reverted
+    }
+
+    /// Folded updates kept so that a ban can take them out (of closed rounds), their bytes,
+    /// and how many the memory budget dropped.
+    pub fn revertible(&self) -> (usize, usize, u64) {
+        let (n, bytes) = self.parts.kept();
+        (n, bytes, self.parts.dropped)
     }
 
     /// Bans `id` after a failed re-execution of `unit_id`: its pending credit is forfeited,
@@ -1208,6 +1289,7 @@ impl Coordinator {
             }
             keep
         });
+        let reverted = self.revert(id);
         let units: Vec<u64> = self
             .leases
             .values()
@@ -1222,6 +1304,7 @@ impl Coordinator {
             unit_id,
             forfeited,
             tokens,
+            reverted,
             detail: detail.to_string(),
         });
     }
@@ -1254,7 +1337,7 @@ impl Coordinator {
                 tokens: c.tokens,
             });
         }
-        self.round_full(now).then(|| self.close_round())
+        self.advance(now)
     }
 
     /// Queues the re-execution of `id`'s accepted update of `unit` (held or audited, as
@@ -1472,7 +1555,7 @@ impl Coordinator {
                     &format!("vouched for unit {unit_id}, which the relay's re-execution refutes ({detail})"),
                 );
             }
-            return self.round_full(now).then(|| self.close_round());
+            return self.advance(now);
         }
         let mut closed = self.reexecuted(&check.participant, unit_id, agrees, detail, now);
         if let Some(v) = disputed_by {
@@ -1482,8 +1565,8 @@ impl Coordinator {
                     unit_id,
                     &format!("its re-execution of unit {unit_id} disagreed with the submission, which the relay's confirms ({detail})"),
                 );
-                if closed.is_none() && self.round_full(now) {
-                    closed = Some(self.close_round());
+                if closed.is_none() {
+                    closed = self.advance(now);
                 }
             } else {
                 self.credit_check(&v, &check.participant, unit_id, check.tokens);
@@ -1573,7 +1656,7 @@ impl Coordinator {
                 self.round.held.insert(unit_id);
                 self.round.started_ms.get_or_insert(now);
             }
-            _ => self.fold(id, unit_id, delta, verdict, now),
+            _ => self.fold(id, unit_id, delta, verdict, false, now),
         }
         let closed = self.round_full(now).then(|| self.close_round());
         Accepted { verdict, closed }
@@ -1582,13 +1665,23 @@ impl Coordinator {
     /// Folds an already-accepted update into the open round without any check or counting
     /// (restart: the ledger already counts it).
     pub fn replay(&mut self, id: &str, unit_id: u64, delta: &[f32], verdict: Verdict, now: u64) {
-        self.fold(id, unit_id, delta, verdict, now);
+        self.fold(id, unit_id, delta, verdict, false, now);
     }
 
     /// Adds an update to the open round: its distance from the previous round's average is
     /// clipped (centered clipping, Karimireddy et al. 2021) to `clip` times the median of
     /// recent distances, so that no single update moves the average far, whatever it holds.
-    fn fold(&mut self, id: &str, unit_id: u64, delta: &[f32], verdict: Verdict, now: u64) {
+    /// An update not `verified` yet is remembered ([`Parts`]) until its credit is granted, so
+    /// that a ban can take it out of the model again.
+    fn fold(
+        &mut self,
+        id: &str,
+        unit_id: u64,
+        delta: &[f32],
+        verdict: Verdict,
+        verified: bool,
+        now: u64,
+    ) {
         let range = self
             .cfg
             .fragment
@@ -1620,6 +1713,10 @@ impl Coordinator {
             delta
         };
         aggregate::fold(&mut self.round.sum[range], delta, verdict.weight);
+        if self.cfg.screen.enabled && self.cfg.screen.revert_memory > 0 && !verified {
+            self.parts
+                .fold(id, unit_id, verdict.tokens, verdict.weight, delta.to_vec());
+        }
         self.round.weight += verdict.weight as f64;
         self.round.updates += 1;
         self.round.tokens += verdict.tokens;
@@ -1660,7 +1757,17 @@ impl Coordinator {
                 lr,
                 self.cfg.outer_momentum,
             );
+            self.parts.close(
+                self.version + 1,
+                norm,
+                lr,
+                self.cfg.outer_momentum,
+                self.cfg.screen.revert_memory,
+            );
+        } else {
+            self.parts.discard_open();
         }
+        self.revised = false;
         self.tokens_applied += self.round.tokens;
         let folded = std::mem::take(&mut self.round.units);
         self.clear_round();
@@ -1684,12 +1791,14 @@ impl Coordinator {
             }
         }
         let version = self.version;
+        let mut granted = BTreeSet::new();
         for m in self.members.values_mut() {
             let (due, rest): (Vec<Credit>, Vec<Credit>) = std::mem::take(&mut m.credits)
                 .into_iter()
                 .partition(|c| c.grant_at.is_some_and(|g| g <= version));
             m.credits = rest;
             for c in due {
+                granted.insert(c.unit_id);
                 m.stats.tokens_pending -= c.tokens;
                 m.stats.tokens_granted += c.tokens;
                 self.outbox.push(LedgerChange::Granted {
@@ -1699,6 +1808,7 @@ impl Coordinator {
                 });
             }
         }
+        self.parts.forget(&granted);
     }
 
     fn clear_round(&mut self) {
@@ -1785,6 +1895,8 @@ impl Coordinator {
         self.params = params;
         self.momentum.iter_mut().for_each(|m| *m = 0.0);
         self.clear_round();
+        self.parts.roll_back(restore);
+        self.revised = false;
         self.version += 1;
         self.discarded.push((restore + 1, self.version - 1));
         let rollback = Rollback {
@@ -2304,19 +2416,92 @@ mod tests {
             .unwrap()
             .tokens_pending;
         assert_eq!(pending, 3 * 160);
-        // The audit disagrees: the update is already in the model, but every pending token
-        // of a is forfeited and a is banned.
-        c.reexecuted("a", u.unit_id, false, "norm differs", 120);
+        assert!((c.params()[0] - 0.3).abs() < 1e-6, "{:?}", c.params());
+        // The audit disagrees: every pending token of a is forfeited, a is banned, and its two
+        // updates folded unverified are taken back out of the model in a new version (the
+        // held one, verified, stays).
+        assert_eq!(
+            c.reexecuted("a", u.unit_id, false, "norm differs", 120),
+            Some(4)
+        );
+        assert!((c.params()[0] - 0.5).abs() < 1e-6, "{:?}", c.params());
+        assert_eq!(c.tokens_applied(), 160);
         let a = c.participants().find(|p| p.id == "a").unwrap();
         assert!(a.banned && a.tokens_pending == 0 && a.tokens_granted == 0);
         assert_eq!(a.tokens_forfeited, 3 * 160);
         let changes = c.take_ledger_changes();
         assert!(
-            changes
-                .iter()
-                .any(|ch| matches!(ch, LedgerChange::Banned { participant, tokens: 480, .. } if participant == "a")),
+            changes.iter().any(|ch| matches!(ch,
+                LedgerChange::Banned { participant, tokens: 480, reverted, .. }
+                    if participant == "a" && reverted.len() == 2)),
             "{changes:?}"
         );
+        assert_eq!((c.reverted_total(), c.revertible().0), (2, 0));
+    }
+
+    /// A ban takes the participant's unverified updates out of the open round too, and under
+    /// momentum out of both the weights and the momentum: the model ends as if only the honest
+    /// participant had been folded.
+    #[test]
+    fn a_ban_takes_unverified_updates_out_of_the_open_round_and_of_the_momentum() {
+        let screened = ScreenConfig {
+            enabled: true,
+            reexecute_first: 0,
+            clip: 0.0,
+            grant_after_rounds: 100,
+            ..ScreenConfig::default()
+        };
+        let run = |with_b: bool| {
+            let mut c = coord_with(
+                Config {
+                    screen: screened,
+                    updates_per_round: 2,
+                    outer_lr: 0.7,
+                    outer_momentum: 0.9,
+                    ..cfg()
+                },
+                2,
+            );
+            join(&mut c, "a");
+            join(&mut c, "b");
+            let mut last_b = None;
+            for r in 0..3u64 {
+                let t = 100 * r;
+                let ua = unit(&mut c, "a", t);
+                let ub = unit(&mut c, "b", t);
+                submit(&mut c, "a", &ua, &[0.2, -0.1], t + 10).unwrap();
+                let d = if with_b { [3.0, 2.0] } else { [0.0, 0.0] };
+                submit(&mut c, "b", &ub, &d, t + 20).unwrap();
+                last_b = Some(ub.unit_id);
+            }
+            // b's fourth update waits in the open round.
+            let ub = unit(&mut c, "b", 400);
+            let d = if with_b { [5.0, 5.0] } else { [0.0, 0.0] };
+            submit(&mut c, "b", &ub, &d, 410).unwrap();
+            (c, last_b.unwrap(), ub.unit_id)
+        };
+        let (mut c, audited, open) = run(true);
+        assert_eq!((c.version(), c.round_updates()), (3, 1));
+        assert_eq!(
+            c.reexecuted("b", audited, false, "cosine 0.2", 500),
+            Some(4)
+        );
+        assert_eq!(c.round_updates(), 0);
+        let (clean, _, _) = run(false);
+        // Without b, every round's average is half of a's update (b's zero delta weighs the
+        // same): the weights after taking b out are those of a alone with b's shares zero.
+        for i in 0..2 {
+            assert!(
+                (c.params()[i] - clean.params()[i]).abs() < 1e-5,
+                "{:?} vs {:?}",
+                c.params(),
+                clean.params()
+            );
+            assert!((c.momentum()[i] - clean.momentum()[i]).abs() < 1e-5);
+        }
+        let changes = c.take_ledger_changes();
+        assert!(changes.iter().any(|ch| matches!(ch,
+            LedgerChange::Banned { reverted, .. } if reverted.len() == 4 && reverted.contains(&open))));
     }
 
     #[test]

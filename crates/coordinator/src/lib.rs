@@ -29,7 +29,8 @@
 //! re-execution agrees, and a random fraction of the rest (higher for young identities) is
 //! re-executed after folding; what is folded is clipped around the previous round's average
 //! (centered clipping); credit stays pending until a unit's window closes, and a failed
-//! re-execution bans the key and forfeits its pending credit.
+//! re-execution bans the key, forfeits its pending credit and takes its updates that are
+//! still pending credit back out of the model (`revert`).
 //!
 //! Re-executions are work like training: a participant the relay trusts (a `--verifier` host
 //! named by the operator, or one with enough of its own units verified) re-trains others'
@@ -39,13 +40,15 @@
 //!
 //! Modules: [`aggregate`] (the arithmetic of folding and the outer step), [`pace`] (unit
 //! sizing), [`guard`] (rollbacks), [`screen`] (verification decisions), [`checks`] (who
-//! re-executes what), and [`Coordinator`] (leases, rounds, staleness, acceptance, credit).
+//! re-executes what), `revert` (a banned identity's updates out of the model), and
+//! [`Coordinator`] (leases, rounds, staleness, acceptance, credit).
 
 pub mod aggregate;
 pub mod checks;
 mod coordinator;
 pub mod guard;
 pub mod pace;
+mod revert;
 pub mod screen;
 
 pub use checks::RelayCheck;

@@ -66,6 +66,9 @@ pub struct ScreenConfig {
     /// Fraction of verifiers' agreeing re-executions that the relay re-executes too (a
     /// verifier that vouches without working is caught and banned).
     pub verifier_recheck_rate: f64,
+    /// Bytes kept of folded updates whose credit is pending, so that a ban can take them out
+    /// of the model again; beyond it the oldest can no longer be (0: none are kept).
+    pub revert_memory: usize,
 }
 
 impl Default for ScreenConfig {
@@ -90,6 +93,7 @@ impl Default for ScreenConfig {
             clip: 2.0,
             grant_after_rounds: 30,
             verifier_recheck_rate: 0.1,
+            revert_memory: 512 << 20,
         }
     }
 }

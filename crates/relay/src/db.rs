@@ -478,6 +478,7 @@ impl Db {
                     unit_id,
                     forfeited,
                     tokens,
+                    reverted,
                     detail,
                 } => {
                     tx.execute(
@@ -495,6 +496,14 @@ impl Db {
                         "UPDATE updates SET held = 2, payload = NULL WHERE participant = ?1 AND held = 1",
                         [participant],
                     )?;
+                    // Those taken back out of it: out of the open round (never replayed after
+                    // a restart) or out of a version's weights.
+                    for u in reverted {
+                        tx.execute(
+                            "UPDATE updates SET held = 2, outcome = 'reverted', payload = NULL WHERE unit_id = ?1 AND participant = ?2",
+                            params![*u as i64, participant],
+                        )?;
+                    }
                     tx.execute(
                         "UPDATE participants SET banned = 1, forfeited = forfeited + ?2, last_rejection = ?3 WHERE id = ?1",
                         params![participant, *tokens as i64, format!("FailedReexecution: {detail}")],

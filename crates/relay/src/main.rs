@@ -110,6 +110,10 @@ struct Args {
     /// `--reexecute-rate`, and allowed to verify others' units (`tessera-host join --verifier`).
     #[arg(long, default_value_t = ScreenConfig::default().trusted_after)]
     trusted_after: u64,
+    /// MiB kept of folded updates whose credit is pending, so that a banned participant's can
+    /// be taken back out of the model (beyond it, the oldest can no longer be).
+    #[arg(long, default_value_t = ScreenConfig::default().revert_memory >> 20)]
+    revert_memory_mb: usize,
     /// A participant id (as `tessera-host id` prints it) trusted to verify others' units from
     /// its first connection; repeat for several.
     #[arg(long = "trusted-verifier", value_name = "ID")]
@@ -227,6 +231,7 @@ async fn main() -> Result<()> {
             reexecute_young_rate: a.reexecute_young_rate.clamp(0.0, 1.0),
             trusted_after: a.trusted_after,
             verifier_recheck_rate: a.verifier_recheck_rate.clamp(0.0, 1.0),
+            revert_memory: a.revert_memory_mb << 20,
             ..ScreenConfig::default()
         },
         trusted_verifiers: a.trusted_verifiers.iter().cloned().collect(),

@@ -182,6 +182,13 @@ pub struct VerificationInfo {
     checks_pending: usize,
     /// Re-executions done by verifier participants and found right.
     verifier_checks: u64,
+    /// Banned participants' updates taken back out of the model.
+    reverted: u64,
+    /// Folded updates of closed rounds kept so that a ban can take them out, their MiB, and
+    /// how many the memory budget (`--revert-memory-mb`) dropped.
+    revertible: usize,
+    revertible_mib: f64,
+    revertible_dropped: u64,
 }
 
 /// The open round, as `/api/status` shows it.
@@ -708,6 +715,7 @@ impl Relay {
             if let LedgerChange::Banned {
                 participant,
                 tokens,
+                reverted,
                 detail,
                 ..
             } = c
@@ -715,7 +723,8 @@ impl Relay {
                 tracing::warn!(
                     participant,
                     forfeited = tokens,
-                    "banned: a re-execution disagreed ({detail})"
+                    reverted = reverted.len(),
+                    "banned: a re-execution disagreed ({detail}); its updates still pending credit are taken out of the model"
                 );
             }
         }
@@ -986,6 +995,7 @@ impl Relay {
             verification: {
                 use std::sync::atomic::Ordering::Relaxed;
                 let c = &self.verifier.cost;
+                let revertible = inner.coord.revertible();
                 VerificationInfo {
                     enabled: inner.coord.config().screen.enabled,
                     rejections: inner.coord.rejections().clone(),
@@ -999,6 +1009,10 @@ impl Relay {
                     banned: inner.coord.participants().filter(|p| p.banned).count(),
                     checks_pending: inner.coord.checks_pending(),
                     verifier_checks: inner.coord.participants().map(|p| p.verifications).sum(),
+                    reverted: inner.coord.reverted_total(),
+                    revertible: revertible.0,
+                    revertible_mib: revertible.1 as f64 / (1 << 20) as f64,
+                    revertible_dropped: revertible.2,
                 }
             },
         }
