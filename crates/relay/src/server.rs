@@ -310,6 +310,18 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
         "Participants banned after a failed re-execution.",
         f("banned"),
     );
+    metric(
+        "tessera_reverted_updates_total",
+        "counter",
+        "Banned participants' updates taken back out of the model.",
+        f("reverted"),
+    );
+    metric(
+        "tessera_revertible_updates",
+        "gauge",
+        "Folded updates pending credit that a ban could still take out of the model.",
+        f("revertible"),
+    );
     out.push_str(
         "# HELP tessera_rejections_total Rejected submissions, by reason.\n# TYPE tessera_rejections_total counter\n",
     );
