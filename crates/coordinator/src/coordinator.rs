@@ -1156,6 +1156,21 @@ impl Coordinator {
         detail: &str,
         now: u64,
     ) -> Option<u64> {
+        self.settle_check(participant, unit_id, ok, detail, true, now)
+    }
+
+    /// [`Coordinator::reexecuted`], by the relay (`by_relay`) or on a verifier's word: a unit
+    /// verified on a verifier's word alone stays revertible (the relay's spot check of the
+    /// verifier may still refute it and ban its participant).
+    fn settle_check(
+        &mut self,
+        participant: &str,
+        unit_id: u64,
+        ok: bool,
+        detail: &str,
+        by_relay: bool,
+        now: u64,
+    ) -> Option<u64> {
         let held = self.held.remove(&unit_id);
         self.round.held.remove(&unit_id);
         if self
@@ -1169,7 +1184,9 @@ impl Coordinator {
             if let Some(m) = self.members.get_mut(participant) {
                 m.stats.verified_units += 1;
             }
-            self.parts.forget(&BTreeSet::from([unit_id]));
+            if by_relay {
+                self.parts.forget(&BTreeSet::from([unit_id]));
+            }
             if let Some(held) = held {
                 let staleness = self.version.saturating_sub(held.unit.base_version);
                 let verdict = Verdict {
@@ -1177,7 +1194,7 @@ impl Coordinator {
                     tokens: held.tokens,
                     weight: held.tokens as f32 / (1 + staleness) as f32,
                 };
-                self.fold(participant, unit_id, &held.delta, verdict, true, now);
+                self.fold(participant, unit_id, &held.delta, verdict, by_relay, now);
             }
             self.outbox.push(LedgerChange::Verified {
                 participant: participant.to_string(),
@@ -1494,7 +1511,7 @@ impl Coordinator {
             return Ok(None);
         }
         self.credit_check(verifier, &check.participant, unit_id, check.tokens);
-        let closed = self.reexecuted(&check.participant, unit_id, true, detail, now);
+        let closed = self.settle_check(&check.participant, unit_id, true, detail, false, now);
         if sample < self.cfg.screen.verifier_recheck_rate {
             self.checks.queue(
                 &check.participant,
@@ -2587,11 +2604,20 @@ mod tests {
             c.verification_for("v", 130).map(|u| u.unit_id),
             Some(ux.unit_id)
         );
-        c.verifier_result("v", ux.unit_id, true, "cosine 1", 0.1, 140)
-            .unwrap();
+        let before = c.params()[0];
+        assert_eq!(
+            c.verifier_result("v", ux.unit_id, true, "cosine 1", 0.1, 140),
+            Ok(Some(3))
+        );
+        assert!((c.params()[0] - (before - 9.0)).abs() < 1e-5);
         let job = c.relay_check(150).expect("a spot check of v");
         assert_eq!(job.participant, "x");
-        c.relay_result(ux.unit_id, false, "cosine 0.2", 160);
+        // Folded on v's word alone, x's update is taken back out when the relay refutes it.
+        assert_eq!(
+            c.relay_result(ux.unit_id, false, "cosine 0.2", 160),
+            Some(4)
+        );
+        assert!((c.params()[0] - before).abs() < 1e-5, "{:?}", c.params());
         assert!(stats(&c, "x").banned && stats(&c, "v").banned);
         assert!(!c.may_verify("v"));
         let changes = c.take_ledger_changes();
