@@ -506,6 +506,11 @@ impl Coordinator {
         self.digests.retain(|v, _| *v >= oldest);
     }
 
+    /// The SHA-256 of `version`'s weights as served, if it is recent enough to be kept.
+    pub fn digest(&self, version: u64) -> Option<[u8; 32]> {
+        self.digests.get(&version).copied()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.cfg

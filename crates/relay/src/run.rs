@@ -883,9 +883,11 @@ impl Relay {
         // A result trained from other weights than the unit's base says nothing about the
         // submission: refused (not a disagreement, which could get an honest verifier with a
         // corrupted download banned), and the check goes back to the queue.
-        let served = self
-            .weights(unit.base_version)
-            .map(|bytes| work::sha256(&bytes));
+        let kept = self.lock().coord.digest(unit.base_version);
+        let served = kept.or_else(|| {
+            self.weights(unit.base_version)
+                .map(|bytes| work::sha256(&bytes))
+        });
         if served != Some(s.base_sha256) {
             self.lock().coord.return_check(id);
             return Ok(refused(Rejection {
