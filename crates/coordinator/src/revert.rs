@@ -26,6 +26,8 @@ pub(crate) struct Part {
     pub values: Vec<f32>,
     /// The weights hold `−in_params · values` of it…
     pub in_params: f32,
+    /// …(and held `−past[i] · values` at version `version + i`, for rollbacks)…
+    past: Vec<f32>,
     /// …and the outer momentum `in_momentum · values`.
     pub in_momentum: f32,
     /// The version its round made (0 while the round is open).
@@ -51,7 +53,6 @@ impl Part {
 pub(crate) struct Parts {
     open: Vec<Part>,
     closed: VecDeque<Part>,
-    bytes: usize,
     /// Parts dropped over the memory budget: those updates can no longer be taken out.
     pub dropped: u64,
     /// Parts taken out of the model.
@@ -75,6 +76,7 @@ impl Parts {
             weight,
             values,
             in_params: 0.0,
+            past: Vec::new(),
             in_momentum: 0.0,
             version: 0,
         });
@@ -86,20 +88,22 @@ impl Parts {
         for p in &mut self.closed {
             p.in_momentum *= mu;
             p.in_params += lr * mu * p.in_momentum;
+            p.past.push(p.in_params);
         }
         for mut p in std::mem::take(&mut self.open) {
             let share = (p.weight as f64 / norm) as f32;
             p.values.iter_mut().for_each(|v| *v *= share);
             p.in_momentum = 1.0;
             p.in_params = lr * (1.0 + mu);
+            p.past = vec![p.in_params];
             p.version = version;
-            self.bytes += p.bytes();
             self.closed.push_back(p);
         }
-        while self.bytes > budget
+        let mut bytes = self.kept().1;
+        while bytes > budget
             && let Some(p) = self.closed.pop_front()
         {
-            self.bytes -= p.bytes();
+            bytes -= p.bytes();
             self.dropped += 1;
         }
     }
@@ -110,17 +114,18 @@ impl Parts {
     }
 
     /// A rollback restored the weights of `restore` and cleared the momentum: parts of later
-    /// rounds are gone from the model, earlier ones are in the weights only.
+    /// rounds are gone from the model, earlier ones are in the weights only, as they were at
+    /// `restore`.
     pub fn roll_back(&mut self, restore: u64) {
         self.discard_open();
-        let bytes = &mut self.bytes;
         self.closed.retain_mut(|p| {
+            let Some(i) = restore.checked_sub(p.version) else {
+                return false;
+            };
+            p.past.truncate(i as usize + 1);
+            p.in_params = *p.past.last().expect("a closed part's first step");
             p.in_momentum = 0.0;
-            let keep = p.version <= restore;
-            if !keep {
-                *bytes -= p.values.len() * std::mem::size_of::<f32>();
-            }
-            keep
+            true
         });
     }
 
@@ -130,14 +135,7 @@ impl Parts {
             return;
         }
         self.open.retain(|p| !units.contains(&p.unit_id));
-        let bytes = &mut self.bytes;
-        self.closed.retain(|p| {
-            let keep = !units.contains(&p.unit_id);
-            if !keep {
-                *bytes -= p.values.len() * std::mem::size_of::<f32>();
-            }
-            keep
-        });
+        self.closed.retain(|p| !units.contains(&p.unit_id));
     }
 
     /// Takes `participant`'s parts out: those of the open round, then those of closed rounds.
@@ -150,13 +148,12 @@ impl Parts {
             .into_iter()
             .partition(|p| p.participant == participant);
         self.closed = rest;
-        self.bytes -= closed.iter().map(Part::bytes).sum::<usize>();
         (open, closed.into())
     }
 
     /// Parts of closed rounds kept, and their bytes.
     pub fn kept(&self) -> (usize, usize) {
-        (self.closed.len(), self.bytes)
+        (self.closed.len(), self.closed.iter().map(Part::bytes).sum())
     }
 }
 
@@ -226,5 +223,53 @@ mod tests {
         assert_eq!(parts.kept(), (1, 16));
         let (_, closed) = parts.take("x");
         assert_eq!((closed[0].unit_id, closed[0].in_momentum), (2, 0.0));
+    }
+
+    /// A rollback to version 2 of a run of 3 rounds (weights of version 2, momentum cleared),
+    /// then one more round: taking "b" out leaves exactly the same run without "b".
+    #[test]
+    fn taking_a_participant_out_after_a_rollback() {
+        let (mu, lr) = (0.9, 0.7);
+        let a = [0.3f32, -0.2];
+        let b = [4.0f32, 1.0];
+        let run = |with_b: bool, parts: &mut Parts| {
+            let (mut p, mut m) = (vec![1.0f32; 2], vec![0.0f32; 2]);
+            let mut saved = None;
+            for v in 1..=4u64 {
+                if v == 4 {
+                    // The guard restores version 2.
+                    p = saved.clone().unwrap();
+                    m = vec![0.0; 2];
+                    parts.roll_back(2);
+                }
+                parts.fold("a", 2 * v, 1, 1.0, a.to_vec());
+                parts.fold("b", 2 * v + 1, 1, 1.0, b.to_vec());
+                let g: Vec<f32> = (0..2)
+                    .map(|i| (a[i] + if with_b { b[i] } else { 0.0 }) / 2.0)
+                    .collect();
+                nesterov_step(&mut p, &mut m, &g, lr, mu);
+                parts.close(v, 2.0, lr, mu, usize::MAX);
+                if v == 2 {
+                    saved = Some(p.clone());
+                }
+            }
+            (p, m)
+        };
+        let mut parts = Parts::default();
+        let (mut p, mut m) = run(true, &mut parts);
+        let (p0, m0) = run(false, &mut Parts::default());
+        let (_, closed) = parts.take("b");
+        assert_eq!(
+            closed.len(),
+            3,
+            "versions 1, 2 and the one after the rollback"
+        );
+        for part in &closed {
+            part.undo(&mut p, &mut m);
+        }
+        for i in 0..2 {
+            assert!((p[i] - p0[i]).abs() < 1e-5, "weights {p:?} vs {p0:?}");
+            assert!((m[i] - m0[i]).abs() < 1e-5, "momentum {m:?} vs {m0:?}");
+        }
     }
 }

@@ -857,10 +857,13 @@ impl Relay {
                 detail: e.to_string(),
             }));
         }
-        let (unit, submitted, cfg) = {
+        let (unit, submitted, cfg, kept_digest) = {
             let inner = self.lock();
             match inner.coord.check_of(id, s.unit_id) {
-                Ok((u, d)) => (u, d, inner.coord.config().screen),
+                Ok((u, d)) => {
+                    let digest = inner.coord.digest(u.base_version);
+                    (u, d, inner.coord.config().screen, digest)
+                }
                 Err(r) => return Ok(refused(r)),
             }
         };
@@ -883,8 +886,7 @@ impl Relay {
         // A result trained from other weights than the unit's base says nothing about the
         // submission: refused (not a disagreement, which could get an honest verifier with a
         // corrupted download banned), and the check goes back to the queue.
-        let kept = self.lock().coord.digest(unit.base_version);
-        let served = kept.or_else(|| {
+        let served = kept_digest.or_else(|| {
             self.weights(unit.base_version)
                 .map(|bytes| work::sha256(&bytes))
         });
