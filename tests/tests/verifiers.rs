@@ -206,3 +206,144 @@ fn a_verifier_that_lies_is_banned_and_the_participant_it_accused_is_not() {
     assert_eq!(s["verification"]["banned"], 1);
     assert!(s["model_version"].as_u64().unwrap() >= at_ban + 2);
 }
+
+/// Units a colluding participant submitted, by unit: what its partner verifier echoes back.
+type Submitted = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, Vec<f32>>>>;
+
+/// A trusted verifier colluding with an attacker: it echoes the attacker's own update back as
+/// its "re-execution" (agreement) and answers every other unit with noise (disagreement),
+/// until it has vouched for `vouch` of the attacker's units and been banned.
+async fn colluding_verifier(
+    port: u16,
+    secret: [u8; 32],
+    partner: Submitted,
+    vouch: usize,
+    deadline: Instant,
+) -> usize {
+    let (mut ws, run) = client::joined(port, secret).await;
+    let mut vouched = 0;
+    while Instant::now() < deadline {
+        send(&mut ws, &ClientMsg::RequestVerification).await;
+        let unit = loop {
+            match recv(&mut ws).await {
+                Some(ServerMsg::Verify(u)) => break Some(u),
+                Some(ServerMsg::NoWork { .. }) => break None,
+                Some(ServerMsg::Error { .. }) | None => return vouched,
+                Some(_) => continue,
+            }
+        };
+        let Some(unit) = unit else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let echo = partner.lock().unwrap().get(&unit.unit_id).cloned();
+        let values = match echo {
+            Some(v) => {
+                vouched += 1;
+                v
+            }
+            // Until its partner's units are in, it does not take honest ones.
+            None if vouched < vouch => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            None => client::noise(run.num_params as usize, 1.0, unit.unit_id),
+        };
+        let base = client::base(port, &run.model, unit.base_version).sha256;
+        let result = tessera_protocol::work::verification(
+            &secret, &unit, &run.model, base, &values, 1.0, 0.5,
+        );
+        send(&mut ws, &ClientMsg::SubmitVerification(result)).await;
+    }
+    vouched
+}
+
+/// The attacker: `units` units answered with small noise, recorded for its partner; then it
+/// disconnects.
+async fn colluding_attacker(port: u16, secret: [u8; 32], partner: Submitted, units: usize) {
+    let (mut ws, run) = client::joined(port, secret).await;
+    for _ in 0..units {
+        let unit = client::work(&mut ws).await;
+        let values = client::noise(run.num_params as usize, 0.05, 1000 + unit.unit_id);
+        partner.lock().unwrap().insert(unit.unit_id, values.clone());
+        let base = client::base(port, &run.model, unit.base_version).sha256;
+        let verdict = client::submit(
+            &mut ws,
+            client::signed(&secret, &unit, &run.model, base, &values),
+        )
+        .await;
+        assert!(
+            matches!(verdict, ServerMsg::Accepted { .. }),
+            "the attacker's unit {} was not accepted: {verdict:?}",
+            unit.unit_id
+        );
+    }
+}
+
+#[test]
+fn what_a_verifier_caught_lying_vouched_for_is_re_checked_and_taken_back_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (vs, xs) = ([44u8; 32], [45u8; 32]);
+    let liar = identity::short_id(&identity::public_key(&vs));
+    let attacker = identity::short_id(&identity::public_key(&xs));
+    // No spot checks of the verifier: only what it vouched for can give it away.
+    let _relay = start_relay(
+        dir.path(),
+        port,
+        &[
+            "--trusted-verifier",
+            liar.as_str(),
+            "--verifier-recheck-rate",
+            "0",
+            "--max-tokens",
+            TOKENS,
+            "--inner-lr-decay-tokens",
+            TOKENS,
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let partner = Submitted::default();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let liar_task = rt.spawn(colluding_verifier(port, vs, partner.clone(), 2, deadline));
+    // The attacker's first two units, held as a new identity's, are let in on the liar's
+    // word alone.
+    rt.block_on(colluding_attacker(port, xs, partner.clone(), 2));
+    wait_until(Duration::from_secs(60), "the liar vouches for both", || {
+        participant(&status(port), &attacker)
+            .is_some_and(|p| p["verified_units"].as_u64().unwrap_or(0) >= 2)
+    });
+    // Honest hosts join; the liar disputes their first units; the relay confirms them and
+    // bans it.
+    let hosts: Vec<Proc> = (0..2)
+        .map(|i| start_host(dir.path(), port, &format!("h{i}"), &[]))
+        .collect();
+    let vouched = rt.block_on(liar_task).unwrap();
+    wait_until(Duration::from_secs(240), "the run folds its tokens", || {
+        finished(&status(port))
+    });
+    let s = status(port);
+    let v = &s["verification"];
+    let x = participant(&s, &attacker).expect("the attacker in the ledger");
+    let l = participant(&s, &liar).expect("the liar in the ledger");
+    eprintln!("liar vouched {vouched}: {l}\nattacker: {x}\nverification: {v}");
+    assert_eq!(vouched, 2, "{l}");
+    assert!(l["banned"].as_bool().unwrap(), "{l}");
+    // Without its verifier's word the attacker's units were re-executed by the relay,
+    // refuted: it is banned, nothing of it granted, both updates taken back out.
+    assert!(x["banned"].as_bool().unwrap(), "{x}");
+    assert!(v["rechecked"].as_u64().unwrap() >= 2, "{v}");
+    assert_eq!(x["tokens_granted"], 0, "{x}");
+    assert_eq!(x["verified_units"], 0, "{x}");
+    assert!(v["reverted"].as_u64().unwrap() >= 2, "{v}");
+    for h in &hosts {
+        let id = host_id(h).expect("host printed its id");
+        let p = participant(&s, &id).unwrap();
+        assert!(!p["banned"].as_bool().unwrap(), "{p}");
+    }
+    let h = val_history(&s);
+    assert!(
+        h.last().unwrap() < &(h[0] - 1.0),
+        "the model did not improve: {h:?}"
+    );
+}

@@ -8,7 +8,7 @@ use tessera_protocol::messages::{ParticipantKind, RejectReason, WorkUnit};
 use tessera_protocol::update::Fragment;
 
 use crate::aggregate;
-use crate::checks::{Checks, RelayCheck, Stage};
+use crate::checks::{Check, Checks, RelayCheck, Stage};
 use crate::guard::{Guard, GuardConfig, Judgement, Rollback};
 use crate::pace::{self, Speed};
 use crate::revert::Parts;
@@ -230,6 +230,16 @@ pub enum LedgerChange {
         /// Tokens re-trained.
         tokens: u64,
     },
+    /// A unit verified on the word of a verifier since banned counts as unverified again
+    /// (the relay re-executes it).
+    Unverified {
+        /// The participant.
+        participant: String,
+        /// The unit.
+        unit_id: u64,
+        /// The banned verifier that vouched for it.
+        verifier: String,
+    },
     /// A re-execution failed: the participant is banned and its pending credit forfeited.
     Banned {
         /// The participant.
@@ -444,6 +454,14 @@ pub struct Coordinator {
     /// A ban took updates out of the closed rounds' weights: the next settlement makes a new
     /// version even if no round closes.
     revised: bool,
+    /// Units verified on a verifier's word alone, with no spot check, whose credit is pending:
+    /// by unit, the verifier and the check it settled (to re-check if the verifier is caught).
+    vouched: BTreeMap<u64, (String, Check)>,
+    /// Vouched units re-checked by the relay because their verifier was banned.
+    rechecked: u64,
+    /// Vouched units forgotten over the memory budget (`screen.revert_memory`) before their
+    /// credit was granted: they could not be re-checked.
+    vouched_dropped: u64,
 }
 
 impl Coordinator {
@@ -494,6 +512,9 @@ impl Coordinator {
             rejections: BTreeMap::new(),
             clipped_total: 0,
             parts: Parts::default(),
+            vouched: BTreeMap::new(),
+            rechecked: 0,
+            vouched_dropped: 0,
             revised: false,
         }
     }
@@ -1191,6 +1212,7 @@ impl Coordinator {
             }
             if by_relay {
                 self.parts.forget(&BTreeSet::from([unit_id]));
+                self.vouched.remove(&unit_id);
             }
             if let Some(held) = held {
                 let staleness = self.version.saturating_sub(held.unit.base_version);
@@ -1206,7 +1228,7 @@ impl Coordinator {
                 unit_id,
             });
         } else {
-            self.ban(participant, unit_id, detail);
+            self.ban(participant, unit_id, detail, now);
         }
         self.advance(now)
     }
@@ -1282,7 +1304,7 @@ impl Coordinator {
 
     /// Bans `id` after a failed re-execution of `unit_id`: its pending credit is forfeited,
     /// its held updates never enter the model, its leases go back.
-    fn ban(&mut self, id: &str, unit_id: u64, detail: &str) {
+    fn ban(&mut self, id: &str, unit_id: u64, detail: &str, now: u64) {
         let Some(m) = self.members.get_mut(id) else {
             return;
         };
@@ -1329,6 +1351,76 @@ impl Coordinator {
             reverted,
             detail: detail.to_string(),
         });
+        self.recheck_vouched_by(id, now);
+    }
+
+    /// `verifier` was banned: its word verifies nothing. Each unit it alone vouched for whose
+    /// credit is pending counts as unverified again and goes to the relay's own re-execution
+    /// (which bans its participant and takes the update back out if it is refuted).
+    fn recheck_vouched_by(&mut self, verifier: &str, now: u64) {
+        let units: Vec<u64> = self
+            .vouched
+            .iter()
+            .filter(|(_, (v, c))| v == verifier || c.participant == verifier)
+            .map(|(u, _)| *u)
+            .collect();
+        for unit_id in units {
+            let (v, check) = self.vouched.remove(&unit_id).expect("listed above");
+            if v != verifier
+                || self.checks.get(unit_id).is_some()
+                || self
+                    .members
+                    .get(&check.participant)
+                    .is_none_or(|m| m.stats.banned)
+            {
+                continue;
+            }
+            let m = self.members.get_mut(&check.participant).expect("checked");
+            m.stats.verified_units = m.stats.verified_units.saturating_sub(1);
+            self.outbox.push(LedgerChange::Unverified {
+                participant: check.participant.clone(),
+                unit_id,
+                verifier: v,
+            });
+            self.rechecked += 1;
+            self.checks.queue(
+                &check.participant,
+                check.unit,
+                check.delta,
+                check.tokens,
+                false,
+                now,
+            );
+            self.checks.get_mut(unit_id).expect("queued").stage = Stage::Relay {
+                taken: false,
+                disputed_by: None,
+                vouched_by: None,
+            };
+        }
+    }
+
+    /// Vouched units re-checked because their verifier was banned, and vouched units that
+    /// could not be (forgotten over the memory budget before their credit was granted).
+    pub fn rechecks(&self) -> (u64, u64) {
+        (self.rechecked, self.vouched_dropped)
+    }
+
+    /// Keeps `check`, settled on `verifier`'s word alone, until its credit is granted.
+    fn keep_vouched(&mut self, verifier: &str, check: Check) {
+        let budget = self.cfg.screen.revert_memory;
+        if !self.cfg.screen.enabled || budget == 0 {
+            return;
+        }
+        self.vouched
+            .insert(check.unit.unit_id, (verifier.to_string(), check));
+        let bytes = |c: &Check| c.delta.len() * std::mem::size_of::<f32>();
+        let mut total: usize = self.vouched.values().map(|(_, c)| bytes(c)).sum();
+        while total > budget
+            && let Some((_, (_, c))) = self.vouched.pop_first()
+        {
+            total -= bytes(&c);
+            self.vouched_dropped += 1;
+        }
     }
 
     /// Whether the open round can close now: it holds as many updates as it needs, none of
@@ -1531,6 +1623,8 @@ impl Coordinator {
                 disputed_by: None,
                 vouched_by: Some(verifier.to_string()),
             };
+        } else {
+            self.keep_vouched(verifier, check);
         }
         Ok(closed)
     }
@@ -1570,11 +1664,12 @@ impl Coordinator {
         if let Some(v) = vouched_by {
             // A spot check of a verifier: the submission was already settled on its word.
             if !agrees {
-                self.ban(&check.participant, unit_id, detail);
+                self.ban(&check.participant, unit_id, detail, now);
                 self.ban(
                     &v,
                     unit_id,
                     &format!("vouched for unit {unit_id}, which the relay's re-execution refutes ({detail})"),
+                    now,
                 );
             }
             return self.advance(now);
@@ -1586,6 +1681,7 @@ impl Coordinator {
                     &v,
                     unit_id,
                     &format!("its re-execution of unit {unit_id} disagreed with the submission, which the relay's confirms ({detail})"),
+                    now,
                 );
                 if closed.is_none() {
                     closed = self.advance(now);
@@ -1831,6 +1927,12 @@ impl Coordinator {
             }
         }
         self.parts.forget(&granted);
+        let members = &self.members;
+        self.vouched.retain(|u, (_, c)| {
+            members
+                .get(&c.participant)
+                .is_some_and(|m| m.credits.iter().any(|k| k.unit_id == *u))
+        });
     }
 
     fn clear_round(&mut self) {
@@ -2631,6 +2733,14 @@ mod tests {
             .filter(|ch| matches!(ch, LedgerChange::Checked { .. }))
             .count();
         assert_eq!(checked, 2, "{changes:?}");
+        // v's word verifies nothing any more: a's first unit, which it vouched for, goes back
+        // to the relay (and a counts as unverified until it is confirmed).
+        assert_eq!(c.rechecks(), (1, 0));
+        assert_eq!(stats(&c, "a").verified_units, 0);
+        let job = c.relay_check(165).expect("a's unit re-checked");
+        assert_eq!(job.unit.unit_id, ua.unit_id);
+        c.relay_result(ua.unit_id, true, "cosine 1", 166);
+        assert_eq!(stats(&c, "a").verified_units, 1);
 
         // b earned verifier status with its own verified unit: it gets a's audit, never the
         // held first unit of a newcomer.
@@ -2654,6 +2764,97 @@ mod tests {
             c.relay_check(232).map(|j| j.unit.unit_id),
             Some(ua2.unit_id)
         );
+    }
+
+    #[test]
+    fn a_banned_verifiers_word_verifies_nothing_the_units_it_vouched_for_are_re_checked() {
+        let mut c = coord_with(
+            Config {
+                screen: ScreenConfig {
+                    enabled: true,
+                    reexecute_first: 1,
+                    trusted_after: 5,
+                    verifier_recheck_rate: 0.5,
+                    ..ScreenConfig::default()
+                },
+                updates_per_round: 1,
+                trusted_verifiers: ["v".to_string()].into(),
+                ..cfg()
+            },
+            1,
+        );
+        for id in ["a", "b", "v", "x"] {
+            join(&mut c, id);
+        }
+        let stats =
+            |c: &Coordinator, id: &str| c.participants().find(|p| p.id == id).unwrap().clone();
+        // v vouches for x's bad first unit and for a's good one, neither spot-checked: both
+        // are folded on its word alone.
+        let mut t = 0;
+        let mut vouch = |c: &mut Coordinator, id: &str, d: f32, agrees: bool| {
+            t += 100;
+            let u = unit(c, id, t);
+            submit_scrutinised(c, id, &u, &[d], 0.9, t + 10);
+            c.queue_check(id, u.clone(), Arc::new(vec![d]), 160, t + 10);
+            assert_eq!(
+                c.verification_for("v", t + 20).map(|w| w.unit_id),
+                Some(u.unit_id)
+            );
+            c.verifier_result("v", u.unit_id, agrees, "", 0.9, t + 30)
+                .unwrap();
+            u.unit_id
+        };
+        let ux = vouch(&mut c, "x", 9.0, true);
+        let ua = vouch(&mut c, "a", 0.5, true);
+        assert_eq!(c.version(), 2);
+        assert!((c.params()[0] - (1.0 - 9.0 - 0.5)).abs() < 1e-5);
+        assert_eq!(
+            (stats(&c, "x").verified_units, stats(&c, "a").verified_units),
+            (1, 1)
+        );
+        assert!(c.relay_check(400).is_none(), "nothing left to check");
+        // v then disputes b's honest unit; the relay confirms b: v is banned, and what it
+        // vouched for is unverified again and goes to the relay.
+        let ub = vouch(&mut c, "b", 0.25, false);
+        let job = c.relay_check(500).expect("the dispute");
+        assert_eq!(job.unit.unit_id, ub);
+        c.relay_result(ub, true, "cosine 1", 510);
+        assert!(stats(&c, "v").banned);
+        assert_eq!(c.rechecks(), (2, 0));
+        assert_eq!(
+            (stats(&c, "x").verified_units, stats(&c, "a").verified_units),
+            (0, 0)
+        );
+        let changes = c.take_ledger_changes();
+        let unverified: Vec<u64> = changes
+            .iter()
+            .filter_map(|ch| match ch {
+                LedgerChange::Unverified {
+                    unit_id, verifier, ..
+                } if verifier == "v" => Some(*unit_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(unverified, vec![ux, ua]);
+        // The relay refutes x's unit: x is banned and its update taken back out of the model;
+        // a's is confirmed and stays.
+        let before = c.params()[0];
+        let jobs: Vec<u64> = [c.relay_check(520), c.relay_check(521)]
+            .into_iter()
+            .map(|j| j.expect("a re-check").unit.unit_id)
+            .collect();
+        assert_eq!(jobs, vec![ux, ua]);
+        assert!(c.relay_result(ux, false, "cosine 0.1", 530).is_some());
+        assert!(stats(&c, "x").banned);
+        assert!(
+            (c.params()[0] - (before + 9.0)).abs() < 1e-5,
+            "{:?}",
+            c.params()
+        );
+        c.relay_result(ua, true, "cosine 1", 540);
+        assert!(!stats(&c, "a").banned);
+        assert_eq!(stats(&c, "a").verified_units, 1);
+        assert_eq!(c.checks_pending(), 0);
     }
 
     #[test]

@@ -444,6 +444,20 @@ impl Db {
                         [participant],
                     )?;
                 }
+                LedgerChange::Unverified {
+                    participant,
+                    unit_id,
+                    ..
+                } => {
+                    tx.execute(
+                        "UPDATE updates SET verified = 0 WHERE unit_id = ?1 AND participant = ?2",
+                        params![*unit_id as i64, participant],
+                    )?;
+                    tx.execute(
+                        "UPDATE participants SET verified = MAX(verified - 1, 0) WHERE id = ?1",
+                        [participant],
+                    )?;
+                }
                 LedgerChange::Dropped {
                     participant,
                     unit_id,

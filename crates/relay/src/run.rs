@@ -189,6 +189,10 @@ pub struct VerificationInfo {
     revertible: usize,
     revertible_mib: f64,
     revertible_dropped: u64,
+    /// Units verified on the word of a verifier since banned, re-executed by the relay; and
+    /// those that could not be (forgotten over `--revert-memory-mb` first).
+    rechecked: u64,
+    recheck_dropped: u64,
 }
 
 /// The open round, as `/api/status` shows it.
@@ -1017,6 +1021,8 @@ impl Relay {
                     revertible: revertible.0,
                     revertible_mib: revertible.1 as f64 / (1 << 20) as f64,
                     revertible_dropped: revertible.2,
+                    rechecked: inner.coord.rechecks().0,
+                    recheck_dropped: inner.coord.rechecks().1,
                 }
             },
         }

@@ -317,6 +317,12 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
         f("reverted"),
     );
     metric(
+        "tessera_rechecked_units_total",
+        "counter",
+        "Units verified on the word of a verifier since banned, re-executed by the relay.",
+        f("rechecked"),
+    );
+    metric(
         "tessera_revertible_updates",
         "gauge",
         "Folded updates pending credit that a ban could still take out of the model.",

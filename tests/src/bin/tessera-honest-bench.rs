@@ -4,7 +4,10 @@
 //! or TIMEOUT seconds pass. Prints, per participant, its verified units, refused updates,
 //! forfeited tokens and whether it was banned (all should be 0 but the first), as JSON.
 //!
-//! usage: tessera-honest-bench [TARGET=200] [TIMEOUT=1800] [CONFIG=tiny]
+//! usage: tessera-honest-bench [TARGET=200] [TIMEOUT=1800] [CONFIG=tiny] [ONLY=cpu,wgpu,webgpu,wasm] [H]
+//! (ONLY: which participants to start; e.g. `webgpu` alone, so that the slowest backend
+//! reaches TARGET verified units without sharing two cores with three other trainers;
+//! H: the relay's `--inner-steps`, its default when absent)
 //! (build first: cargo build --release --workspace --bins && tools/build-web.sh)
 
 use std::time::{Duration, Instant};
@@ -18,24 +21,38 @@ fn main() {
     let target: u64 = args.get(1).map_or(200, |s| s.parse().expect("TARGET"));
     let timeout: u64 = args.get(2).map_or(1800, |s| s.parse().expect("TIMEOUT"));
     let config = args.get(3).cloned().unwrap_or_else(|| "tiny".into());
+    let only: Vec<String> = args
+        .get(4)
+        .map_or("cpu,wgpu,webgpu,wasm", String::as_str)
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    for o in &only {
+        assert!(
+            ["cpu", "wgpu", "webgpu", "wasm"].contains(&o.as_str()),
+            "ONLY takes cpu, wgpu, webgpu, wasm; not {o}"
+        );
+    }
+    let wants = |k: &str| only.iter().any(|o| o == k);
+    let inner_steps = args.get(5).cloned();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let bundle = web_bundle().display().to_string();
-    let _relay = start_relay(
-        dir.path(),
-        port,
-        &[
-            "--config",
-            config.as_str(),
-            "--web-bundle",
-            bundle.as_str(),
-            "--reexecute-rate",
-            "1",
-            "--lease-secs",
-            "120",
-        ],
-    );
-    let _cpu = start_host(dir.path(), port, "native-cpu", &[]);
+    let mut relay_args = vec![
+        "--config",
+        config.as_str(),
+        "--web-bundle",
+        bundle.as_str(),
+        "--reexecute-rate",
+        "1",
+        "--lease-secs",
+        "120",
+    ];
+    if let Some(h) = &inner_steps {
+        relay_args.extend(["--inner-steps", h.as_str()]);
+    }
+    let _relay = start_relay(dir.path(), port, &relay_args);
+    let _cpu = wants("cpu").then(|| start_host(dir.path(), port, "native-cpu", &[]));
     let wgpu_args = [
         "join".to_string(),
         format!("ws://127.0.0.1:{port}/ws"),
@@ -44,21 +61,27 @@ fn main() {
         "--key".into(),
         dir.path().join("native-wgpu.key").display().to_string(),
     ];
-    let _wgpu = Proc::spawn(
-        &bin("tessera-host"),
-        &wgpu_args,
-        dir.path().join("native-wgpu.log"),
-    );
-    let _tab_gpu = Browser::open(
-        &format!("http://127.0.0.1:{port}/?autojoin=1&backend=webgpu"),
-        Gpu::WebGpu,
-        dir.path().join("chromium-webgpu.log"),
-    );
-    let _tab_cpu = Browser::open(
-        &format!("http://127.0.0.1:{port}/?autojoin=1&backend=cpu"),
-        Gpu::None,
-        dir.path().join("chromium-cpu.log"),
-    );
+    let _wgpu = wants("wgpu").then(|| {
+        Proc::spawn(
+            &bin("tessera-host"),
+            &wgpu_args,
+            dir.path().join("native-wgpu.log"),
+        )
+    });
+    let _tab_gpu = wants("webgpu").then(|| {
+        Browser::open(
+            &format!("http://127.0.0.1:{port}/?autojoin=1&backend=webgpu"),
+            Gpu::WebGpu,
+            dir.path().join("chromium-webgpu.log"),
+        )
+    });
+    let _tab_cpu = wants("wasm").then(|| {
+        Browser::open(
+            &format!("http://127.0.0.1:{port}/?autojoin=1&backend=cpu"),
+            Gpu::None,
+            dir.path().join("chromium-cpu.log"),
+        )
+    });
     let start = Instant::now();
     let summary = |s: &Value| -> Vec<Value> {
         s["participants"]
@@ -93,11 +116,11 @@ fn main() {
                 .map(|p| format!("{}/{}: {}", p["kind"], p["backend"], p["verified"]))
                 .collect::<Vec<_>>()
         );
-        if (ps.len() >= 4 && least >= target) || start.elapsed().as_secs() > timeout {
+        if (ps.len() >= only.len() && least >= target) || start.elapsed().as_secs() > timeout {
             println!(
                 "{}",
                 json!({
-                    "config": config, "target": target,
+                    "config": config, "target": target, "only": only, "inner_steps": inner_steps,
                     "seconds": start.elapsed().as_secs(),
                     "model_version": s["model_version"], "val_loss": s["val_loss"],
                     "verification": s["verification"],
