@@ -24,7 +24,7 @@ pub struct Config {
     /// every parameter: measured to hurt even at a thirtieth of a round's weight).
     pub min_inner_steps: u32,
     /// Per-unit linear warmup of the inner learning rate, in steps (each unit starts a fresh
-    /// AdamW; capped at a quarter of the unit).
+    /// AdamW; capped at half the unit).
     pub warmup_steps: u32,
     /// Sequences per inner batch.
     pub batch_size: u32,
@@ -918,7 +918,7 @@ impl Coordinator {
             inner_steps: steps,
             batch_size: self.cfg.batch_size,
             lr: self.cfg.inner_lr_at(self.tokens_applied),
-            warmup_steps: self.cfg.warmup_steps.min(steps / 4),
+            warmup_steps: self.cfg.warmup_steps.min(steps / 2),
             seed: self.cfg.seed,
             fragment: self.cfg.fragment,
             deadline_ms: now + self.cfg.lease_ms,
@@ -2369,7 +2369,7 @@ mod tests {
         submit(&mut c, "slow", &s, &[0.0], 2_500).unwrap();
         let (f, s) = (unit(&mut c, "fast", 2_500), unit(&mut c, "slow", 2_500));
         assert_eq!((f.inner_steps, s.inner_steps), (40, 4));
-        assert_eq!((f.warmup_steps, s.warmup_steps), (5, 1));
+        assert_eq!((f.warmup_steps, s.warmup_steps), (5, 2));
         join(&mut c, "new");
         assert_eq!(unit(&mut c, "new", 2_500).inner_steps, 10);
         // A participant reporting its speed in its hello starts at that size.

@@ -43,7 +43,7 @@ struct Args {
     /// The fewest inner steps a unit gets.
     #[arg(long, default_value_t = CoordConfig::new(0).min_inner_steps)]
     min_inner_steps: u32,
-    /// Per-unit linear warmup of the inner learning rate, in steps (at most a quarter of a unit).
+    /// Per-unit linear warmup of the inner learning rate, in steps (at most half a unit).
     #[arg(long, default_value_t = CoordConfig::new(0).warmup_steps)]
     unit_warmup: u32,
     /// Sequences per inner batch.
