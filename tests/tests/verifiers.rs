@@ -97,6 +97,27 @@ fn a_trusted_verifier_host_re_executes_units_in_the_relays_place() {
 /// A trusted verifier that re-executes nothing and sends noise as its result, until the relay
 /// stops answering it. Its first result signs a wrong base digest. Returns how many results it
 /// sent, whether it was told it is banned, and the relay's answer to the wrong base.
+/// What the relay answers a verifier's request for a re-execution.
+enum ToVerify {
+    Unit(tessera_protocol::messages::WorkUnit),
+    Nothing,
+    /// The connection ended, with the relay's error if it sent one.
+    Closed(Option<String>),
+}
+
+async fn to_verify(ws: &mut client::Ws) -> ToVerify {
+    send(ws, &ClientMsg::RequestVerification).await;
+    loop {
+        match recv(ws).await {
+            Some(ServerMsg::Verify(u)) => return ToVerify::Unit(u),
+            Some(ServerMsg::NoWork { .. }) => return ToVerify::Nothing,
+            Some(ServerMsg::Error { message }) => return ToVerify::Closed(Some(message)),
+            None => return ToVerify::Closed(None),
+            Some(_) => continue,
+        }
+    }
+}
+
 async fn lying_verifier(
     port: u16,
     secret: [u8; 32],
@@ -106,21 +127,16 @@ async fn lying_verifier(
     let mut sent = 0;
     let mut wrong_base = None;
     while Instant::now() < deadline {
-        send(&mut ws, &ClientMsg::RequestVerification).await;
-        let unit = loop {
-            match recv(&mut ws).await {
-                Some(ServerMsg::Verify(u)) => break Some(u),
-                Some(ServerMsg::NoWork { .. }) => break None,
-                Some(ServerMsg::Error { message }) => {
-                    return (sent, message.starts_with("banned"), wrong_base);
-                }
-                None => return (sent, false, wrong_base),
-                Some(_) => continue,
+        let unit = match to_verify(&mut ws).await {
+            ToVerify::Unit(u) => u,
+            ToVerify::Nothing => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
-        };
-        let Some(unit) = unit else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
+            ToVerify::Closed(error) => {
+                let banned = error.is_some_and(|m| m.starts_with("banned"));
+                return (sent, banned, wrong_base);
+            }
         };
         let noise = client::noise(run.num_params as usize, 1.0, unit.unit_id);
         if wrong_base.is_none() {
@@ -223,18 +239,13 @@ async fn colluding_verifier(
     let (mut ws, run) = client::joined(port, secret).await;
     let mut vouched = 0;
     while Instant::now() < deadline {
-        send(&mut ws, &ClientMsg::RequestVerification).await;
-        let unit = loop {
-            match recv(&mut ws).await {
-                Some(ServerMsg::Verify(u)) => break Some(u),
-                Some(ServerMsg::NoWork { .. }) => break None,
-                Some(ServerMsg::Error { .. }) | None => return vouched,
-                Some(_) => continue,
+        let unit = match to_verify(&mut ws).await {
+            ToVerify::Unit(u) => u,
+            ToVerify::Nothing => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        };
-        let Some(unit) = unit else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+            ToVerify::Closed(_) => return vouched,
         };
         let echo = partner.lock().unwrap().get(&unit.unit_id).cloned();
         let values = match echo {

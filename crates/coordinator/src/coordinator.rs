@@ -1383,20 +1383,27 @@ impl Coordinator {
                 verifier: v,
             });
             self.rechecked += 1;
-            self.checks.queue(
-                &check.participant,
-                check.unit,
-                check.delta,
-                check.tokens,
-                false,
-                now,
-            );
-            self.checks.get_mut(unit_id).expect("queued").stage = Stage::Relay {
-                taken: false,
-                disputed_by: None,
-                vouched_by: None,
-            };
+            self.queue_for_relay(check, None, now);
         }
+    }
+
+    /// Queues an already settled unit's check straight for the relay's own re-execution: a
+    /// spot check of the verifier that vouched for it (`vouched_by`), or a re-check.
+    fn queue_for_relay(&mut self, check: Check, vouched_by: Option<String>, now: u64) {
+        let unit_id = check.unit.unit_id;
+        self.checks.queue(
+            &check.participant,
+            check.unit,
+            check.delta,
+            check.tokens,
+            false,
+            now,
+        );
+        self.checks.get_mut(unit_id).expect("queued").stage = Stage::Relay {
+            taken: false,
+            disputed_by: None,
+            vouched_by,
+        };
     }
 
     /// Vouched units re-checked because their verifier was banned, and vouched units that
@@ -1610,19 +1617,7 @@ impl Coordinator {
         self.credit_check(verifier, &check.participant, unit_id, check.tokens);
         let closed = self.settle_check(&check.participant, unit_id, true, detail, false, now);
         if sample < self.cfg.screen.verifier_recheck_rate {
-            self.checks.queue(
-                &check.participant,
-                check.unit,
-                check.delta,
-                check.tokens,
-                false,
-                now,
-            );
-            self.checks.get_mut(unit_id).expect("queued").stage = Stage::Relay {
-                taken: false,
-                disputed_by: None,
-                vouched_by: Some(verifier.to_string()),
-            };
+            self.queue_for_relay(check, Some(verifier.to_string()), now);
         } else {
             self.keep_vouched(verifier, check);
         }
