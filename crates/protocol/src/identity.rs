@@ -24,13 +24,17 @@ pub fn update_message(
     base_sha256: &[u8; 32],
     payload_bytes: &[u8],
 ) -> Vec<u8> {
-    tagged(
-        b"tessera-update-v2",
-        unit_id,
-        base_version,
-        base_sha256,
-        payload_bytes,
-    )
+    update_message_for_digest(unit_id, base_version, base_sha256, &Sha256::digest(payload_bytes).into())
+}
+
+/// [`update_message`] from the payload's SHA-256 (what the ledger keeps of an update).
+pub fn update_message_for_digest(
+    unit_id: u64,
+    base_version: u64,
+    base_sha256: &[u8; 32],
+    payload_sha256: &[u8; 32],
+) -> Vec<u8> {
+    tagged(b"tessera-update-v2", unit_id, base_version, base_sha256, payload_sha256)
 }
 
 /// The message a verifier signs with its re-execution of another participant's unit: as
@@ -46,7 +50,7 @@ pub fn verification_message(
         unit_id,
         base_version,
         base_sha256,
-        payload_bytes,
+        &Sha256::digest(payload_bytes).into(),
     )
 }
 
@@ -55,15 +59,14 @@ fn tagged(
     unit_id: u64,
     base_version: u64,
     base_sha256: &[u8; 32],
-    payload_bytes: &[u8],
+    payload_sha256: &[u8; 32],
 ) -> Vec<u8> {
-    let digest = Sha256::digest(payload_bytes);
     [
         tag,
         &unit_id.to_le_bytes(),
         &base_version.to_le_bytes(),
         base_sha256.as_slice(),
-        digest.as_slice(),
+        payload_sha256.as_slice(),
     ]
     .concat()
 }

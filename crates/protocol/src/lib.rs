@@ -8,12 +8,15 @@
 //! - [`update`]: the pseudo-gradient payload of a work unit and the fragment of the parameter
 //!   vector it covers;
 //! - [`identity`]: ed25519 identities, the hello challenge and update signatures;
+//! - [`ledger`]: the contribution ledger anyone can check: granted contributions as leaves of an
+//!   RFC 6962 Merkle tree, the relay's signed checkpoints and receipts, proofs and the audit;
 //! - [`work`]: what a work unit means (its batches, its learning-rate ramp, how it is trained,
 //!   its pseudo-gradient, its signed submission), shared by every participant and verifier.
 //!
 //! Model weights travel separately, over plain HTTP, as safetensors files named by version.
 
 pub mod identity;
+pub mod ledger;
 pub mod messages;
 pub mod update;
 pub mod work;
@@ -21,7 +24,7 @@ pub mod work;
 pub use messages::{ClientMsg, ServerMsg, decode, encode};
 
 /// Version of this protocol. A relay refuses participants that speak another one.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest control message accepted (anything but an update submission).
 pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
