@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh Debian machine: installs what the tests need
 # (lavapipe, a software Vulkan driver, so the wgpu backend has an adapter without a GPU; Debian's
-# Chromium for the browser tests), checks formatting and lints (native and wasm32), builds the
-# binaries and the browser bundle, then runs the whole test suite. CI (.ci/run) calls exactly this.
+# Chromium for the browser tests; Python's cryptography for the independent ledger verifier),
+# checks formatting and lints (native and wasm32), builds the binaries and the browser bundle,
+# then runs the whole test suite. CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(mesa-vulkan-drivers libvulkan1 chromium fonts-dejavu-core)
+packages=(mesa-vulkan-drivers libvulkan1 chromium fonts-dejavu-core python3 python3-cryptography)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

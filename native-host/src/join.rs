@@ -15,6 +15,7 @@ use tessera_core::burn::prelude::Device;
 use tessera_core::config::ModelConfig;
 use tessera_core::data::Corpus;
 use tessera_core::optim::AdamW;
+use tessera_protocol::ledger::Receipt;
 use tessera_protocol::messages::{
     ClientMsg, Hello, ParticipantKind, RunInfo, ServerMsg, Submission, WorkUnit,
 };
@@ -158,7 +159,25 @@ pub fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
     Ok(secret)
 }
 
-fn default_key_path() -> PathBuf {
+/// Where the receipts of the key at `key` are kept: beside it (`host.receipts.jsonl`).
+pub fn receipts_path(key: &Path) -> PathBuf {
+    key.with_extension("receipts.jsonl")
+}
+
+/// Appends a receipt to the receipts file (one JSON line, flushed to disk before the next unit).
+fn keep_receipt(path: &Path, receipt: &Receipt) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(receipt)?)?;
+    f.sync_data()?;
+    Ok(())
+}
+
+pub fn default_key_path() -> PathBuf {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
@@ -184,6 +203,8 @@ struct Participant {
     tokens_per_s: f32,
     throttle: f64,
     verifier: bool,
+    /// Where the relay's receipts for this key's accepted updates are kept (JSON lines).
+    receipts: PathBuf,
 }
 
 /// Runs `tessera-host join`.
@@ -216,6 +237,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
         keep_optimizer: args.keep_optimizer,
         throttle: args.throttle,
         verifier: args.verifier,
+        receipts: receipts_path(&key_path),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -341,10 +363,17 @@ impl Participant {
             self.units_done += 1;
             let secs = started.elapsed().as_secs_f64();
             match reply {
-                ServerMsg::Accepted { model_version, .. } => eprintln!(
-                    "unit {} (shard {}, base v{}, {} steps): loss {first:.4} -> {last:.4} in {secs:.1} s; accepted, model now v{model_version}",
-                    unit.unit_id, unit.shard, unit.base_version, unit.inner_steps
-                ),
+                ServerMsg::Accepted {
+                    model_version,
+                    receipt,
+                    ..
+                } => {
+                    keep_receipt(&self.receipts, &receipt)?;
+                    eprintln!(
+                        "unit {} (shard {}, base v{}, {} steps): loss {first:.4} -> {last:.4} in {secs:.1} s; accepted, model now v{model_version}",
+                        unit.unit_id, unit.shard, unit.base_version, unit.inner_steps
+                    )
+                }
                 ServerMsg::Rejected { reason, detail, .. } => {
                     eprintln!("unit {} rejected: {reason:?}: {detail}", unit.unit_id)
                 }

@@ -1,11 +1,13 @@
 //! `tessera-host`: Tessera's native participant.
 //!
 //! `tessera-host train` trains the shared model locally on CPU or wgpu with the same core the
-//! browser runs; `tessera-host join` contributes to a relay's run.
+//! browser runs; `tessera-host join` contributes to a relay's run; `tessera-host ledger verify`
+//! checks the relay's contribution ledger and this key's stake in it.
 
 mod backend;
 mod corpus;
 mod join;
+mod ledger;
 mod store;
 mod train;
 
@@ -28,6 +30,8 @@ enum Command {
     Sample(train::SampleArgs),
     /// Print this participant's id (creating its key on first use).
     Id(join::IdArgs),
+    /// Check a relay's contribution ledger, this key's receipts and every stake.
+    Ledger(ledger::LedgerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::Sample(args) => train::sample(args),
         Command::Join(args) => join::run(args),
         Command::Id(args) => join::print_id(args),
+        Command::Ledger(args) => ledger::run(args),
     }
 }

@@ -24,7 +24,12 @@ pub fn update_message(
     base_sha256: &[u8; 32],
     payload_bytes: &[u8],
 ) -> Vec<u8> {
-    update_message_for_digest(unit_id, base_version, base_sha256, &Sha256::digest(payload_bytes).into())
+    update_message_for_digest(
+        unit_id,
+        base_version,
+        base_sha256,
+        &Sha256::digest(payload_bytes).into(),
+    )
 }
 
 /// [`update_message`] from the payload's SHA-256 (what the ledger keeps of an update).
@@ -34,7 +39,13 @@ pub fn update_message_for_digest(
     base_sha256: &[u8; 32],
     payload_sha256: &[u8; 32],
 ) -> Vec<u8> {
-    tagged(b"tessera-update-v2", unit_id, base_version, base_sha256, payload_sha256)
+    tagged(
+        b"tessera-update-v2",
+        unit_id,
+        base_version,
+        base_sha256,
+        payload_sha256,
+    )
 }
 
 /// The message a verifier signs with its re-execution of another participant's unit: as

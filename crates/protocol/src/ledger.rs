@@ -67,6 +67,29 @@ mod hex32 {
     }
 }
 
+mod hexlist {
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+
+    pub fn serialize<S: Serializer>(v: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for h in v {
+            seq.serialize_element(&hex::encode(h))?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u8; 32]>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
+                Ok(out)
+            })
+            .collect()
+    }
+}
+
 mod hexvec {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -244,7 +267,11 @@ pub fn consistency_proof(leaves: &[Hash], old: usize) -> Vec<Hash> {
     fn sub(leaves: &[Hash], m: usize, complete: bool) -> Vec<Hash> {
         let n = leaves.len();
         if m == n {
-            return if complete { Vec::new() } else { vec![root(leaves)] };
+            return if complete {
+                Vec::new()
+            } else {
+                vec![root(leaves)]
+            };
         }
         let k = split(n);
         if m <= k {
@@ -314,6 +341,40 @@ pub fn verify_consistency(
     ct_root(new_root, new_size)
         .verify_consistency(&ct_root(old_root, old_size), &proof)
         .map_err(|e| fail(e.to_string()))
+}
+
+/// A leaf with its audit path in the log of `size` leaves (what `/api/ledger/proof/{unit}`
+/// serves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inclusion {
+    /// Its position in the log.
+    pub index: u64,
+    /// The size of the log it is proven in.
+    pub size: u64,
+    /// The leaf.
+    pub leaf: Leaf,
+    /// The audit path, leaf side first.
+    #[serde(with = "hexlist")]
+    pub proof: Vec<Hash>,
+}
+
+impl Inclusion {
+    /// Checks it against a signed checkpoint of the same size.
+    pub fn verify(&self, c: &Checkpoint) -> Result<(), LedgerError> {
+        if self.size != c.log_size {
+            return Err(LedgerError::BadProof(format!(
+                "unit {} was proven in a log of {} leaves, the checkpoint of version {} signs {}",
+                self.leaf.unit_id, self.size, c.version, c.log_size
+            )));
+        }
+        verify_inclusion(
+            &self.leaf.to_bytes(),
+            self.index,
+            self.size,
+            &c.log_root,
+            &self.proof,
+        )
+    }
 }
 
 /// Credit by participant key.
@@ -556,7 +617,9 @@ pub fn audit(
             return Err(bad(format!("it is of run {:?}, not {:?}", l.run, info.run)));
         }
         if !units.insert(l.unit_id) {
-            return Err(bad("this unit was already granted earlier in the log".into()));
+            return Err(bad(
+                "this unit was already granted earlier in the log".into()
+            ));
         }
         l.check().map_err(bad)?;
     }

@@ -6,6 +6,7 @@ use tessera_core::config::{ModelConfig, TrainConfig};
 
 use crate::Error;
 use crate::identity::PublicKey;
+use crate::ledger::Receipt;
 use crate::update::{Fragment, Payload};
 
 /// What kind of participant is talking.
@@ -203,6 +204,8 @@ pub enum ServerMsg {
         unit_id: u64,
         /// The model version now current.
         model_version: u64,
+        /// The relay's signed receipt: it holds this update and will grant it once verified.
+        receipt: Receipt,
     },
     /// An update was rejected.
     Rejected {

@@ -1,6 +1,7 @@
 //! Model versions on disk: `model-v<version>.safetensors` (weights, nanoGPT names, loadable by
-//! PyTorch) and `momentum-v<version>.safetensors` (the outer optimizer's buffer), each written
-//! atomically. Old versions are pruned, keeping the newest `keep` and the one the guard would
+//! PyTorch; the ledger checkpoint signed for the version in its `__metadata__`),
+//! `model-v<version>.json` (the manifest: weights file, their SHA-256 and that checkpoint) and
+//! `momentum-v<version>.safetensors` (the outer optimizer's buffer), each written atomically. Old versions are pruned, keeping the newest `keep` and the one the guard would
 //! roll back to.
 
 use std::collections::HashMap;
@@ -11,6 +12,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use tessera_core::checkpoint::{weights_from_safetensors, weights_to_safetensors};
 use tessera_core::params::ParamSpec;
+use tessera_protocol::ledger::Checkpoint;
+use tessera_protocol::work;
 
 /// The checkpoint directory.
 pub struct Checkpoints {
@@ -41,6 +44,11 @@ impl Checkpoints {
         format!("model-v{version:08}.safetensors")
     }
 
+    /// File name of a version's manifest.
+    pub fn manifest_name(version: u64) -> String {
+        format!("model-v{version:08}.json")
+    }
+
     fn momentum_name(version: u64) -> String {
         format!("momentum-v{version:08}.safetensors")
     }
@@ -50,30 +58,50 @@ impl Checkpoints {
         self.dir.join(Self::weights_name(version))
     }
 
-    /// Encodes weights as safetensors bytes (what `/api/model/{version}` serves).
-    pub fn encode(&self, version: u64, params: &[f32]) -> Result<Vec<u8>> {
-        let meta = HashMap::from([
+    /// Encodes weights as safetensors bytes (what `/api/model/{version}` serves), with the
+    /// ledger checkpoint signed for the version (`tessera_ledger`, JSON) in the metadata.
+    pub fn encode(
+        &self,
+        version: u64,
+        params: &[f32],
+        ledger: Option<&Checkpoint>,
+    ) -> Result<Vec<u8>> {
+        let mut meta = HashMap::from([
             ("format".to_string(), "pt".to_string()),
             ("tessera_version".to_string(), version.to_string()),
         ]);
+        if let Some(c) = ledger {
+            meta.insert("tessera_ledger".into(), serde_json::to_string(c)?);
+        }
         Ok(weights_to_safetensors(&self.specs, params, meta)?)
     }
 
-    /// Writes a version (weights and momentum) durably; returns the weights' bytes. Older
-    /// versions are pruned except `pinned`.
+    /// Writes a version (weights, momentum, manifest) durably; returns the weights' bytes.
+    /// Older versions are pruned except `pinned`.
     pub fn save(
         &self,
         version: u64,
         params: &[f32],
         momentum: &[f32],
         pinned: Option<u64>,
+        ledger: &Checkpoint,
     ) -> Result<Vec<u8>> {
-        let bytes = self.encode(version, params)?;
+        let bytes = self.encode(version, params, Some(ledger))?;
         write_atomic(
             &self.dir.join(Self::momentum_name(version)),
-            &self.encode(version, momentum)?,
+            &self.encode(version, momentum, None)?,
         )?;
         write_atomic(&self.weights_path(version), &bytes)?;
+        let manifest = serde_json::json!({
+            "version": version,
+            "weights": Self::weights_name(version),
+            "weights_sha256": hex::encode(work::sha256(&bytes)),
+            "ledger": ledger,
+        });
+        write_atomic(
+            &self.dir.join(Self::manifest_name(version)),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )?;
         self.prune(version, pinned);
         Ok(bytes)
     }
@@ -105,6 +133,7 @@ impl Checkpoints {
             let name = e.file_name().to_string_lossy().into_owned();
             let version = name
                 .strip_suffix(".safetensors")
+                .or_else(|| name.strip_suffix(".json"))
                 .and_then(|s| s.rsplit_once("-v"))
                 .and_then(|(_, v)| v.parse::<u64>().ok());
             if let Some(v) = version

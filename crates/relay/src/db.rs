@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 use tessera_coordinator::{Lease, LedgerChange, ParticipantStats, Rollback, Verdict};
+use tessera_protocol::ledger::{CREDIT_FORMULA, Checkpoint, Leaf};
 use tessera_protocol::messages::WorkUnit;
 use tessera_protocol::update::Fragment;
 
@@ -86,7 +87,21 @@ CREATE TABLE IF NOT EXISTS updates (
     verified INTEGER,
     -- pending, granted or forfeited
     credit TEXT NOT NULL DEFAULT 'pending',
-    payload BLOB
+    payload BLOB,
+    -- what the participant signed: the base's digest, and its signature
+    base_sha256 BLOB,
+    signature BLOB
+);
+-- The contribution log: one leaf per granted unit, in grant order (see tessera_protocol::ledger).
+CREATE TABLE IF NOT EXISTS ledger (
+    idx INTEGER PRIMARY KEY,
+    unit_id INTEGER NOT NULL UNIQUE,
+    leaf TEXT NOT NULL
+);
+-- The relay's signed checkpoint of the log for each version.
+CREATE TABLE IF NOT EXISTS ledger_checkpoints (
+    version INTEGER PRIMARY KEY,
+    checkpoint TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS verifications (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -100,6 +115,49 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 );
 ";
+
+fn insert_checkpoint(tx: &rusqlite::Transaction<'_>, c: &Checkpoint) -> Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO ledger_checkpoints (version, checkpoint) VALUES (?1, ?2)",
+        params![c.version as i64, serde_json::to_string(c)?],
+    )?;
+    Ok(())
+}
+
+/// The leaf of a unit being granted, from its accepted update and its participant's key.
+fn grant_leaf(
+    tx: &rusqlite::Transaction<'_>,
+    run: &str,
+    version: u64,
+    participant: &str,
+    unit_id: u64,
+    tokens: u64,
+) -> Result<Leaf> {
+    let blob32 =
+        |b: Option<Vec<u8>>| -> [u8; 32] { b.and_then(|b| b.try_into().ok()).unwrap_or([0; 32]) };
+    tx.query_row(
+        "SELECT u.applied_version, u.base_version, u.base_sha256, u.sha256, u.signature, p.public_key
+         FROM updates u JOIN participants p ON p.id = u.participant
+         WHERE u.unit_id = ?1 AND u.participant = ?2",
+        params![unit_id as i64, participant],
+        |r| {
+            Ok(Leaf {
+                run: run.to_string(),
+                version: r.get::<_, Option<i64>>(0)?.map_or(version, |v| v as u64),
+                participant: blob32(r.get(5)?),
+                unit_id,
+                base_version: r.get::<_, i64>(1)? as u64,
+                base_sha256: blob32(r.get(2)?),
+                update_sha256: blob32(r.get(3)?),
+                tokens,
+                credit: tokens,
+                formula: CREDIT_FORMULA,
+                signature: r.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
+            })
+        },
+    )
+    .with_context(|| format!("the accepted update of unit {unit_id} being granted"))
+}
 
 /// An accepted update not yet folded into a version.
 pub struct PendingUpdate {
@@ -137,6 +195,10 @@ pub struct UpdateRecord<'a> {
     pub payload: &'a [u8],
     /// SHA-256 of the payload.
     pub sha256: [u8; 32],
+    /// SHA-256 of the base weights, as signed.
+    pub base_sha256: [u8; 32],
+    /// The participant's signature of the update.
+    pub signature: &'a [u8],
     /// The probe's relative gains (own batches, held-out batches).
     pub probe: Option<(f64, f64)>,
     /// Held out of the model until its re-execution agrees.
@@ -170,16 +232,24 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
-        // Databases of earlier relays lack the verifier column.
-        let has_verifications: bool = conn
-            .prepare(
-                "SELECT 1 FROM pragma_table_info('participants') WHERE name = 'verifications'",
-            )?
-            .exists([])?;
-        if !has_verifications {
-            conn.execute_batch(
-                "ALTER TABLE participants ADD COLUMN verifications INTEGER NOT NULL DEFAULT 0",
-            )?;
+        // Databases of earlier relays lack the newer columns.
+        for (table, column, ty) in [
+            (
+                "participants",
+                "verifications",
+                "INTEGER NOT NULL DEFAULT 0",
+            ),
+            ("updates", "base_sha256", "BLOB"),
+            ("updates", "signature", "BLOB"),
+        ] {
+            let has: bool = conn
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+                ))?
+                .exists([])?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
+            }
         }
         Ok(Db { conn })
     }
@@ -198,6 +268,7 @@ impl Db {
         name: &str,
         config_json: &str,
         checkpoint: &str,
+        signed: &Checkpoint,
         now: u64,
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
@@ -209,6 +280,7 @@ impl Db {
             "INSERT INTO versions (version, checkpoint, updates, created_ms) VALUES (0, ?1, 0, ?2)",
             params![checkpoint, now as i64],
         )?;
+        insert_checkpoint(&tx, signed)?;
         tx.commit()?;
         Ok(())
     }
@@ -368,8 +440,8 @@ impl Db {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO updates (unit_id, participant, base_version, staleness, tokens, weight, loss_before, loss_after, received_ms, payload,
-                shard, inner_steps, warmup_steps, lr, sha256, own_gain, held_gain, held)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                shard, inner_steps, warmup_steps, lr, sha256, own_gain, held_gain, held, base_sha256, signature)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
             params![
                 u.unit_id as i64,
                 u.participant,
@@ -388,7 +460,9 @@ impl Db {
                 u.sha256.as_slice(),
                 u.probe.map(|p| p.0),
                 u.probe.map(|p| p.1),
-                u.held as i64
+                u.held as i64,
+                u.base_sha256.as_slice(),
+                u.signature
             ],
         )?;
         tx.execute(
@@ -409,10 +483,18 @@ impl Db {
         Ok(())
     }
 
-    /// Persists the coordinator's changes to the credit ledger, in one transaction.
-    pub fn apply_ledger(&mut self, changes: &[LedgerChange]) -> Result<()> {
+    /// Persists the coordinator's changes to the credit ledger, in one transaction; a grant
+    /// appends its leaf to the contribution log (of run `run`; `version` is the current one, for
+    /// a unit granted before it was recorded as folded). Returns the leaves appended.
+    pub fn apply_ledger(
+        &mut self,
+        changes: &[LedgerChange],
+        run: &str,
+        version: u64,
+    ) -> Result<Vec<Leaf>> {
+        let mut leaves = Vec::new();
         if changes.is_empty() {
-            return Ok(());
+            return Ok(leaves);
         }
         let tx = self.conn.transaction()?;
         for c in changes {
@@ -430,6 +512,13 @@ impl Db {
                         "UPDATE participants SET granted = granted + ?2 WHERE id = ?1",
                         params![participant, *tokens as i64],
                     )?;
+                    let leaf = grant_leaf(&tx, run, version, participant, *unit_id, *tokens)?;
+                    let idx: i64 = tx.query_row("SELECT COUNT(*) FROM ledger", [], |r| r.get(0))?;
+                    tx.execute(
+                        "INSERT INTO ledger (idx, unit_id, leaf) VALUES (?1, ?2, ?3)",
+                        params![idx, *unit_id as i64, serde_json::to_string(&leaf)?],
+                    )?;
+                    leaves.push(leaf);
                 }
                 LedgerChange::Verified {
                     participant,
@@ -526,7 +615,39 @@ impl Db {
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(leaves)
+    }
+
+    /// The contribution log's leaves `start..end` (all from `start` without `end`).
+    pub fn ledger_leaves(&self, start: u64, end: Option<u64>) -> Result<Vec<Leaf>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT leaf FROM ledger WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
+        let end = end.map_or(i64::MAX, |e| e as i64);
+        let rows = st.query_map(params![start as i64, end], |r| r.get::<_, String>(0))?;
+        rows.map(|t| Ok(serde_json::from_str(&t?)?)).collect()
+    }
+
+    /// The log index of a unit's leaf, if it was granted.
+    pub fn ledger_index(&self, unit_id: u64) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT idx FROM ledger WHERE unit_id = ?1",
+                [unit_id as i64],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|i| i as u64))
+    }
+
+    /// Every signed checkpoint, by version.
+    pub fn ledger_checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT checkpoint FROM ledger_checkpoints ORDER BY version")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|t| Ok(serde_json::from_str(&t?)?)).collect()
     }
 
     /// Updates held for their re-execution (after a restart, they are re-queued).
@@ -584,8 +705,15 @@ impl Db {
 
     /// Records a new version (its checkpoint already on disk) and marks every pending update
     /// applied, in one transaction. Applied payloads are dropped: the version holds them.
-    pub fn record_version(&mut self, version: u64, checkpoint: &str, now: u64) -> Result<usize> {
+    pub fn record_version(
+        &mut self,
+        version: u64,
+        checkpoint: &str,
+        signed: &Checkpoint,
+        now: u64,
+    ) -> Result<usize> {
         let tx = self.conn.transaction()?;
+        insert_checkpoint(&tx, signed)?;
         let n = tx.execute(
             "UPDATE updates SET applied_version = ?1, outcome = 'applied', payload = NULL WHERE applied_version IS NULL AND held = 0",
             [version as i64],
@@ -601,8 +729,14 @@ impl Db {
     /// Records a rollback: its version (the restored weights, already on disk), the rollback
     /// itself, and the updates of the open round, which are discarded (they stay in the ledger:
     /// their participants keep the credit), in one transaction.
-    pub fn record_rollback(&mut self, rb: &Rollback, checkpoint: &str) -> Result<usize> {
+    pub fn record_rollback(
+        &mut self,
+        rb: &Rollback,
+        checkpoint: &str,
+        signed: &Checkpoint,
+    ) -> Result<usize> {
         let tx = self.conn.transaction()?;
+        insert_checkpoint(&tx, signed)?;
         let n = tx.execute(
             "UPDATE updates SET applied_version = ?1, outcome = 'discarded', payload = NULL WHERE applied_version IS NULL AND held = 0",
             [rb.new_version as i64],

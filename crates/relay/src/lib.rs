@@ -6,13 +6,16 @@
 //!
 //! - [`db`]: the SQLite ledger (run, versions, leases, participants, accepted updates);
 //! - [`checkpoints`]: model versions as safetensors files, written atomically;
+//! - [`ledger`]: the relay's signing key and the contribution log in memory, checkpointed and
+//!   signed with every version (leaves and checkpoints are rows of [`db`]);
 //! - [`run`]: start-up and crash recovery, the accept and round-close paths (with the
 //!   verification pipeline: structural and cheap checks, the loss probe, held units and their
 //!   re-execution, credit), evaluation (the validation loss and a text sample of each new
 //!   version) and the guard's rollbacks;
 //! - [`verify`]: the compute of verification: the loss probe and re-executing a unit;
 //! - [`server`]: HTTP routes (`/ws`, `/api/status`, `/api/run`, `/metrics`,
-//!   `/api/model/{version}`, `/api/corpus`, the page and its scripts under `/web/`, the browser
+//!   `/api/model/{version}`, `/api/corpus`, the ledger under `/api/ledger` (head, export files,
+//!   checkpoints, inclusion and consistency proofs), the page and its scripts under `/web/`, the browser
 //!   participant's bundle under `/pkg/`) and the per-connection protocol.
 //!
 //! Durability rule: an update is acknowledged only after it is committed to the database; a
@@ -22,6 +25,7 @@
 
 pub mod checkpoints;
 pub mod db;
+pub mod ledger;
 pub mod run;
 pub mod server;
 pub mod verify;

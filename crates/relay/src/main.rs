@@ -106,6 +106,10 @@ struct Args {
     /// Fraction of a young identity's units re-executed at random (until `--trusted-after`).
     #[arg(long, default_value_t = ScreenConfig::default().reexecute_young_rate)]
     reexecute_young_rate: f64,
+    /// Rounds after its fold at which a unit's credit is granted (its leaf appended to the
+    /// contribution log); until then a ban can take it back out of the model.
+    #[arg(long, default_value_t = ScreenConfig::default().grant_after_rounds)]
+    grant_after_rounds: u64,
     /// Units of an identity found honest after which it is trusted: audited at
     /// `--reexecute-rate`, and allowed to verify others' units (`tessera-host join --verifier`).
     #[arg(long, default_value_t = ScreenConfig::default().trusted_after)]
@@ -232,6 +236,7 @@ async fn main() -> Result<()> {
             trusted_after: a.trusted_after,
             verifier_recheck_rate: a.verifier_recheck_rate.clamp(0.0, 1.0),
             revert_memory: a.revert_memory_mb << 20,
+            grant_after_rounds: a.grant_after_rounds.max(1),
             ..ScreenConfig::default()
         },
         trusted_verifiers: a.trusted_verifiers.iter().cloned().collect(),

@@ -18,6 +18,7 @@ use tessera_core::model::Gpt;
 use tessera_core::params;
 use tessera_core::tokenizer;
 use tessera_core::train::{Trainer, eval_loss, generate};
+use tessera_protocol::ledger::{Checkpoint, Hash, Inclusion, Leaf, LedgerInfo};
 use tessera_protocol::messages::{
     ParticipantKind, RejectReason, RunInfo, ServerMsg, Submission, WorkUnit,
 };
@@ -26,6 +27,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::checkpoints::Checkpoints;
 use crate::db::{Db, UpdateRecord};
+use crate::ledger::{Log, load_or_create_key};
 use crate::now_ms;
 use crate::verify::Verifier;
 
@@ -91,6 +93,8 @@ pub struct Tuning {
 /// State that changes together. Lock order: `inner`, then `db`.
 struct Inner {
     coord: Coordinator,
+    /// The contribution log (what is granted is appended here after it is committed).
+    log: Log,
 }
 
 /// Counters for `/metrics`.
@@ -260,6 +264,9 @@ impl Relay {
         let num_params = params::total_len(&specs);
         let ckpt = Checkpoints::open(ckpt_dir, specs, spec.max_staleness + 3)?;
         let mut db = Db::open(db_path)?;
+        let key_path = db_path.with_extension("key");
+        let secret = load_or_create_key(&key_path)?;
+        let log = Log::new(&spec.name, secret, &db.ledger_leaves(0, None)?);
         let now = now_ms();
         let spec_json = serde_json::to_string(&spec)?;
         let coord = match db.run_config()? {
@@ -358,8 +365,15 @@ impl Relay {
                 let trainer = Trainer::new(spec.model, spec.train.clone(), &cpu)?;
                 let p = params::to_vec(trainer.model());
                 let m = vec![0.0; p.len()];
-                ckpt.save(0, &p, &m, None)?;
-                db.create_run(&spec.name, &spec_json, &Checkpoints::weights_name(0), now)?;
+                let signed = log.checkpoint(0);
+                ckpt.save(0, &p, &m, None, &signed)?;
+                db.create_run(
+                    &spec.name,
+                    &spec_json,
+                    &Checkpoints::weights_name(0),
+                    &signed,
+                    now,
+                )?;
                 tracing::info!("created run {} ({} parameters)", spec.name, p.len());
                 Coordinator::new(coord_cfg, 0, p, m, 0, 0)
             }
@@ -388,7 +402,7 @@ impl Relay {
         let corpus = Arc::new(corpus);
         let verifier = Verifier::new(spec.model, spec.train.clone(), corpus.clone());
         let relay = Arc::new(Relay {
-            inner: Mutex::new(Inner { coord }),
+            inner: Mutex::new(Inner { coord, log }),
             ckpt,
             db: Mutex::new(db),
             run_info,
@@ -434,15 +448,20 @@ impl Relay {
     }
 
     fn persist_version(&self, inner: &mut Inner, version: u64) -> Result<()> {
+        let signed = inner.log.checkpoint(version);
         let bytes = self.ckpt.save(
             version,
             inner.coord.params(),
             inner.coord.momentum(),
             inner.coord.guard().last_good().map(|g| g.0),
+            &signed,
         )?;
-        let n = self
-            .db()
-            .record_version(version, &Checkpoints::weights_name(version), now_ms())?;
+        let n = self.db().record_version(
+            version,
+            &Checkpoints::weights_name(version),
+            &signed,
+            now_ms(),
+        )?;
         inner.coord.set_digest(version, work::sha256(&bytes));
         *self.latest.write().expect("latest lock") = (version, Arc::new(bytes));
         tracing::info!(version, updates = n, "model advanced");
@@ -454,15 +473,17 @@ impl Relay {
     /// Writes the version a rollback created and records the rollback.
     fn persist_rollback(&self, inner: &mut Inner, rb: &Rollback) -> Result<()> {
         let version = rb.new_version;
+        let signed = inner.log.checkpoint(version);
         let bytes = self.ckpt.save(
             version,
             inner.coord.params(),
             inner.coord.momentum(),
             Some(rb.restored_version),
+            &signed,
         )?;
-        let discarded = self
-            .db()
-            .record_rollback(rb, &Checkpoints::weights_name(version))?;
+        let discarded =
+            self.db()
+                .record_rollback(rb, &Checkpoints::weights_name(version), &signed)?;
         inner.coord.set_digest(version, work::sha256(&bytes));
         *self.latest.write().expect("latest lock") = (version, Arc::new(bytes));
         tracing::warn!(
@@ -479,6 +500,72 @@ impl Relay {
         let _ = self.versions.send(version);
         let _ = self.eval_trigger.send(version);
         Ok(())
+    }
+
+    /// Who signs the ledger, its latest signed checkpoint, and the leaves granted since.
+    pub fn ledger_head(&self) -> Result<serde_json::Value> {
+        let (info, size) = {
+            let inner = self.lock();
+            (inner.log.info.clone(), inner.log.size())
+        };
+        let latest = self.db().ledger_checkpoints()?.pop();
+        let signed = latest.as_ref().map_or(0, |c| c.log_size);
+        Ok(serde_json::json!({
+            "info": info,
+            "checkpoint": latest,
+            "log_size": size,
+            "unsigned": size - signed,
+        }))
+    }
+
+    /// Who signs the ledger.
+    pub fn ledger_info(&self) -> LedgerInfo {
+        self.lock().log.info.clone()
+    }
+
+    /// Leaves `start..end` of the log.
+    pub fn ledger_leaves(&self, start: u64, end: Option<u64>) -> Result<Vec<Leaf>> {
+        self.db().ledger_leaves(start, end)
+    }
+
+    /// Every signed checkpoint.
+    pub fn ledger_checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        self.db().ledger_checkpoints()
+    }
+
+    /// The inclusion proof of unit `unit_id`'s leaf in the log of `size` leaves (the latest
+    /// signed checkpoint's by default). `Ok(None)` when it is not (yet) in that log.
+    pub fn ledger_proof(&self, unit_id: u64, size: Option<u64>) -> Result<Option<Inclusion>> {
+        let (index, size) = {
+            let db = self.db();
+            let Some(index) = db.ledger_index(unit_id)? else {
+                return Ok(None);
+            };
+            let size = match size {
+                Some(s) => s,
+                None => db.ledger_checkpoints()?.pop().map_or(0, |c| c.log_size),
+            };
+            (index, size)
+        };
+        let Some(proof) = self.lock().log.inclusion(index, size) else {
+            return Ok(None);
+        };
+        let leaf = self
+            .db()
+            .ledger_leaves(index, Some(index + 1))?
+            .pop()
+            .context("the leaf of an indexed unit")?;
+        Ok(Some(Inclusion {
+            index,
+            size,
+            leaf,
+            proof,
+        }))
+    }
+
+    /// The proof that the log of `old` leaves is a prefix of the log of `new`.
+    pub fn ledger_consistency(&self, old: u64, new: u64) -> Option<Vec<Hash>> {
+        self.lock().log.consistency(old, new)
     }
 
     /// Whether `id` is banned.
@@ -630,6 +717,8 @@ impl Relay {
             received_ms: now,
             payload: &s.payload.data,
             sha256: measured.sha256,
+            base_sha256: s.base_sha256,
+            signature: &s.signature,
             probe: probe.map(|p| (p.own_gain(), p.held_gain())),
             held: hold,
         })?;
@@ -647,9 +736,18 @@ impl Relay {
             self.persist_version(&mut inner, v)?;
         }
         self.persist_ledger(&mut inner)?;
+        let receipt = inner.log.receipt(
+            *public_key,
+            s.unit_id,
+            s.base_version,
+            measured.sha256,
+            verdict.tokens,
+            now,
+        );
         Ok(ServerMsg::Accepted {
             unit_id: s.unit_id,
             model_version: inner.coord.version(),
+            receipt,
         })
     }
 
@@ -732,7 +830,10 @@ impl Relay {
                 );
             }
         }
-        self.db().apply_ledger(&changes)
+        let version = inner.coord.version();
+        let leaves = self.db().apply_ledger(&changes, &self.spec.name, version)?;
+        inner.log.append(&leaves);
+        Ok(())
     }
 
     fn ring(&self) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -68,6 +68,13 @@ pub fn router(relay: Arc<Relay>, bundle: &std::path::Path) -> Router {
         .route("/api/model/{version}", get(model))
         .route("/api/corpus", get(corpus))
         .route("/metrics", get(metrics))
+        .route("/api/ledger", get(ledger_head))
+        .route("/api/ledger/ledger.json", get(ledger_info))
+        .route("/api/ledger/leaves.jsonl", get(ledger_leaves))
+        .route("/api/ledger/checkpoints.jsonl", get(ledger_checkpoints))
+        .route("/api/ledger/checkpoint/{version}", get(ledger_checkpoint))
+        .route("/api/ledger/proof/{unit}", get(ledger_proof))
+        .route("/api/ledger/consistency", get(ledger_consistency))
         .with_state(relay)
 }
 
@@ -524,4 +531,112 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
     r.disconnect(&id);
     tracing::info!(participant = id, "disconnected");
     result
+}
+
+fn internal(e: anyhow::Error) -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response()
+}
+
+fn jsonl<T: serde::Serialize>(rows: &[T]) -> Response {
+    let mut body = String::new();
+    for r in rows {
+        body.push_str(&serde_json::to_string(r).expect("ledger rows serialize"));
+        body.push('\n');
+    }
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+fn hashes_hex(h: &[[u8; 32]]) -> Vec<String> {
+    h.iter().map(hex::encode).collect()
+}
+
+async fn ledger_head(State(r): State<Arc<Relay>>) -> Response {
+    match r.ledger_head() {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn ledger_info(State(r): State<Arc<Relay>>) -> Response {
+    axum::Json(r.ledger_info()).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct Range {
+    start: Option<u64>,
+    end: Option<u64>,
+}
+
+async fn ledger_leaves(State(r): State<Arc<Relay>>, Query(q): Query<Range>) -> Response {
+    match r.ledger_leaves(q.start.unwrap_or(0), q.end) {
+        Ok(l) => jsonl(&l),
+        Err(e) => internal(e),
+    }
+}
+
+async fn ledger_checkpoints(State(r): State<Arc<Relay>>) -> Response {
+    match r.ledger_checkpoints() {
+        Ok(c) => jsonl(&c),
+        Err(e) => internal(e),
+    }
+}
+
+async fn ledger_checkpoint(State(r): State<Arc<Relay>>, Path(version): Path<u64>) -> Response {
+    match r.ledger_checkpoints() {
+        Ok(c) => match c.into_iter().find(|c| c.version == version) {
+            Some(c) => axum::Json(c).into_response(),
+            None => (
+                StatusCode::NOT_FOUND,
+                format!("no checkpoint for version {version}"),
+            )
+                .into_response(),
+        },
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Size {
+    size: Option<u64>,
+}
+
+async fn ledger_proof(
+    State(r): State<Arc<Relay>>,
+    Path(unit): Path<u64>,
+    Query(q): Query<Size>,
+) -> Response {
+    match r.ledger_proof(unit, q.size) {
+        Ok(Some(inclusion)) => axum::Json(inclusion).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            format!(
+                "unit {unit} is not in the log of that size: not granted yet (its credit is \
+                 pending or was forfeited), or granted after the latest signed checkpoint"
+            ),
+        )
+            .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Sizes {
+    from: u64,
+    to: u64,
+}
+
+async fn ledger_consistency(State(r): State<Arc<Relay>>, Query(q): Query<Sizes>) -> Response {
+    match r.ledger_consistency(q.from, q.to) {
+        Some(p) => axum::Json(serde_json::json!({
+            "from": q.from,
+            "to": q.to,
+            "proof": hashes_hex(&p),
+        }))
+        .into_response(),
+        None => (
+            StatusCode::BAD_REQUEST,
+            format!("no log of {} leaves extends one of {}", q.to, q.from),
+        )
+            .into_response(),
+    }
 }
