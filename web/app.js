@@ -164,9 +164,13 @@ async function refresh() {
   if (me) {
     // The relay's ledger is the authority on this tab's stake.
     $('accepted').textContent = me.accepted_updates;
-    $('stake').textContent = `${fmt(me.tokens_granted)} / ${fmt(me.tokens_pending)}`;
+    const share = s.ledger.credit ? ` (${(100 * me.tokens_granted / s.ledger.credit).toFixed(2)}% of all credit)` : '';
+    $('stake').textContent = `${fmt(me.tokens_granted)} / ${fmt(me.tokens_pending)}${share}`;
     $('my-rejection').textContent = me.banned ? `banned: ${me.last_rejection}` : (me.last_rejection || '—');
   }
+  const l = s.ledger;
+  $('ledger').textContent = `${fmt(l.leaves)} granted units, ${fmt(l.credit)} credit; signed at version ${l.checkpoint_version ?? '—'} (${fmt(l.checkpoint_leaves)} units)`;
+  $('ledger-verify').textContent = `tessera-host ledger verify --relay ${location.origin}/`;
   const v = s.verification;
   $('verification').textContent = v.enabled ? `${v.held} / ${v.reexecutions} + ${v.verifier_checks} / ${v.banned}` : 'off';
   const esc = t => String(t).replace(/[&<>]/g, c => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;' })[c]);

@@ -6,6 +6,7 @@
 
 mod backend;
 mod corpus;
+mod export;
 mod join;
 mod ledger;
 mod store;
@@ -32,6 +33,8 @@ enum Command {
     Id(join::IdArgs),
     /// Check a relay's contribution ledger, this key's receipts and every stake.
     Ledger(ledger::LedgerArgs),
+    /// Write the model as a Hugging Face `GPT2LMHeadModel` folder.
+    Export(export::ExportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +50,6 @@ fn main() -> anyhow::Result<()> {
         Command::Join(args) => join::run(args),
         Command::Id(args) => join::print_id(args),
         Command::Ledger(args) => ledger::run(args),
+        Command::Export(args) => export::run(args),
     }
 }

@@ -162,6 +162,20 @@ fn the_ledger_survives_a_killed_relay_verifies_everywhere_and_tampering_is_caugh
         signed
     );
 
+    // /api/status and /metrics say where the log stands.
+    let st = status(port);
+    assert!(
+        st["ledger"]["leaves"].as_u64().unwrap() >= signed.log_size,
+        "{st}"
+    );
+    assert!(st["ledger"]["checkpoint_version"].as_u64().unwrap() >= signed.version);
+    assert_eq!(
+        st["ledger"]["relay_key"].as_str().unwrap(),
+        head["info"]["relay_key"].as_str().unwrap()
+    );
+    let metrics = get(port, "/metrics").1;
+    assert!(metrics.contains("tessera_ledger_leaves "), "{metrics}");
+
     // A participant checks the relay: the log, its receipts with their inclusion proofs, stakes.
     let url = format!("http://127.0.0.1:{port}/");
     let k0 = key0.display().to_string();
@@ -177,6 +191,39 @@ fn the_ledger_survives_a_killed_relay_verifies_everywhere_and_tampering_is_caugh
         .unwrap_or_else(|| panic!("{out}"));
     assert!(proven >= 1, "{out}");
     assert!(out.contains("(you)"), "{out}");
+
+    // The model as a Hugging Face folder, with the checkpoint signed for its version and the
+    // stake table under it (`tools/check_hf_export.py` loads it with transformers: BENCHMARKS.md).
+    let hf = d.join("hf");
+    let (ok, out) = host_cmd(&[
+        "export",
+        "--hf",
+        &hf.display().to_string(),
+        "--relay",
+        &url,
+        "--version",
+        &signed.version.to_string(),
+    ]);
+    assert!(ok, "{out}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "gpt2");
+    assert_eq!(config["activation_function"], "gelu");
+    let weights = std::fs::read(hf.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let w = st.tensor("transformer.h.0.mlp.c_fc.weight").unwrap();
+    let d_model = config["n_embd"].as_u64().unwrap() as usize;
+    assert_eq!(w.shape(), [d_model, 4 * d_model], "Conv1D layout [in, out]");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&weights).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["format"], "pt");
+    assert_eq!(
+        serde_json::from_str::<Checkpoint>(&meta["tessera_ledger"]).unwrap(),
+        signed
+    );
+    let card = std::fs::read_to_string(hf.join("README.md")).unwrap();
+    assert!(card.contains(&host_id_of_key(&key0)), "{card}");
+    assert!(card.contains(&hex::encode(signed.log_root)), "{card}");
 
     // An export, checked by the host and by the independent Python verifier.
     let export = d.join("export");

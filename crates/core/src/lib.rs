@@ -9,7 +9,8 @@
 //!   `(run seed, shard, step)`; [`corpus`]: the generated default corpus;
 //! - [`model`]: the GPT decoder; [`params`]: its parameters as one named flat vector;
 //! - [`optim`]: AdamW with PyTorch semantics; [`train`]: the inner loop and evaluation;
-//! - [`checkpoint`]: safetensors encoding of weights and optimizer state.
+//! - [`checkpoint`]: safetensors encoding of weights and optimizer state; [`hf`]: the model as
+//!   a Hugging Face `GPT2LMHeadModel` folder's files.
 //!
 //! It owns no I/O, no async runtime, no clock and no platform code: callers pass bytes in and
 //! take bytes out, and pick the backend by the [`burn::prelude::Device`] they hand over.
@@ -18,6 +19,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod corpus;
 pub mod data;
+pub mod hf;
 pub mod model;
 pub mod optim;
 pub mod params;

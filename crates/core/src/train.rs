@@ -211,6 +211,20 @@ pub fn eval_loss(
     total.expect("at least one batch") / n_batches.max(1) as f64
 }
 
+/// The model's logits for `tokens` (at most a block), every position: `[tokens.len() × vocab]`,
+/// row-major.
+pub fn logits(model: &Gpt, tokens: &[u32], device: &Device) -> Vec<f32> {
+    let model = model.valid();
+    let device = &device.clone().inner();
+    let window: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let x = Tensor::<2, Int>::from_data(TensorData::new(window, [1, tokens.len()]), device);
+    model
+        .forward(x)
+        .into_data()
+        .try_into_vec()
+        .expect("f32 logits")
+}
+
 /// Generates `n` tokens after `prompt` by sampling with temperature (deterministic given `seed`).
 pub fn generate(
     model: &Gpt,

@@ -51,6 +51,8 @@ pub struct Log {
     hashes: Vec<Hash>,
     table: StakeTable,
     credit: u64,
+    /// The newest checkpoint signed: version and log size.
+    signed: Option<(u64, u64)>,
 }
 
 impl Log {
@@ -66,6 +68,7 @@ impl Log {
             hashes: Vec::new(),
             table: StakeTable::new(),
             credit: 0,
+            signed: None,
         };
         log.append(leaves);
         log
@@ -95,8 +98,19 @@ impl Log {
         &self.table
     }
 
+    /// The newest checkpoint signed: version and log size.
+    pub fn signed(&self) -> Option<(u64, u64)> {
+        self.signed
+    }
+
+    /// Records the newest checkpoint signed (on start-up, from the database).
+    pub fn set_signed(&mut self, version: u64, size: u64) {
+        self.signed = Some((version, size));
+    }
+
     /// The signed checkpoint of the log as it stands, for `version`.
-    pub fn checkpoint(&self, version: u64) -> Checkpoint {
+    pub fn checkpoint(&mut self, version: u64) -> Checkpoint {
+        self.signed = Some((version, self.size()));
         Checkpoint::sign_parts(
             &self.info.run,
             version,

@@ -161,6 +161,21 @@ pub struct Status {
     guard: GuardInfo,
     /// Verification of submissions.
     verification: VerificationInfo,
+    /// The contribution log.
+    ledger: LedgerStatus,
+}
+
+/// The contribution log, as `/api/status` shows it (`/api/ledger` has the signed checkpoint).
+#[derive(Serialize)]
+pub struct LedgerStatus {
+    /// The relay's ed25519 key (hex), which signs checkpoints and receipts.
+    relay_key: String,
+    /// Leaves (granted units) and their credit.
+    leaves: u64,
+    credit: u64,
+    /// The newest signed checkpoint: its version and the leaves it covers.
+    checkpoint_version: Option<u64>,
+    checkpoint_leaves: u64,
 }
 
 /// Verification, as `/api/status` shows it.
@@ -266,7 +281,10 @@ impl Relay {
         let mut db = Db::open(db_path)?;
         let key_path = db_path.with_extension("key");
         let secret = load_or_create_key(&key_path)?;
-        let log = Log::new(&spec.name, secret, &db.ledger_leaves(0, None)?);
+        let mut log = Log::new(&spec.name, secret, &db.ledger_leaves(0, None)?);
+        if let Some(c) = db.ledger_checkpoints()?.pop() {
+            log.set_signed(c.version, c.log_size);
+        }
         let now = now_ms();
         let spec_json = serde_json::to_string(&spec)?;
         let coord = match db.run_config()? {
@@ -1125,6 +1143,13 @@ impl Relay {
                     rechecked: inner.coord.rechecks().0,
                     recheck_dropped: inner.coord.rechecks().1,
                 }
+            },
+            ledger: LedgerStatus {
+                relay_key: hex::encode(inner.log.info.relay_key),
+                leaves: inner.log.size(),
+                credit: inner.log.credit(),
+                checkpoint_version: inner.log.signed().map(|s| s.0),
+                checkpoint_leaves: inner.log.signed().map_or(0, |s| s.1),
             },
         }
     }

@@ -329,6 +329,19 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
         "Units verified on the word of a verifier since banned, re-executed by the relay.",
         f("rechecked"),
     );
+    let l = &s["ledger"];
+    metric(
+        "tessera_ledger_leaves",
+        "gauge",
+        "Granted units in the contribution log.",
+        l["leaves"].as_f64().unwrap_or(f64::NAN),
+    );
+    metric(
+        "tessera_ledger_credit",
+        "gauge",
+        "Credit granted in the contribution log.",
+        l["credit"].as_f64().unwrap_or(f64::NAN),
+    );
     metric(
         "tessera_revertible_updates",
         "gauge",
