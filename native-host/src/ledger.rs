@@ -27,6 +27,8 @@ pub struct LedgerArgs {
 enum LedgerCommand {
     /// Check the ledger, this key's receipts and every participant's stake.
     Verify(VerifyArgs),
+    /// Print a revenue statement of the relay's completions API, checked against its ledger.
+    Statement(StatementArgs),
     /// Save a relay's ledger into a folder (ledger.json, checkpoints.jsonl, leaves.jsonl).
     Export(ExportArgs),
 }
@@ -42,6 +44,19 @@ struct VerifyArgs {
     /// This participant's key file (its receipts and remembered checkpoint are kept beside it).
     #[arg(long)]
     key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct StatementArgs {
+    /// The relay.
+    #[arg(long)]
+    relay: String,
+    /// Start of the period (unix ms; the run's start by default).
+    #[arg(long)]
+    from_ms: Option<u64>,
+    /// End of the period (unix ms, excluded; now by default).
+    #[arg(long)]
+    to_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -62,6 +77,7 @@ const FILES: [&str; 3] = ["ledger.json", "checkpoints.jsonl", "leaves.jsonl"];
 pub fn run(args: LedgerArgs) -> Result<()> {
     match args.command {
         LedgerCommand::Verify(a) => verify(a),
+        LedgerCommand::Statement(a) => statement(a),
         LedgerCommand::Export(a) => {
             let (_, http) = relay_urls(&a.relay)?;
             std::fs::create_dir_all(&a.out)
@@ -300,5 +316,79 @@ fn inclusion(http: &str, unit_id: u64, leaf: &Leaf, c: &Checkpoint) -> Result<()
         bail!("the relay proved another leaf for unit {unit_id} than the one in its log");
     }
     p.verify(c)?;
+    Ok(())
+}
+
+/// Fetches a revenue statement and checks it: the relay's signature, every split summing
+/// exactly, and each version's split against the stake table its signed checkpoint commits to
+/// (recomputed from the audited log).
+fn statement(a: StatementArgs) -> Result<()> {
+    let (_, http) = relay_urls(&a.relay)?;
+    let mut query = Vec::new();
+    if let Some(f) = a.from_ms {
+        query.push(format!("from_ms={f}"));
+    }
+    if let Some(t) = a.to_ms {
+        query.push(format!("to_ms={t}"));
+    }
+    let st: ledger::Statement =
+        serde_json::from_str(&get(&format!("{http}/api/revenue?{}", query.join("&")))?)
+            .context("the statement")?;
+    let e = load(&Source::Relay(http.clone()))?;
+    if st.run != e.info.run {
+        bail!(
+            "the statement is of run {:?}, the ledger of {:?}",
+            st.run,
+            e.info.run
+        );
+    }
+    st.verify(&e.info.relay_key)?;
+    ledger::audit(&e.info, &e.leaves, &e.checkpoints, &[])?;
+    for v in &st.versions {
+        if v.log_size == 0 && v.shares.is_empty() {
+            continue;
+        }
+        let c = e
+            .checkpoints
+            .iter()
+            .find(|c| c.version == v.version)
+            .with_context(|| format!("no signed checkpoint for version {}", v.version))?;
+        if (c.log_size, c.log_root, c.stake_root) != (v.log_size, v.log_root, v.stake_root) {
+            bail!(
+                "version {}: the statement's stake is not the one its signed checkpoint commits to",
+                v.version
+            );
+        }
+        let expected: std::collections::BTreeMap<String, u64> = ledger::split(
+            v.revenue,
+            &ledger::stake_table(&e.leaves[..c.log_size as usize]),
+        )
+        .into_iter()
+        .map(|(k, a)| (hex::encode(k), a))
+        .collect();
+        if expected != v.shares {
+            bail!(
+                "version {}: the revenue is not split by its stake table (largest remainder)",
+                v.version
+            );
+        }
+    }
+    println!(
+        "revenue statement of run {:?}, {} to {} ms, {} micro-units per 1000 tokens: {} \
+         versions served, revenue {} ({} unallocated: versions with no stake yet); signature, \
+         sums and every split checked against the ledger",
+        st.run,
+        st.from_ms,
+        st.to_ms,
+        st.price_per_1k,
+        st.versions.len(),
+        st.revenue,
+        st.unallocated
+    );
+    let mut rows: Vec<_> = st.totals.iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(a.1));
+    for (k, amount) in rows {
+        println!("  {}  {amount:>12}", &k[..16]);
+    }
     Ok(())
 }

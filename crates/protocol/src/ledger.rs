@@ -218,7 +218,7 @@ fn node_hash(left: &Hash, right: &Hash) -> Hash {
 }
 
 /// Largest power of two strictly below `n` (n ≥ 2).
-fn split(n: usize) -> usize {
+fn left_size(n: usize) -> usize {
     let mut k = 1;
     while k * 2 < n {
         k *= 2;
@@ -232,7 +232,7 @@ pub fn root(leaves: &[Hash]) -> Hash {
         0 => Sha256::digest([]).into(),
         1 => leaves[0],
         n => {
-            let k = split(n);
+            let k = left_size(n);
             node_hash(&root(&leaves[..k]), &root(&leaves[k..]))
         }
     }
@@ -245,7 +245,7 @@ pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Vec<Hash> {
     if n == 1 {
         return Vec::new();
     }
-    let k = split(n);
+    let k = left_size(n);
     if index < k {
         let mut p = inclusion_proof(&leaves[..k], index);
         p.push(root(&leaves[k..]));
@@ -273,7 +273,7 @@ pub fn consistency_proof(leaves: &[Hash], old: usize) -> Vec<Hash> {
                 vec![root(leaves)]
             };
         }
-        let k = split(n);
+        let k = left_size(n);
         if m <= k {
             let mut p = sub(&leaves[..k], m, complete);
             p.push(root(&leaves[k..]));
@@ -397,6 +397,124 @@ pub fn stake_root(table: &StakeTable) -> Hash {
         .map(|(k, c)| leaf_hash(&[b"tessera-stake-v1".as_slice(), k, &c.to_le_bytes()].concat()))
         .collect();
     root(&hashes)
+}
+
+/// Splits `total` (an integer amount) by the credit in `table`, with largest-remainder
+/// rounding: every share is ⌊total × credit / Σcredit⌋, and the units left over go one each to
+/// the largest fractional parts (ties to the smaller key). The shares sum to `total` exactly
+/// (an empty table gets nothing: the result is empty).
+pub fn split(total: u64, table: &StakeTable) -> BTreeMap<PublicKey, u64> {
+    let sum: u128 = table.values().map(|&c| c as u128).sum();
+    if sum == 0 {
+        return BTreeMap::new();
+    }
+    let mut out = BTreeMap::new();
+    let mut rems: Vec<(u128, PublicKey)> = Vec::with_capacity(table.len());
+    let mut given = 0u64;
+    for (k, &c) in table {
+        let exact = total as u128 * c as u128;
+        let share = (exact / sum) as u64;
+        given += share;
+        out.insert(*k, share);
+        rems.push((exact % sum, *k));
+    }
+    // Largest remainder first; equal remainders in key order.
+    rems.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, k) in rems.iter().take((total - given) as usize) {
+        *out.get_mut(k).expect("every key has a share") += 1;
+    }
+    out
+}
+
+/// One version's part of a revenue statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRevenue {
+    /// The model version that served the requests.
+    pub version: u64,
+    /// Its signed checkpoint's log size and roots (the stake table the revenue is split by).
+    pub log_size: u64,
+    /// Root of the log.
+    #[serde(with = "hex32")]
+    pub log_root: Hash,
+    /// Root of the stake table.
+    #[serde(with = "hex32")]
+    pub stake_root: Hash,
+    /// Tokens served (prompt + completion).
+    pub tokens: u64,
+    /// Revenue (micro-units): tokens × price per 1000 tokens / 1000, rounded down.
+    pub revenue: u64,
+    /// Its split, by participant key (hex): sums to `revenue` (nothing when no stake yet).
+    pub shares: BTreeMap<String, u64>,
+}
+
+/// What usage earned over a period, split by each version's stake table, signed by the relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statement {
+    /// The run.
+    pub run: String,
+    /// The period: `[from_ms, to_ms)`, unix ms.
+    pub from_ms: u64,
+    /// End of the period.
+    pub to_ms: u64,
+    /// Price in micro-units per 1000 tokens.
+    pub price_per_1k: u64,
+    /// By version.
+    pub versions: Vec<VersionRevenue>,
+    /// Totals by participant key (hex).
+    pub totals: BTreeMap<String, u64>,
+    /// Revenue of versions with no stake yet (not owed to anyone).
+    pub unallocated: u64,
+    /// The whole period's revenue.
+    pub revenue: u64,
+    /// The relay's signature of [`Statement::message`].
+    #[serde(with = "hexvec")]
+    pub signature: Vec<u8>,
+}
+
+impl Statement {
+    /// The signed bytes: `"tessera-statement-v1"` and the SHA-256 of the statement's JSON with
+    /// an empty signature (serde's field order).
+    pub fn message(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.signature.clear();
+        let json = serde_json::to_vec(&unsigned).expect("statements serialize");
+        [b"tessera-statement-v1".as_slice(), &Sha256::digest(json)].concat()
+    }
+
+    /// Signs it with the relay's `secret`.
+    pub fn sign(&mut self, secret: &[u8; 32]) {
+        self.signature = identity::sign(secret, &self.message()).to_vec();
+    }
+
+    /// Checks the relay's signature and that every split sums exactly.
+    pub fn verify(&self, relay: &PublicKey) -> Result<(), LedgerError> {
+        identity::verify(relay, &self.message(), &self.signature).map_err(|e| {
+            LedgerError::BadProof(format!("the statement is not signed by this relay ({e})"))
+        })?;
+        let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+        let mut unallocated = 0;
+        for v in &self.versions {
+            let sum: u64 = v.shares.values().sum();
+            if v.shares.is_empty() {
+                unallocated += v.revenue;
+            } else if sum != v.revenue {
+                return Err(LedgerError::BadProof(format!(
+                    "version {}: shares sum to {sum}, not its revenue {}",
+                    v.version, v.revenue
+                )));
+            }
+            for (k, a) in &v.shares {
+                *totals.entry(k.clone()).or_default() += a;
+            }
+        }
+        let revenue: u64 = self.versions.iter().map(|v| v.revenue).sum();
+        if totals != self.totals || unallocated != self.unallocated || revenue != self.revenue {
+            return Err(LedgerError::BadProof(
+                "the statement's totals are not the sums of its versions".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What the relay signs for a model version: the log as it stood when the version was written.
@@ -827,6 +945,74 @@ mod tests {
             .map(|(v, &n)| Checkpoint::sign("r", v as u64 + 1, &leaves[..n], &relay))
             .collect();
         (info, leaves, checkpoints, relay)
+    }
+
+    #[test]
+    fn splits_sum_exactly_and_follow_the_stake() {
+        let mut x = 12345u64;
+        for round in 0..500 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let n = 1 + (x >> 60) as usize;
+            let table: StakeTable = (0..n)
+                .map(|i| ([i as u8; 32], 1 + (x.rotate_left(i as u32 * 7) % 1_000_000)))
+                .collect();
+            let total = x % 10_000_019 + round;
+            let s = split(total, &table);
+            assert_eq!(s.values().sum::<u64>(), total);
+            let credit: u64 = table.values().sum();
+            for (k, c) in &table {
+                let exact = total as f64 * *c as f64 / credit as f64;
+                assert!((s[k] as f64 - exact).abs() < 1.0, "{} vs {exact}", s[k]);
+            }
+        }
+        // Equal stakes, one unit left over: the smaller key gets it.
+        let t: StakeTable = [([2; 32], 5), ([1; 32], 5)].into_iter().collect();
+        assert_eq!(split(3, &t)[&[1; 32]], 2);
+        assert!(split(10, &StakeTable::new()).is_empty());
+    }
+
+    #[test]
+    fn a_statement_verifies_only_as_signed_and_summed() {
+        let relay = [9u8; 32];
+        let table: StakeTable = [([1; 32], 3), ([2; 32], 7)].into_iter().collect();
+        let shares: BTreeMap<String, u64> = split(1001, &table)
+            .into_iter()
+            .map(|(k, a)| (hex::encode(k), a))
+            .collect();
+        let mut st = Statement {
+            run: "r".into(),
+            from_ms: 0,
+            to_ms: 10,
+            price_per_1k: 1000,
+            versions: vec![VersionRevenue {
+                version: 4,
+                log_size: 2,
+                log_root: [5; 32],
+                stake_root: stake_root(&table),
+                tokens: 1001,
+                revenue: 1001,
+                shares: shares.clone(),
+            }],
+            totals: shares,
+            unallocated: 0,
+            revenue: 1001,
+            signature: Vec::new(),
+        };
+        st.sign(&relay);
+        let key = identity::public_key(&relay);
+        st.verify(&key).unwrap();
+        assert_eq!(st.totals[&hex::encode([2u8; 32])], 701);
+        assert!(st.verify(&identity::public_key(&[8; 32])).is_err());
+        // Re-signed but not summing: caught by the sums, not only the signature.
+        let mut bad = st.clone();
+        *bad.versions[0].shares.values_mut().next().unwrap() += 1;
+        bad.sign(&relay);
+        assert!(bad.verify(&key).unwrap_err().to_string().contains("sum"));
+        let mut bad = st.clone();
+        bad.revenue += 1;
+        assert!(bad.verify(&key).is_err());
     }
 
     #[test]

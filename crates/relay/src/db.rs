@@ -98,6 +98,23 @@ CREATE TABLE IF NOT EXISTS ledger (
     unit_id INTEGER NOT NULL UNIQUE,
     leaf TEXT NOT NULL
 );
+-- Keys of the completions API (only their SHA-256 is kept) and what each request used.
+CREATE TABLE IF NOT EXISTS api_keys (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    key_sha256 BLOB NOT NULL UNIQUE,
+    quota INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL
+);
 -- The relay's signed checkpoint of the log for each version.
 CREATE TABLE IF NOT EXISTS ledger_checkpoints (
     version INTEGER PRIMARY KEY,
@@ -639,6 +656,85 @@ impl Db {
             )
             .optional()?
             .map(|i| i as u64))
+    }
+
+    /// Stores a new API key (by its SHA-256) with a quota of tokens; returns its id.
+    pub fn create_api_key(
+        &self,
+        name: &str,
+        sha256: &[u8; 32],
+        quota: u64,
+        now: u64,
+    ) -> Result<u64> {
+        self.conn.execute(
+            "INSERT INTO api_keys (name, key_sha256, quota, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![name, sha256.as_slice(), quota as i64, now as i64],
+        )?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    /// The key with this SHA-256: `(id, name, quota, used)`.
+    pub fn api_key(&self, sha256: &[u8; 32]) -> Result<Option<(u64, String, u64, u64)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, name, quota, used FROM api_keys WHERE key_sha256 = ?1",
+                [sha256.as_slice()],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get(1)?,
+                        r.get::<_, i64>(2)? as u64,
+                        r.get::<_, i64>(3)? as u64,
+                    ))
+                },
+            )
+            .optional()?)
+    }
+
+    /// Meters a request against its key, in one transaction: `false` (and nothing recorded)
+    /// when it would exceed the key's quota.
+    pub fn meter(
+        &mut self,
+        key_id: u64,
+        version: u64,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        now: u64,
+    ) -> Result<bool> {
+        let tx = self.conn.transaction()?;
+        let charged = tx.execute(
+            "UPDATE api_keys SET used = used + ?2 WHERE id = ?1 AND used + ?2 <= quota",
+            params![key_id as i64, (prompt_tokens + completion_tokens) as i64],
+        )?;
+        if charged == 0 {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO usage (key_id, version, prompt_tokens, completion_tokens, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                key_id as i64,
+                version as i64,
+                prompt_tokens as i64,
+                completion_tokens as i64,
+                now as i64
+            ],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Tokens served in `[from_ms, to_ms)`, by version.
+    pub fn usage_by_version(&self, from_ms: u64, to_ms: u64) -> Result<Vec<(u64, u64)>> {
+        let mut st = self.conn.prepare(
+            "SELECT version, SUM(prompt_tokens + completion_tokens) FROM usage
+             WHERE at_ms >= ?1 AND at_ms < ?2 GROUP BY version ORDER BY version",
+        )?;
+        let rows = st.query_map(
+            params![from_ms as i64, to_ms.min(i64::MAX as u64) as i64],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Every signed checkpoint, by version.

@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow};
 use tessera_protocol::identity::{self, PublicKey};
 use tessera_protocol::ledger::{
-    CREDIT_FORMULA, Checkpoint, Hash, Leaf, LedgerInfo, Receipt, StakeTable, consistency_proof,
-    inclusion_proof,
+    CREDIT_FORMULA, Checkpoint, Hash, Leaf, LedgerInfo, Receipt, StakeTable, Statement,
+    consistency_proof, inclusion_proof,
 };
 
 /// Loads the relay's ed25519 key from `path`, creating it (mode 0600, written atomically) on
@@ -119,6 +119,11 @@ impl Log {
             self.credit,
             &self.secret,
         )
+    }
+
+    /// Signs a revenue statement.
+    pub fn sign_statement(&self, st: &mut Statement) {
+        st.sign(&self.secret);
     }
 
     /// A receipt for an accepted update.

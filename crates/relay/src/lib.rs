@@ -12,6 +12,8 @@
 //!   verification pipeline: structural and cheap checks, the loss probe, held units and their
 //!   re-execution, credit), evaluation (the validation loss and a text sample of each new
 //!   version) and the guard's rollbacks;
+//! - [`api`]: the model's usage: an OpenAI-compatible completions API with hashed keys, quotas
+//!   and metering, and revenue statements split by each version's stake;
 //! - [`verify`]: the compute of verification: the loss probe and re-executing a unit;
 //! - [`server`]: HTTP routes (`/ws`, `/api/status`, `/api/run`, `/metrics`,
 //!   `/api/model/{version}`, `/api/corpus`, the ledger under `/api/ledger` (head, export files,
@@ -23,6 +25,7 @@
 //! that marks its updates applied. A relay killed at any point restarts from the last recorded
 //! version and replays the accepted, not yet applied updates: none lost, none applied twice.
 
+pub mod api;
 pub mod checkpoints;
 pub mod db;
 pub mod ledger;

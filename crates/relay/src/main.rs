@@ -18,6 +18,9 @@ use tessera_relay::server;
     about = "Tessera relay: hands out work and aggregates the shared model"
 )]
 struct Args {
+    /// Something else than serving the run.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8700")]
     listen: String,
@@ -36,6 +39,10 @@ struct Args {
     /// Run name.
     #[arg(long, default_value = "default")]
     name: String,
+    /// Price of the completions API (`/v1/completions`) in micro-units per 1000 tokens (prompt
+    /// and completion bytes), which revenue statements split by stake.
+    #[arg(long, default_value_t = 1000)]
+    price_per_1k: u64,
     /// Inner steps H of the fastest participant's unit (slower participants get proportionally
     /// fewer, so that every unit takes about as long).
     #[arg(long, default_value_t = CoordConfig::new(0).inner_steps)]
@@ -163,6 +170,37 @@ fn read_corpus(path: Option<&std::path::Path>) -> Result<Vec<u8>> {
     }
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Create a key for the completions API (`Authorization: Bearer KEY`); prints it once (the
+    /// relay keeps only its SHA-256), in the run of `--db`.
+    ApiKey {
+        /// A name for it (who holds it).
+        #[arg(long)]
+        name: String,
+        /// Tokens (prompt + completion bytes) it may use.
+        #[arg(long)]
+        quota: u64,
+    },
+}
+
+/// `tessera-relay api-key`.
+fn create_api_key(db: &std::path::Path, name: &str, quota: u64) -> Result<()> {
+    let mut secret = [0u8; 24];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let key = format!("tsk-{}", hex::encode(secret));
+    let db = tessera_relay::db::Db::open(db)?;
+    let id = db.create_api_key(
+        name,
+        &tessera_relay::api::key_sha256(&key),
+        quota,
+        tessera_relay::now_ms(),
+    )?;
+    eprintln!("API key {id} ({name}, {quota} tokens); it is shown once:");
+    println!("{key}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -172,6 +210,9 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
+    if let Some(Command::ApiKey { name, quota }) = &a.command {
+        return create_api_key(&a.db, name, *quota);
+    }
     let Some(model) = ModelConfig::named(&a.config) else {
         bail!(
             "unknown config {:?}: choose one of {}",
@@ -198,6 +239,7 @@ async fn main() -> Result<()> {
         outer_momentum: a.outer_momentum,
     };
     let tuning = Tuning {
+        price_per_1k: a.price_per_1k,
         lease_ms: (a.lease_secs * 1000.0) as u64,
         round_timeout_ms: (a.round_timeout_secs * 1000.0) as u64,
         eval_iters: a.eval_iters,

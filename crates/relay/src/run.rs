@@ -18,7 +18,7 @@ use tessera_core::model::Gpt;
 use tessera_core::params;
 use tessera_core::tokenizer;
 use tessera_core::train::{Trainer, eval_loss, generate};
-use tessera_protocol::ledger::{Checkpoint, Hash, Inclusion, Leaf, LedgerInfo};
+use tessera_protocol::ledger::{Checkpoint, Hash, Inclusion, Leaf, LedgerInfo, Statement};
 use tessera_protocol::messages::{
     ParticipantKind, RejectReason, RunInfo, ServerMsg, Submission, WorkUnit,
 };
@@ -88,6 +88,8 @@ pub struct Tuning {
     pub max_version: Option<u64>,
     /// Largest accepted update norm.
     pub max_update_norm: f64,
+    /// Price of the completions API, micro-units per 1000 tokens (for revenue statements).
+    pub price_per_1k: u64,
 }
 
 /// State that changes together. Lock order: `inner`, then `db`.
@@ -133,6 +135,8 @@ pub struct Relay {
     pub verifier: Verifier,
     /// Rung when a check may be waiting for the relay's re-execution thread.
     doorbell: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// Price of the completions API, micro-units per 1000 tokens.
+    pub price_per_1k: u64,
 }
 
 /// What `/api/status` returns.
@@ -435,6 +439,7 @@ impl Relay {
             metrics: Metrics::default(),
             verifier,
             doorbell: Mutex::new(None),
+            price_per_1k: tuning.price_per_1k,
         });
         {
             // A round that filled up before the crash closes now.
@@ -446,7 +451,8 @@ impl Relay {
         Ok(relay)
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Db> {
+    /// The database (lock order: `inner` before it).
+    pub(crate) fn db(&self) -> std::sync::MutexGuard<'_, Db> {
         self.db.lock().expect("db lock")
     }
 
@@ -534,6 +540,11 @@ impl Relay {
             "log_size": size,
             "unsigned": size - signed,
         }))
+    }
+
+    /// Signs a revenue statement with the relay's key.
+    pub fn sign_statement(&self, st: &mut Statement) {
+        self.lock().log.sign_statement(st);
     }
 
     /// Who signs the ledger.

@@ -17,6 +17,7 @@ use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, iden
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
+use crate::api;
 use crate::run::Relay;
 
 /// How long a new connection has to say hello.
@@ -68,6 +69,9 @@ pub fn router(relay: Arc<Relay>, bundle: &std::path::Path) -> Router {
         .route("/api/model/{version}", get(model))
         .route("/api/corpus", get(corpus))
         .route("/metrics", get(metrics))
+        .route("/v1/models", get(api::models))
+        .route("/v1/completions", axum::routing::post(api::completions))
+        .route("/api/revenue", get(api::revenue))
         .route("/api/ledger", get(ledger_head))
         .route("/api/ledger/ledger.json", get(ledger_info))
         .route("/api/ledger/leaves.jsonl", get(ledger_leaves))
