@@ -171,6 +171,7 @@ async function refresh() {
   const l = s.ledger;
   $('ledger').textContent = `${fmt(l.leaves)} granted units, ${fmt(l.credit)} credit; signed at version ${l.checkpoint_version ?? '—'} (${fmt(l.checkpoint_leaves)} units)`;
   $('ledger-verify').textContent = `tessera-host ledger verify --relay ${location.origin}/`;
+  refreshRevenue();
   const v = s.verification;
   $('verification').textContent = v.enabled ? `${v.held} / ${v.reexecutions} + ${v.verifier_checks} / ${v.banned}` : 'off';
   const esc = t => String(t).replace(/[&<>]/g, c => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;' })[c]);
@@ -183,6 +184,27 @@ async function refresh() {
       `<td>${p.verified_units} / ${p.verifications}</td>` +
       `<td class="small">${p.banned ? 'banned: ' : ''}${esc(p.last_rejection || '')}</td>` +
       `<td>${p.connected ? 'online' : ''}</td></tr>`).join('');
+}
+
+// What the model's usage earned, and this visitor's part of it (the relay's signed statement,
+// split by each version's stake), at most every 10 s.
+let revenueAt = 0;
+async function refreshRevenue() {
+  if (Date.now() - revenueAt < 10000) return;
+  revenueAt = Date.now();
+  let st;
+  try {
+    st = await (await fetch('/api/revenue')).json();
+  } catch (e) {
+    return; // relay restarting
+  }
+  const served = st.versions.reduce((a, v) => a + v.tokens, 0);
+  const mine = Object.entries(st.totals)
+    .filter(([k]) => tab.participantId && k.startsWith(tab.participantId))
+    .reduce((a, [, v]) => a + v, 0);
+  tab.revenue = { served, revenue: st.revenue, mine };
+  $('usage').textContent = `${fmt(served)} tokens served, ${fmt(st.revenue)} earned` +
+    (tab.participantId ? `; yours: ${fmt(mine)}` : '');
 }
 
 // The bench hook (?bench=1): trains one named unit in this window and returns its
