@@ -1,17 +1,23 @@
 // The page: Join / Pause / Leave for this tab's participant (which trains in web/worker.js),
-// and the shared model's state from /api/status. `window.tessera` holds what the page shows,
+// this tab's receipts (kept, downloadable, checked against the signed ledger), and the shared
+// model's state from /api/status. `window.tessera` holds what the page shows,
 // for tests and kiosks; `?autojoin=1` joins on load, `?backend=auto|webgpu|cpu` picks the backend.
 import { drawChart } from '/web/chart.js';
 
 const $ = id => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const KEY = 'tessera.identity';
+// The relay's signed receipts for this browser's accepted updates (JSON lines, newest last),
+// and the ledger key each run was first checked under.
+const RECEIPTS = 'tessera.receipts';
+const RELAY_KEYS = 'tessera.relay-keys';
+const MAX_RECEIPTS = 5000;
 
 const tab = (window.tessera = {
   state: 'idle', backend: null, device: null, reason: null, participantId: null,
   unit: null, step: 0, of: 0, loss: null, tokensPerS: null, accepted: 0, rejected: 0,
   tokens: 0, losses: [], firstStepAtMs: null, joinClickedAtMs: null, loadedMs: null,
-  errors: [], modelVersion: null, joined: false,
+  errors: [], modelVersion: null, joined: false, receipts: 0, receiptsCheck: null,
 });
 
 let worker = null;
@@ -78,6 +84,7 @@ function onEvent(e) {
     case 'result':
       soon();
       if (e.accepted) {
+        if (e.receipt) keepReceipt(e.receipt);
         tab.accepted += 1;
         tab.tokens += e.tokens;
         $('accepted').textContent = tab.accepted;
@@ -98,6 +105,9 @@ function onEvent(e) {
     case 'error':
       tab.errors.push(e.message);
       break;
+    case 'receipts-check':
+      showCheck(e);
+      break;
     case 'fatal':
       tab.errors.push(e.message);
       setState('error', e.message);
@@ -106,13 +116,16 @@ function onEvent(e) {
   }
 }
 
+function startWorker() {
+  if (worker) return;
+  worker = new Worker('/web/worker.js', { type: 'module' });
+  worker.onmessage = ({ data }) => onEvent(data);
+  worker.onerror = e => onEvent({ type: 'fatal', message: `worker failed: ${e.message || 'could not load /pkg (is the bundle built?)'}` });
+}
+
 function join() {
   tab.joinClickedAtMs ??= performance.now();
-  if (!worker) {
-    worker = new Worker('/web/worker.js', { type: 'module' });
-    worker.onmessage = ({ data }) => onEvent(data);
-    worker.onerror = e => onEvent({ type: 'fatal', message: `worker failed: ${e.message || 'could not load /pkg (is the bundle built?)'}` });
-  }
+  startWorker();
   setState('starting');
   worker.postMessage({
     cmd: 'join',
@@ -120,6 +133,57 @@ function join() {
   });
 }
 
+// Receipts: kept in localStorage (the newest MAX_RECEIPTS), downloadable as the JSON lines
+// `tessera-host ledger verify --relay URL --receipts FILE` checks, and checked here in the
+// worker against the relay's signed checkpoint and inclusion proofs.
+const receipts = () => JSON.parse(localStorage.getItem(RECEIPTS) || '[]');
+
+function keepReceipt(line) {
+  const all = receipts();
+  all.push(line);
+  localStorage.setItem(RECEIPTS, JSON.stringify(all.slice(-MAX_RECEIPTS)));
+  showReceipts();
+}
+
+let downloadUrl = null;
+function showReceipts() {
+  const all = receipts();
+  tab.receipts = all.length;
+  const tokens = all.reduce((a, l) => a + (JSON.parse(l).tokens || 0), 0);
+  $('receipts').textContent = all.length ? `${fmt(all.length)} receipts for ${fmt(tokens)} tokens` : 'none yet';
+  $('check-receipts').disabled = !all.length;
+  $('download-receipts').hidden = !all.length;
+  if (downloadUrl) URL.revokeObjectURL(downloadUrl);
+  downloadUrl = URL.createObjectURL(new Blob([all.map(l => l + '\n').join('')], { type: 'application/x-ndjson' }));
+  $('download-receipts').href = downloadUrl;
+}
+
+function checkReceipts() {
+  startWorker();
+  $('receipts-check').textContent = 'checking…';
+  worker.postMessage({ cmd: 'check-receipts', relay: location.origin, receipts: receipts() });
+}
+
+function showCheck(e) {
+  const r = e.report;
+  if (r) {
+    // A run's ledger key must not change between checks.
+    const keys = JSON.parse(localStorage.getItem(RELAY_KEYS) || '{}');
+    keys[r.run] ??= r.relay_key;
+    localStorage.setItem(RELAY_KEYS, JSON.stringify(keys));
+    if (keys[r.run] !== r.relay_key) r.failures.unshift(`the relay now signs run ${r.run} with key ${r.relay_key}, not ${keys[r.run]} as before`);
+  }
+  tab.receiptsCheck = r || { error: e.error };
+  const el = $('receipts-check');
+  el.className = r && !r.failures.length ? 'muted' : 'notice';
+  el.textContent = !r ? `could not check: ${e.error}` :
+    `${r.proven} of ${r.checked} proven in the relay's signed ledger (version ${r.version}, ${fmt(r.log_size)} units), ` +
+    `earning ${fmt(r.credit)} credit; ${r.not_yet} not granted yet` +
+    (r.other_runs ? `; ${r.other_runs} from other runs` : '') +
+    (r.failures.length ? `. FAILED: ${r.failures.join('; ')}` : '');
+}
+
+$('check-receipts').onclick = checkReceipts;
 $('join').onclick = join;
 $('pause').onclick = () => worker?.postMessage({ cmd: tab.state === 'paused' ? 'resume' : 'pause' });
 $('leave').onclick = () => worker?.postMessage({ cmd: 'leave' });
@@ -170,7 +234,8 @@ async function refresh() {
   }
   const l = s.ledger;
   $('ledger').textContent = `${fmt(l.leaves)} granted units, ${fmt(l.credit)} credit; signed at version ${l.checkpoint_version ?? '—'} (${fmt(l.checkpoint_leaves)} units)`;
-  $('ledger-verify').textContent = `tessera-host ledger verify --relay ${location.origin}/`;
+  // With this tab's receipts downloaded, the same command checks them too.
+  $('ledger-verify').textContent = `tessera-host ledger verify --relay ${location.origin}/` + (tab.receipts ? ' --receipts tessera-receipts.jsonl' : '');
   refreshRevenue();
   const v = s.verification;
   $('verification').textContent = v.enabled ? `${v.held} / ${v.reexecutions} + ${v.verifier_checks} / ${v.banned}` : 'off';
@@ -226,6 +291,7 @@ if (params.get('bench') === '1') {
 const wanted = params.get('backend');
 if (wanted && [...$('backend').options].some(o => o.value === wanted)) $('backend').value = wanted;
 setState('idle');
+showReceipts();
 refresh();
 setInterval(refresh, 2000);
 if (params.get('autojoin') === '1') join();

@@ -44,6 +44,10 @@ struct VerifyArgs {
     /// This participant's key file (its receipts and remembered checkpoint are kept beside it).
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Receipts to check instead of this key's (JSON lines, e.g. a browser tab's, saved with
+    /// the page's "download"): every one of this run, whichever key it names.
+    #[arg(long)]
+    receipts: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -214,14 +218,20 @@ fn verify(a: VerifyArgs) -> Result<()> {
     );
 
     // This key's receipts.
-    if let Some(me) = me {
-        let receipts: Vec<Receipt> = match std::fs::read_to_string(receipts_path(&key_path)) {
+    let whose = match (&a.receipts, me) {
+        (Some(file), _) => Some((file.clone(), None)),
+        (None, Some(me)) => Some((receipts_path(&key_path), Some(me))),
+        (None, None) => None,
+    };
+    if let Some((file, only)) = whose {
+        let receipts: Vec<Receipt> = match std::fs::read_to_string(&file) {
             Ok(t) => lines(&t, "receipts")?,
-            Err(_) => Vec::new(),
+            Err(_) if only.is_some() => Vec::new(),
+            Err(e) => bail!("reading {}: {e}", file.display()),
         };
         let mine: Vec<&Receipt> = receipts
             .iter()
-            .filter(|r| r.run == run && r.participant == me)
+            .filter(|r| r.run == run && only.is_none_or(|me| r.participant == me))
             .collect();
         let (mut granted, mut proven, mut pending) = (0u64, 0u64, 0u64);
         for r in &mine {
@@ -256,9 +266,12 @@ fn verify(a: VerifyArgs) -> Result<()> {
             }
         }
         println!(
-            "participant {}: {} receipts for this run, {granted} granted (each matches its leaf{}), \
+            "{}: {} receipts for this run, {granted} granted (each matches its leaf{}), \
              {pending} not granted yet (pending, or forfeited)",
-            identity::short_id(&me),
+            match only {
+                Some(me) => format!("participant {}", identity::short_id(&me)),
+                None => file.display().to_string(),
+            },
             mine.len(),
             if matches!(source, Source::Relay(_)) {
                 format!("; {proven} inclusion proofs checked against the latest checkpoint")

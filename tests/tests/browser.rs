@@ -350,5 +350,80 @@ fn demo_flow_a_tab_joining_the_demo_keeps_the_model_improving() {
         me["unit_steps"].as_u64().unwrap() < 50,
         "the tab's units are not sized: {me}"
     );
+
+    // The page shows the contribution ledger and what the model's usage earned, and keeps the
+    // relay's signed receipt of every update of the tab's that was accepted.
+    wait_until(
+        Duration::from_secs(15),
+        "the page shows the ledger and usage",
+        || {
+            let l = tab.eval("document.getElementById('ledger').textContent");
+            let u = tab.eval("document.getElementById('usage').textContent");
+            l.as_str().is_some_and(|t| t.contains("granted units"))
+                && u.as_str().is_some_and(|t| t.contains("tokens served"))
+        },
+    );
+    let kept = tab.tab()["receipts"].as_u64().unwrap();
+    assert!(kept >= 5, "{}", tab.tab());
+    // The tab proves its receipts in the relay's signed log itself, once some of its units are
+    // granted under a signed checkpoint.
+    let end = std::time::Instant::now() + Duration::from_secs(180);
+    let report = loop {
+        tab.eval("window.tessera.receiptsCheck = null; document.getElementById('check-receipts').click()");
+        wait_until(
+            Duration::from_secs(60),
+            "the tab checks its receipts",
+            || !tab.tab()["receiptsCheck"].is_null(),
+        );
+        let r = tab.tab()["receiptsCheck"].clone();
+        assert!(r["error"].is_null(), "{r}");
+        assert_eq!(r["failures"], serde_json::json!([]), "{r}");
+        assert!(r["checked"].as_u64().unwrap() >= kept, "{r}");
+        assert_eq!(
+            r["checked"].as_u64(),
+            Some(r["proven"].as_u64().unwrap() + r["not_yet"].as_u64().unwrap()),
+            "{r}"
+        );
+        if r["proven"].as_u64().unwrap() >= 1 {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no receipt of the tab's proven in 180 s: {r}\nstatus: {}",
+            status(port)
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    };
+    eprintln!("the tab's receipts: {report}");
+    let text =
+        tab.eval("fetch(document.getElementById('download-receipts').href).then(r => r.text())");
+    let text = text.as_str().unwrap();
+    assert!(text.lines().count() as u64 >= kept, "{text}");
+    let file = dir.path().join("tab-receipts.jsonl");
+    std::fs::write(&file, text).unwrap();
+    // …and the same receipts, downloaded, check natively.
+    let out = std::process::Command::new(bin("tessera-host"))
+        .args(["ledger", "verify", "--relay"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .arg("--receipts")
+        .arg(&file)
+        .arg("--key")
+        .arg(dir.path().join("verifier.key"))
+        .output()
+        .unwrap();
+    let out_text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{out_text}");
+    assert!(out.status.success(), "{out_text}");
+    let granted: u64 = out_text
+        .split(" granted (each matches its leaf")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out_text}"));
+    assert!(granted >= report["proven"].as_u64().unwrap(), "{out_text}");
     screenshot(&mut tab, "browser-demo.png");
 }

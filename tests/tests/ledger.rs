@@ -162,6 +162,11 @@ fn the_ledger_survives_a_killed_relay_verifies_everywhere_and_tampering_is_caugh
         signed
     );
 
+    let (code, body) = get(port, &format!("/api/ledger/checkpoint/{}", signed.version));
+    assert_eq!(code, 200);
+    assert_eq!(serde_json::from_str::<Checkpoint>(&body).unwrap(), signed);
+    assert_eq!(get(port, "/api/ledger/checkpoint/999999").0, 404);
+
     // /api/status and /metrics say where the log stands.
     let st = status(port);
     assert!(

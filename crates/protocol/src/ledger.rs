@@ -684,6 +684,63 @@ impl Receipt {
             && leaf.update_sha256 == self.update_sha256
             && leaf.tokens == self.tokens
     }
+
+    /// Where this receipt stands against the relay's signed checkpoint `c`, given what the relay
+    /// served as its inclusion proof in a log of `c.log_size` leaves (`None`: it said the unit
+    /// is not in that log). Checks the receipt's and the checkpoint's signatures by `relay`, that
+    /// the proven leaf is this receipt's update (same key, unit, base, digest, tokens), signed by
+    /// the participant, and that the proof leads to the checkpoint's root.
+    pub fn standing(
+        &self,
+        relay: &PublicKey,
+        c: &Checkpoint,
+        proof: Option<&Inclusion>,
+    ) -> Result<Standing, LedgerError> {
+        self.verify_signature(relay)?;
+        c.verify_signature(relay)?;
+        let Some(p) = proof else {
+            return Ok(Standing::NotYet);
+        };
+        if !self.matches(&p.leaf) {
+            return Err(LedgerError::BadProof(format!(
+                "the log grants unit {} differently from the receipt the relay signed for it \
+                 (update {}, {} tokens received; leaf {}: update {}, {} tokens, key {})",
+                self.unit_id,
+                hex::encode(self.update_sha256),
+                self.tokens,
+                p.index,
+                hex::encode(p.leaf.update_sha256),
+                p.leaf.tokens,
+                p.leaf.participant_id()
+            )));
+        }
+        p.leaf.check().map_err(|reason| LedgerError::BadLeaf {
+            index: p.index,
+            unit_id: p.leaf.unit_id,
+            reason,
+        })?;
+        p.verify(c)?;
+        Ok(Standing::Proven {
+            index: p.index,
+            credit: p.leaf.credit,
+        })
+    }
+}
+
+/// What a receipt's check against a signed checkpoint found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "standing", rename_all = "snake_case")]
+pub enum Standing {
+    /// Granted and proven in the signed log: leaf `index`, earning `credit`.
+    Proven {
+        /// Its position in the log.
+        index: u64,
+        /// The credit it earns.
+        credit: u64,
+    },
+    /// Not in the signed log (yet): pending verification, granted after the checkpoint, or
+    /// forfeited.
+    NotYet,
 }
 
 /// Who signs a run's ledger.
@@ -945,6 +1002,69 @@ mod tests {
             .map(|(v, &n)| Checkpoint::sign("r", v as u64 + 1, &leaves[..n], &relay))
             .collect();
         (info, leaves, checkpoints, relay)
+    }
+
+    #[test]
+    fn a_receipt_stands_proven_pending_or_refuted() {
+        let (info, leaves, checkpoints, relay) = log();
+        let c = checkpoints.last().unwrap();
+        let hashes: Vec<Hash> = leaves.iter().map(Leaf::hash).collect();
+        let receipt_for = |l: &Leaf| {
+            Receipt::sign(
+                &l.run,
+                l.participant,
+                l.unit_id,
+                l.base_version,
+                l.update_sha256,
+                l.tokens,
+                7,
+                &relay,
+            )
+        };
+        let proof = |i: usize| Inclusion {
+            index: i as u64,
+            size: c.log_size,
+            leaf: leaves[i].clone(),
+            proof: inclusion_proof(&hashes, i),
+        };
+        let key = &info.relay_key;
+        assert_eq!(
+            receipt_for(&leaves[4]).standing(key, c, Some(&proof(4))),
+            Ok(Standing::Proven {
+                index: 4,
+                credit: 104
+            })
+        );
+        assert_eq!(
+            receipt_for(&leaves[4]).standing(key, c, None),
+            Ok(Standing::NotYet)
+        );
+        // Another unit's proof, a leaf granted with fewer tokens, a forged receipt, a proof
+        // for a smaller log than the checkpoint signs, another relay's checkpoint: refuted.
+        assert!(
+            receipt_for(&leaves[4])
+                .standing(key, c, Some(&proof(5)))
+                .is_err()
+        );
+        let mut fewer = proof(4);
+        fewer.leaf.tokens -= 1;
+        assert!(
+            receipt_for(&leaves[4])
+                .standing(key, c, Some(&fewer))
+                .is_err()
+        );
+        let mut forged = receipt_for(&leaves[4]);
+        forged.tokens += 1;
+        assert!(forged.standing(key, c, Some(&proof(4))).is_err());
+        let mut short = proof(4);
+        short.size -= 1;
+        assert!(
+            receipt_for(&leaves[4])
+                .standing(key, c, Some(&short))
+                .is_err()
+        );
+        let other = Checkpoint::sign("r", 9, &leaves, &[8u8; 32]);
+        assert!(receipt_for(&leaves[4]).standing(key, &other, None).is_err());
     }
 
     #[test]

@@ -737,6 +737,29 @@ impl Db {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The signed checkpoint of `version`, or the newest one.
+    pub fn ledger_checkpoint(&self, version: Option<u64>) -> Result<Option<Checkpoint>> {
+        let text: Option<String> = match version {
+            Some(v) => self
+                .conn
+                .query_row(
+                    "SELECT checkpoint FROM ledger_checkpoints WHERE version = ?1",
+                    [v as i64],
+                    |r| r.get(0),
+                )
+                .optional()?,
+            None => self
+                .conn
+                .query_row(
+                    "SELECT checkpoint FROM ledger_checkpoints ORDER BY version DESC LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?,
+        };
+        Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
+    }
+
     /// Every signed checkpoint, by version.
     pub fn ledger_checkpoints(&self) -> Result<Vec<Checkpoint>> {
         let mut st = self

@@ -286,7 +286,7 @@ impl Relay {
         let key_path = db_path.with_extension("key");
         let secret = load_or_create_key(&key_path)?;
         let mut log = Log::new(&spec.name, secret, &db.ledger_leaves(0, None)?);
-        if let Some(c) = db.ledger_checkpoints()?.pop() {
+        if let Some(c) = db.ledger_checkpoint(None)? {
             log.set_signed(c.version, c.log_size);
         }
         let now = now_ms();
@@ -532,7 +532,7 @@ impl Relay {
             let inner = self.lock();
             (inner.log.info.clone(), inner.log.size())
         };
-        let latest = self.db().ledger_checkpoints()?.pop();
+        let latest = self.db().ledger_checkpoint(None)?;
         let signed = latest.as_ref().map_or(0, |c| c.log_size);
         Ok(serde_json::json!({
             "info": info,
@@ -557,6 +557,11 @@ impl Relay {
         self.db().ledger_leaves(start, end)
     }
 
+    /// The signed checkpoint of `version`.
+    pub fn ledger_checkpoint(&self, version: u64) -> Result<Option<Checkpoint>> {
+        self.db().ledger_checkpoint(Some(version))
+    }
+
     /// Every signed checkpoint.
     pub fn ledger_checkpoints(&self) -> Result<Vec<Checkpoint>> {
         self.db().ledger_checkpoints()
@@ -572,7 +577,7 @@ impl Relay {
             };
             let size = match size {
                 Some(s) => s,
-                None => db.ledger_checkpoints()?.pop().map_or(0, |c| c.log_size),
+                None => db.ledger_checkpoint(None)?.map_or(0, |c| c.log_size),
             };
             (index, size)
         };

@@ -599,15 +599,13 @@ async fn ledger_checkpoints(State(r): State<Arc<Relay>>) -> Response {
 }
 
 async fn ledger_checkpoint(State(r): State<Arc<Relay>>, Path(version): Path<u64>) -> Response {
-    match r.ledger_checkpoints() {
-        Ok(c) => match c.into_iter().find(|c| c.version == version) {
-            Some(c) => axum::Json(c).into_response(),
-            None => (
-                StatusCode::NOT_FOUND,
-                format!("no checkpoint for version {version}"),
-            )
-                .into_response(),
-        },
+    match r.ledger_checkpoint(version) {
+        Ok(Some(c)) => axum::Json(c).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            format!("no checkpoint for version {version}"),
+        )
+            .into_response(),
         Err(e) => internal(e),
     }
 }

@@ -81,6 +81,9 @@ pub enum Event {
         loss_before: f32,
         /// Last inner loss.
         loss_after: f32,
+        /// The relay's signed receipt when accepted: one JSON line, as the native host keeps
+        /// them in its `receipts.jsonl` (the page keeps them; `checkReceipts` checks them).
+        receipt: Option<String>,
     },
     /// A unit was given up (paused past its lease, or leaving).
     Abandoned {

@@ -11,6 +11,8 @@
 //!   responsive; every change of state reaches JavaScript as one event object (see [`events`]);
 //! - [`bench_unit`]: trains one explicitly named unit and returns its pseudo-gradient and step
 //!   times, for the browser-versus-native consistency and speed benchmarks;
+//! - [`receipts::check_receipts`]: checks the relay's receipts the page kept for this tab
+//!   against the relay's signed ledger, in the tab;
 //! - the browser's I/O: a WebSocket speaking the wire protocol ([`socket`]), `fetch` for the
 //!   model and corpus, timers ([`platform`]).
 //!
@@ -22,6 +24,7 @@
 pub mod events;
 mod participant;
 pub mod platform;
+pub mod receipts;
 pub mod socket;
 
 pub use participant::{Participant, bench_unit};

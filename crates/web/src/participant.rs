@@ -424,10 +424,19 @@ async fn session(shared: &Rc<Shared>) -> Result<(), String> {
                 _ => continue,
             }
         };
-        let (accepted, model_version, reason) = match reply {
-            ServerMsg::Accepted { model_version, .. } => (true, Some(model_version), None),
+        let (accepted, model_version, reason, receipt) = match reply {
+            ServerMsg::Accepted {
+                model_version,
+                receipt,
+                ..
+            } => (
+                true,
+                Some(model_version),
+                None,
+                serde_json::to_string(&receipt).ok(),
+            ),
             ServerMsg::Rejected { reason, detail, .. } => {
-                (false, None, Some(format!("{reason:?}: {detail}")))
+                (false, None, Some(format!("{reason:?}: {detail}")), None)
             }
             _ => unreachable!("matched above"),
         };
@@ -439,6 +448,7 @@ async fn session(shared: &Rc<Shared>) -> Result<(), String> {
             tokens,
             loss_before: trained.losses[0],
             loss_after: *trained.losses.last().expect("at least one step"),
+            receipt,
         });
     }
 }

@@ -44,6 +44,14 @@ pub async fn sleep(ms: u32) {
 
 /// GETs `url` and returns the body, or a message naming the URL and what went wrong.
 pub async fn fetch_bytes(url: &str) -> Result<Vec<u8>, String> {
+    match fetch_found(url).await? {
+        Some(body) => Ok(body),
+        None => Err(format!("GET {url}: HTTP 404")),
+    }
+}
+
+/// GETs `url`: the body, `None` on 404 Not Found, or a message for any other failure.
+pub async fn fetch_found(url: &str) -> Result<Option<Vec<u8>>, String> {
     let (global, fetch) = global_fn("fetch")?;
     let promise: Promise = fetch
         .call1(&global, &url.into())
@@ -55,11 +63,14 @@ pub async fn fetch_bytes(url: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("GET {url}: {}", describe(e)))?
         .dyn_into()
         .map_err(|_| "fetch() did not return a Response".to_string())?;
+    if response.status() == 404 {
+        return Ok(None);
+    }
     if !response.ok() {
         return Err(format!("GET {url}: HTTP {}", response.status()));
     }
     let buffer = JsFuture::from(response.array_buffer().map_err(describe)?)
         .await
         .map_err(|e| format!("GET {url}: {}", describe(e)))?;
-    Ok(Uint8Array::new(&buffer).to_vec())
+    Ok(Some(Uint8Array::new(&buffer).to_vec()))
 }
