@@ -228,6 +228,8 @@ fn mixed_run_of_a_tab_and_a_native_host_lowers_validation_loss() {
             kinds_ok && s["model_version"].as_u64().unwrap() >= 4 && lower
         },
     );
+    // Both kinds sent int8 updates (the relay's default codec), which it accepted and folded.
+    assert_eq!(status(port)["codec"], "int8");
     // The page shows the global curve and a sample of the current model.
     wait_until(Duration::from_secs(10), "the page shows a sample", || {
         tab.eval("document.getElementById('sample-version').textContent")

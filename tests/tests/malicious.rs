@@ -1,12 +1,13 @@
-//! A participant that lies: bad signatures, wrong lengths, non-finite values, oversized and
-//! garbage frames. Each gets a clear answer and nothing enters the model.
+//! A participant that lies: bad signatures, wrong lengths, non-finite values, another codec
+//! than the unit's, a corrupt int8 scale, oversized and garbage frames. Each gets a clear answer and nothing enters the model.
 
 use futures_util::SinkExt;
 use tessera_core::config::ModelConfig;
 use tessera_e2e::client::{self, joined, recv, submit, work};
 use tessera_e2e::*;
-use tessera_protocol::encode;
 use tessera_protocol::messages::{ClientMsg, RejectReason, ServerMsg, Submission, WorkUnit};
+use tessera_protocol::update::{Codec, Payload};
+use tessera_protocol::{encode, identity};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A correctly signed submission of `values` for `unit` (the relay runs the tiny config),
@@ -64,6 +65,39 @@ fn lies_are_rejected_with_reasons_and_change_nothing() {
             submit(&mut ws, signed(port, &secret, &unit, &vec![1e3; n])).await,
             RejectReason::OutOfBounds,
         );
+        // The relay names the codec (int8 by default): an f32 payload, correctly signed, and
+        // an int8 payload whose scale is negative are refused.
+        assert_eq!(unit.codec, Codec::Int8);
+        let resigned = |mut s: Submission, data: Payload| {
+            s.payload = data;
+            let msg = identity::update_message(
+                s.unit_id,
+                s.base_version,
+                &s.base_sha256,
+                &s.payload.data,
+            );
+            s.signature = identity::sign(&secret, &msg).to_vec();
+            s
+        };
+        let zeros = signed(port, &secret, &unit, &vec![0.0; n]);
+        match submit(
+            &mut ws,
+            resigned(zeros.clone(), Payload::f32(&vec![0.0; n])),
+        )
+        .await
+        {
+            ServerMsg::Rejected { reason, detail, .. } => {
+                assert_eq!(reason, RejectReason::Malformed, "{detail}");
+                assert!(detail.contains("encoded as int8"), "{detail}");
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        let mut bad_scale = zeros.payload.clone();
+        bad_scale.data[..4].copy_from_slice(&(-1f32).to_le_bytes());
+        expect(
+            submit(&mut ws, resigned(zeros, bad_scale)).await,
+            RejectReason::Malformed,
+        );
         // A unit that was never leased to us.
         let mut other = unit.clone();
         other.unit_id += 1000;
@@ -115,7 +149,7 @@ fn lies_are_rejected_with_reasons_and_change_nothing() {
         }
     });
     let after = status(port);
-    assert_eq!(after["rejected_updates"], 5, "{after}");
+    assert_eq!(after["rejected_updates"], 7, "{after}");
     assert_eq!(after["accepted_updates"], 0);
     assert_eq!(after["model_version"], before["model_version"]);
     let weights_after = ureq::get(&format!("http://127.0.0.1:{port}/api/model/0"))

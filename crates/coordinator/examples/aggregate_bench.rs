@@ -1,5 +1,7 @@
 //! Aggregation throughput: MB/s of f32 pseudo-gradient of the `small` config folded into a
-//! round's average, against memcpy bandwidth measured in the same run.
+//! round's average, against memcpy bandwidth measured in the same run; and the int8 codec's
+//! encode (a participant's CPU), decode, and decode + fold (the relay), in MB/s of the f32
+//! values they stand for.
 //!
 //!     cargo run --release -p tessera-coordinator --example aggregate_bench
 
@@ -8,6 +10,7 @@ use std::time::Instant;
 
 use tessera_coordinator::aggregate::{fold, fold_le_bytes, nesterov_step};
 use tessera_core::config::ModelConfig;
+use tessera_protocol::update::{Codec, Payload};
 
 fn best_of<F: FnMut()>(reps: usize, mut f: F) -> f64 {
     let mut best = f64::INFINITY;
@@ -48,14 +51,39 @@ fn main() {
         nesterov_step(&mut params, &mut mom, black_box(&sum), 0.7, 0.9);
         black_box(&params);
     });
+    // The relay's own path: decode the submission's payload, then fold it.
+    let f32_payload = Payload::f32(&delta);
+    let f32_decode_fold = best_of(reps, || {
+        let d = black_box(&f32_payload).decode().expect("f32 decodes");
+        fold(&mut sum, &d, 0.25);
+        black_box(&sum);
+    });
+    let int8 = Payload::encode(Codec::Int8, &delta);
+    let encode = best_of(reps, || {
+        black_box(Payload::encode(Codec::Int8, black_box(&delta)));
+    });
+    let decode = best_of(reps, || {
+        black_box(black_box(&int8).decode().expect("int8 decodes"));
+    });
+    let decode_fold = best_of(reps, || {
+        let d = black_box(&int8).decode().expect("int8 decodes");
+        fold(&mut sum, &d, 0.25);
+        black_box(&sum);
+    });
     let mbs = |t: f64| bytes / t / 1e6;
     println!(
-        "{{\"params\": {n}, \"memcpy_mb_s\": {:.0}, \"fold_f32_mb_s\": {:.0}, \"fold_wire_mb_s\": {:.0}, \"ratio_fold_wire_vs_memcpy\": {:.2}, \"ratio_fold_f32_vs_memcpy\": {:.2}, \"outer_step_ms\": {:.2}}}",
+        "{{\"params\": {n}, \"memcpy_mb_s\": {:.0}, \"fold_f32_mb_s\": {:.0}, \"fold_wire_mb_s\": {:.0}, \"ratio_fold_wire_vs_memcpy\": {:.2}, \"ratio_fold_f32_vs_memcpy\": {:.2}, \"outer_step_ms\": {:.2}, \"f32_decode_fold_mb_s\": {:.0}, \"int8_bytes\": {}, \"int8_encode_mb_s\": {:.0}, \"int8_decode_mb_s\": {:.0}, \"int8_decode_fold_mb_s\": {:.0}, \"ratio_int8_decode_fold_vs_memcpy\": {:.2}}}",
         mbs(memcpy),
         mbs(fold_f32),
         mbs(fold_wire),
         memcpy / fold_wire,
         memcpy / fold_f32,
-        outer * 1e3
+        outer * 1e3,
+        mbs(f32_decode_fold),
+        int8.data.len(),
+        mbs(encode),
+        mbs(decode),
+        mbs(decode_fold),
+        memcpy / decode_fold
     );
 }

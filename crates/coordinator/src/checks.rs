@@ -264,6 +264,7 @@ mod tests {
             warmup_steps: 1,
             seed: 1,
             fragment: Fragment::ALL,
+            codec: tessera_protocol::update::Codec::F32,
             deadline_ms: 0,
         }
     }

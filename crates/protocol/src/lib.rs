@@ -24,7 +24,7 @@ pub mod work;
 pub use messages::{ClientMsg, ServerMsg, decode, encode};
 
 /// Version of this protocol. A relay refuses participants that speak another one.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest control message accepted (anything but an update submission).
 pub const MAX_CONTROL_BYTES: usize = 64 * 1024;

@@ -7,7 +7,7 @@ use tessera_core::config::{ModelConfig, TrainConfig};
 use crate::Error;
 use crate::identity::PublicKey;
 use crate::ledger::Receipt;
-use crate::update::{Fragment, Payload};
+use crate::update::{Codec, Fragment, Payload};
 
 /// What kind of participant is talking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +72,8 @@ pub struct WorkUnit {
     pub seed: u64,
     /// The parameters this unit covers.
     pub fragment: Fragment,
+    /// How the update must be encoded.
+    pub codec: Codec,
     /// Unix milliseconds after which the lease may be given to someone else.
     pub deadline_ms: u64,
 }

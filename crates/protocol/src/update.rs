@@ -43,11 +43,130 @@ impl Fragment {
     }
 }
 
-/// How a payload's values are encoded.
+/// How a payload's values are encoded. The relay names it in every work unit; the decoded
+/// values are the update (what the relay folds, what re-execution is compared with, what a
+/// participant's error feedback subtracts), so encoders only need to be deterministic, not to
+/// agree with each other bit for bit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Codec {
-    /// Little-endian f32, one per element.
+    /// Little-endian f32, one per element (4 bytes a value).
     F32,
+    /// int8 with one absmax scale per 256 values ([`encode_int8`]): 1.016 bytes a value.
+    Int8,
+}
+
+impl Codec {
+    /// The codec's name on the command line and in status (`f32`, `int8`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::F32 => "f32",
+            Codec::Int8 => "int8",
+        }
+    }
+
+    /// The codec named `name`.
+    pub fn parse(name: &str) -> Result<Codec, Error> {
+        match name {
+            "f32" => Ok(Codec::F32),
+            "int8" => Ok(Codec::Int8),
+            other => Err(Error::BadUpdate(format!(
+                "unknown codec {other:?} (f32 or int8)"
+            ))),
+        }
+    }
+}
+
+/// Values per int8 chunk: each chunk of this many values shares one f32 scale.
+pub const INT8_CHUNK: usize = 256;
+
+/// The largest int8 scale a decoder accepts: every decoded value (`|q| ≤ 128`) stays finite.
+pub const INT8_MAX_SCALE: f32 = f32::MAX / 128.0;
+
+/// Adding then subtracting 1.5 × 2^23 rounds an f32 of magnitude below 2^22 to the nearest
+/// integer, ties to even, in plain IEEE arithmetic: the same on every CPU and in WASM, and it
+/// vectorises where `f32::round` is a libm call.
+const ROUND: f32 = 12_582_912.0;
+
+/// Largest magnitude in `vals` and whether every value is finite, in 8 lanes the compiler
+/// vectorises (the finiteness test on the exponent bits).
+fn absmax_finite(vals: &[f32]) -> (f32, bool) {
+    let (mut m, mut bad) = ([0f32; 8], [0u32; 8]);
+    let mut chunks = vals.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            let a = c[i].abs();
+            m[i] = if a > m[i] { a } else { m[i] };
+            bad[i] |= u32::from(c[i].to_bits() & 0x7f80_0000 == 0x7f80_0000);
+        }
+    }
+    let mut max = m.iter().fold(0f32, |x, &y| if y > x { y } else { x });
+    let mut finite = bad.iter().all(|&b| b == 0);
+    for v in chunks.remainder() {
+        finite &= v.is_finite();
+        max = if v.abs() > max { v.abs() } else { max };
+    }
+    (max, finite)
+}
+
+/// Encodes `values` as int8 with one absmax scale per [`INT8_CHUNK`] values: the data is every
+/// chunk's scale (`absmax / 127`, f32 LE), then every value as `v / scale` rounded to the
+/// nearest integer (ties to even) in i8 (`-127..=127`). A chunk with a non-finite value gets a
+/// NaN scale, which every decoder rejects.
+pub fn encode_int8(values: &[f32]) -> Vec<u8> {
+    let chunks = values.len().div_ceil(INT8_CHUNK);
+    let mut data = vec![0u8; chunks * 4 + values.len()];
+    let (scales, q) = data.split_at_mut(chunks * 4);
+    for ((vals, out), scale_out) in values
+        .chunks(INT8_CHUNK)
+        .zip(q.chunks_mut(INT8_CHUNK))
+        .zip(scales.chunks_exact_mut(4))
+    {
+        let (absmax, finite) = absmax_finite(vals);
+        let scale = if finite { absmax / 127.0 } else { f32::NAN };
+        scale_out.copy_from_slice(&scale.to_le_bytes());
+        if scale > 0.0 && scale.is_finite() {
+            let inv = 1.0 / scale;
+            for (o, v) in out.iter_mut().zip(vals) {
+                let x = (v * inv).clamp(-127.0, 127.0);
+                *o = ((x + ROUND) - ROUND) as i32 as i8 as u8;
+            }
+        }
+    }
+    data
+}
+
+/// Decodes int8 data of `len` values: `q * scale`, in f32, which is the update's value (the
+/// relay folds exactly this; a participant keeps `v - decoded` as its error). Every value is
+/// finite when every scale is in `0..=INT8_MAX_SCALE`, which is checked.
+fn decode_int8(data: &[u8], len: usize) -> Result<Vec<f32>, Error> {
+    let chunks = len.div_ceil(INT8_CHUNK);
+    if data.len() != chunks * 4 + len {
+        return Err(Error::BadUpdate(format!(
+            "int8 payload has {} bytes for {len} values ({chunks} scales of 4 bytes + 1 byte a \
+             value = {})",
+            data.len(),
+            chunks * 4 + len
+        )));
+    }
+    let (scales, q) = data.split_at(chunks * 4);
+    let mut out = vec![0f32; len];
+    for (c, ((o, vals), s)) in out
+        .chunks_mut(INT8_CHUNK)
+        .zip(q.chunks(INT8_CHUNK))
+        .zip(scales.chunks_exact(4))
+        .enumerate()
+    {
+        let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        if !(0.0..=INT8_MAX_SCALE).contains(&scale) {
+            return Err(Error::BadUpdate(format!(
+                "int8 chunk {c} has scale {scale} (must be finite, in 0..={INT8_MAX_SCALE})"
+            )));
+        }
+        for (o, &b) in o.iter_mut().zip(vals) {
+            *o = f32::from(b as i8) * scale;
+        }
+    }
+    Ok(out)
 }
 
 /// An encoded pseudo-gradient.
@@ -76,28 +195,52 @@ impl Payload {
         }
     }
 
-    /// Decodes the values, checking the length and that every value is finite.
+    /// Encodes `values` with `codec`.
+    pub fn encode(codec: Codec, values: &[f32]) -> Self {
+        match codec {
+            Codec::F32 => Payload::f32(values),
+            Codec::Int8 => Payload {
+                codec,
+                len: values.len() as u64,
+                data: encode_int8(values),
+            },
+        }
+    }
+
+    /// Decodes the values, checking the length and that every value is finite. Never panics,
+    /// whatever the bytes and the claimed length.
     pub fn decode(&self) -> Result<Vec<f32>, Error> {
-        match self.codec {
+        let len = usize::try_from(self.len)
+            .ok()
+            .filter(|&n| n <= self.data.len().saturating_mul(4))
+            .ok_or_else(|| {
+                Error::BadUpdate(format!(
+                    "payload claims {} values in {} bytes",
+                    self.len,
+                    self.data.len()
+                ))
+            })?;
+        let v: Vec<f32> = match self.codec {
+            // Finite by construction (the scales are checked).
+            Codec::Int8 => return decode_int8(&self.data, len),
             Codec::F32 => {
-                if self.data.len() as u64 != self.len * 4 {
+                if self.data.len() != len * 4 {
                     return Err(Error::BadUpdate(format!(
                         "payload has {} bytes for {} f32 values",
                         self.data.len(),
                         self.len
                     )));
                 }
-                let v: Vec<f32> = self
-                    .data
+                self.data
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                    return Err(Error::BadUpdate(format!("value {i} is not finite")));
-                }
-                Ok(v)
+                    .collect()
             }
+        };
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::BadUpdate(format!("value {i} is not finite")));
         }
+        Ok(v)
     }
 }
 
@@ -118,6 +261,119 @@ mod tests {
             .range(10)
             .is_err()
         );
+    }
+
+    #[test]
+    fn int8_round_trips_within_half_a_step_of_each_chunk_scale() {
+        let mut x = 7u64;
+        let values: Vec<f32> = (0..1000)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                // Chunks of very different magnitudes, and one all-zero chunk.
+                if (256..512).contains(&i) {
+                    0.0
+                } else {
+                    u * 10f32.powi(i / 256 - 3)
+                }
+            })
+            .collect();
+        let p = Payload::encode(Codec::Int8, &values);
+        assert_eq!(p.data.len(), 4 * 4 + 1000);
+        let d = p.decode().unwrap();
+        for (c, (v, d)) in values
+            .chunks(INT8_CHUNK)
+            .zip(d.chunks(INT8_CHUNK))
+            .enumerate()
+        {
+            let absmax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (a, b) in v.iter().zip(d) {
+                assert!(
+                    (a - b).abs() <= absmax / 254.0 * 1.0001,
+                    "chunk {c}: {a} vs {b}"
+                );
+            }
+            if absmax > 0.0 {
+                assert!(
+                    d.iter().any(|b| b.abs() == absmax),
+                    "chunk {c} keeps its absmax"
+                );
+            }
+        }
+        // Deterministic: the same values encode to the same bytes.
+        assert_eq!(Payload::encode(Codec::Int8, &values), p);
+        assert_eq!(
+            Payload::encode(Codec::Int8, &[]).decode().unwrap(),
+            Vec::<f32>::new()
+        );
+    }
+
+    #[test]
+    fn int8_rejects_bad_scales_lengths_and_non_finite_input() {
+        let p = Payload::encode(Codec::Int8, &[1.0, -2.0, 3.0]);
+        for bad in [
+            Payload {
+                len: 4,
+                ..p.clone()
+            },
+            Payload {
+                len: 2,
+                ..p.clone()
+            },
+            Payload {
+                len: u64::MAX,
+                ..p.clone()
+            },
+            Payload {
+                data: p.data[..6].to_vec(),
+                ..p.clone()
+            },
+            Payload::encode(Codec::Int8, &[1.0, f32::NAN]),
+            Payload::encode(Codec::Int8, &[f32::INFINITY]),
+        ] {
+            assert!(bad.decode().is_err(), "{bad:?}");
+        }
+        let mut negative = p.clone();
+        negative.data[..4].copy_from_slice(&(-1f32).to_le_bytes());
+        assert!(negative.decode().unwrap_err().to_string().contains("scale"));
+        let huge = Payload {
+            codec: Codec::F32,
+            len: u64::MAX / 2,
+            data: vec![0; 8],
+        };
+        assert!(huge.decode().is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes and the claimed length, decoding answers: values or an error,
+        /// never a panic, and never a non-finite value.
+        #[test]
+        fn decoders_never_panic(
+            int8 in proptest::bool::ANY,
+            len in proptest::prop_oneof![0u64..2000, proptest::num::u64::ANY],
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..2100),
+        ) {
+            let codec = if int8 { Codec::Int8 } else { Codec::F32 };
+            if let Ok(v) = (Payload { codec, len, data }).decode() {
+                proptest::prop_assert_eq!(v.len() as u64, len);
+                proptest::prop_assert!(v.iter().all(|x| x.is_finite()));
+            }
+        }
+
+        /// Encoded values decode to within half a quantisation step.
+        #[test]
+        fn int8_error_is_bounded(values in proptest::collection::vec(-1e6f32..1e6, 0..700)) {
+            let d = Payload::encode(Codec::Int8, &values).decode().unwrap();
+            proptest::prop_assert_eq!(d.len(), values.len());
+            for (v, d) in values.chunks(INT8_CHUNK).zip(d.chunks(INT8_CHUNK)) {
+                let step = v.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                for (a, b) in v.iter().zip(d) {
+                    proptest::prop_assert!((a - b).abs() <= step * 0.5001 + f32::MIN_POSITIVE);
+                }
+            }
+        }
     }
 
     #[test]

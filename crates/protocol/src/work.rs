@@ -214,7 +214,7 @@ fn signed(
     delta: &[f32],
     (loss_before, loss_after): (f32, f32),
 ) -> Submission {
-    let payload = Payload::f32(delta);
+    let payload = Payload::encode(unit.codec, delta);
     let signature = identity::sign(
         secret,
         &message(unit.unit_id, unit.base_version, &base_sha256, &payload.data),
@@ -261,6 +261,7 @@ mod tests {
             warmup_steps: 0,
             seed: 9,
             fragment,
+            codec: crate::update::Codec::F32,
             deadline_ms: 0,
         }
     }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tessera_coordinator::{Config as CoordConfig, GuardConfig, ScreenConfig};
 use tessera_core::config::{CONFIG_NAMES, ModelConfig, TrainConfig};
+use tessera_protocol::update::Codec;
 use tessera_relay::run::{Relay, RunSpec, Tuning};
 use tessera_relay::server;
 
@@ -82,6 +83,10 @@ struct Args {
     /// Outer momentum.
     #[arg(long, default_value_t = CoordConfig::new(0).outer_momentum)]
     outer_momentum: f32,
+    /// How participants encode their updates: `int8` (per-256 absmax scales, 3.9x fewer bytes
+    /// than f32) or `f32`.
+    #[arg(long, default_value = CoordConfig::new(0).codec.name(), value_parser = parse_codec)]
+    codec: Codec,
     /// Seconds a lease lives without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
     lease_secs: f64,
@@ -148,6 +153,10 @@ struct Args {
     /// Folder of the built browser participant (tools/build-web.sh writes it), served at /pkg.
     #[arg(long, default_value = "web/pkg")]
     web_bundle: PathBuf,
+}
+
+fn parse_codec(name: &str) -> Result<Codec, String> {
+    Codec::parse(name).map_err(|e| e.to_string())
 }
 
 fn read_corpus(path: Option<&std::path::Path>) -> Result<Vec<u8>> {
@@ -263,6 +272,7 @@ async fn main() -> Result<()> {
         outer_lr: a.outer_lr,
         outer_momentum: a.outer_momentum,
         max_update_norm: tuning.max_update_norm,
+        codec: a.codec,
         max_version: tuning.max_version,
         max_tokens: a.max_tokens,
         guard: GuardConfig {

@@ -22,6 +22,7 @@ use tessera_protocol::ledger::{Checkpoint, Hash, Inclusion, Leaf, LedgerInfo, St
 use tessera_protocol::messages::{
     ParticipantKind, RejectReason, RunInfo, ServerMsg, Submission, WorkUnit,
 };
+use tessera_protocol::update::Codec;
 use tessera_protocol::{identity, work};
 use tokio::sync::{broadcast, watch};
 
@@ -161,6 +162,8 @@ pub struct Status {
     tokens_applied: u64,
     /// The outer learning rate in force (damped for a while after a rollback).
     outer_lr: f32,
+    /// How units ask participants to encode their updates (`int8`, `f32`).
+    codec: &'static str,
     /// The guard on the model.
     guard: GuardInfo,
     /// Verification of submissions.
@@ -330,6 +333,7 @@ impl Relay {
                     warmup_steps: 0,
                     seed: coord_cfg.seed,
                     fragment: coord_cfg.fragment,
+                    codec: coord_cfg.codec,
                     deadline_ms: 0,
                 };
                 coord.restore_tokens_applied(db.tokens_applied()?);
@@ -740,6 +744,11 @@ impl Relay {
         let scrutiny = inner.coord.scrutiny(id, random_unit(), anomaly.is_some());
         let hold = scrutiny == Scrutiny::Hold;
         let now = now_ms();
+        // The relay keeps what it folds, the decoded values, as f32 (a replay needs no codec).
+        let stored: std::borrow::Cow<[u8]> = match s.payload.codec {
+            Codec::F32 => std::borrow::Cow::Borrowed(&s.payload.data),
+            _ => std::borrow::Cow::Owned(delta.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        };
         self.db().record_accepted(&UpdateRecord {
             unit: &unit,
             unit_id: s.unit_id,
@@ -749,7 +758,7 @@ impl Relay {
             loss_before: s.loss_before,
             loss_after: s.loss_after,
             received_ms: now,
-            payload: &s.payload.data,
+            payload: &stored,
             sha256: measured.sha256,
             base_sha256: s.base_sha256,
             signature: &s.signature,
@@ -811,7 +820,6 @@ impl Relay {
             delta,
             s.tokens,
         )?;
-        let anomaly = inner.coord.screen(id, s.unit_id, measured)?;
         let unit = inner
             .coord
             .lease(s.unit_id)
@@ -820,6 +828,18 @@ impl Relay {
                 reason: RejectReason::UnknownLease,
                 detail: format!("unit {} is not leased", s.unit_id),
             })?;
+        if s.payload.codec != unit.codec {
+            return Err(Rejection {
+                reason: RejectReason::Malformed,
+                detail: format!(
+                    "unit {} asks for updates encoded as {}, this one is {}",
+                    s.unit_id,
+                    unit.codec.name(),
+                    s.payload.codec.name()
+                ),
+            });
+        }
+        let anomaly = inner.coord.screen(id, s.unit_id, measured)?;
         Ok((v, unit, anomaly))
     }
 
@@ -1129,6 +1149,7 @@ impl Relay {
             },
             tokens_applied: inner.coord.tokens_applied(),
             outer_lr: inner.coord.outer_lr(),
+            codec: inner.coord.config().codec.name(),
             guard: GuardInfo {
                 enabled: guard.config().enabled,
                 threshold: guard.threshold(),

@@ -668,6 +668,7 @@ async fn bench(o: BenchOptions) -> Result<JsValue, String> {
         warmup_steps: 5.min(o.steps / 4),
         seed: run.train.seed,
         fragment: Fragment::ALL,
+        codec: tessera_protocol::update::Codec::F32,
         deadline_ms: u64::MAX,
     };
     let trained = train_unit(&device, &run, &unit, &base.weights, &corpus, None, &shared)

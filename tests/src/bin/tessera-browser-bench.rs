@@ -171,6 +171,7 @@ fn main() {
         warmup_steps: 5.min(steps / 4),
         seed: run.train.seed,
         fragment: Fragment::ALL,
+        codec: tessera_protocol::update::Codec::F32,
         deadline_ms: u64::MAX,
     };
     eprintln!(

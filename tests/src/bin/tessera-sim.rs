@@ -25,6 +25,7 @@ use tessera_core::optim::AdamW;
 use tessera_core::params;
 use tessera_core::train::{Trainer, eval_loss};
 use tessera_protocol::messages::{ParticipantKind, WorkUnit};
+use tessera_protocol::update::{Codec, Payload};
 use tessera_protocol::work;
 
 struct Args {
@@ -80,7 +81,7 @@ fn parse() -> Result<Args> {
                     "tessera-sim --tokens N [--participants N --speeds S1,S2,… --config C --data FILE \\\n    \
                      --inner-steps H --min-inner-steps M --warmup W --batch B --inner-lr LR --no-decay \\\n    \
                      --updates-per-round K --lockstep --grace G --max-staleness S --relative-staleness \\\n    \
-                     --outer-lr LR --outer-momentum MU --keep-optimizer --keep-second-moment --guard --screen \\\n    \
+                     --outer-lr LR --outer-momentum MU --codec f32|int8 --keep-optimizer --keep-second-moment --guard --screen \\\n    \
                      --step-ms MS --overhead-ms MS --eval-every V --eval-iters N --seed S --trace --json]\n\
                      Unset settings are the relay's defaults; see the top of tests/src/bin/tessera-sim.rs."
                 );
@@ -117,6 +118,7 @@ fn parse() -> Result<Args> {
             "--max-staleness" => a.cfg.max_staleness = val()?.parse()?,
             "--relative-staleness" => a.cfg.absolute_staleness_discount = false,
             "--outer-lr" => a.cfg.outer_lr = val()?.parse()?,
+            "--codec" => a.cfg.codec = Codec::parse(&val()?)?,
             "--outer-momentum" => a.cfg.outer_momentum = val()?.parse()?,
             "--guard" => a.cfg.guard.enabled = true,
             "--screen" => a.cfg.screen.enabled = true,
@@ -216,6 +218,7 @@ fn main() -> Result<()> {
         Ok(v_loss)
     };
     let (mut accepted, mut rejected, mut stale_sum, mut waits) = (0u64, 0u64, 0u64, 0u64);
+    let mut upload_bytes = 0u64;
     // Inner steps of each participant's latest unit.
     let mut last_steps = vec![0u32; a.participants];
     let mut now = 0u64;
@@ -268,7 +271,11 @@ fn main() -> Result<()> {
                 tokens,
             } => {
                 let base = digest(&versions[&unit.base_version]);
-                let bytes: Vec<u8> = delta.iter().flat_map(|v| v.to_le_bytes()).collect();
+                // What the relay would fold: the update as the unit's codec decodes it.
+                let payload = Payload::encode(unit.codec, &delta);
+                upload_bytes += payload.data.len() as u64;
+                let delta = payload.decode()?;
+                let bytes = payload.data;
                 let measured = Measured::of(&delta, work::sha256(&bytes));
                 match coord
                     .check(
@@ -342,6 +349,7 @@ fn main() -> Result<()> {
         "keep_optimizer": a.keep_optimizer, "seed": a.seed,
         "versions": coord.version(), "accepted": accepted, "rejected": rejected,
         "mean_staleness": stale_sum as f64 / accepted.max(1) as f64, "waits": waits,
+        "codec": cfg.codec.name(), "upload_bytes": upload_bytes,
         "tokens_applied": coord.tokens_applied(), "virtual_s": now as f64 / 1e3,
         "val_loss": final_loss, "curve": curve,
         "slowest_unit_steps": a.speeds.iter().zip(&last_steps)
