@@ -5,8 +5,9 @@
 //! - [`messages`]: the versioned messages (`ClientMsg` from participants, `ServerMsg` from the
 //!   relay), sent as WebSocket binary frames encoded with postcard, each size-checked before it
 //!   is decoded;
-//! - [`update`]: the pseudo-gradient payload of a work unit and the fragment of the parameter
-//!   vector it covers;
+//! - [`update`]: the pseudo-gradient payload of a work unit, its codecs (f32, int8 with
+//!   per-256 absmax scales; decoders that refuse any malformed bytes, never panic) and the
+//!   fragment of the parameter vector it covers;
 //! - [`identity`]: ed25519 identities, the hello challenge and update signatures;
 //! - [`ledger`]: the contribution ledger anyone can check: granted contributions as leaves of an
 //!   RFC 6962 Merkle tree, the relay's signed checkpoints and receipts, proofs and the audit;
