@@ -51,6 +51,12 @@ fn main() {
         nesterov_step(&mut params, &mut mom, black_box(&sum), 0.7, 0.9);
         black_box(&params);
     });
+    // What a fresh vector of that size costs before any arithmetic: its first touch.
+    let first_touch = best_of(reps, || {
+        let mut v = vec![0f32; n];
+        v.fill(1.0);
+        black_box(&v);
+    });
     // The relay's own path: decode the submission's payload, then fold it.
     let f32_payload = Payload::f32(&delta);
     let f32_decode_fold = best_of(reps, || {
@@ -72,13 +78,14 @@ fn main() {
     });
     let mbs = |t: f64| bytes / t / 1e6;
     println!(
-        "{{\"params\": {n}, \"memcpy_mb_s\": {:.0}, \"fold_f32_mb_s\": {:.0}, \"fold_wire_mb_s\": {:.0}, \"ratio_fold_wire_vs_memcpy\": {:.2}, \"ratio_fold_f32_vs_memcpy\": {:.2}, \"outer_step_ms\": {:.2}, \"f32_decode_fold_mb_s\": {:.0}, \"int8_bytes\": {}, \"int8_encode_mb_s\": {:.0}, \"int8_decode_mb_s\": {:.0}, \"int8_decode_fold_mb_s\": {:.0}, \"ratio_int8_decode_fold_vs_memcpy\": {:.2}}}",
+        "{{\"params\": {n}, \"memcpy_mb_s\": {:.0}, \"fold_f32_mb_s\": {:.0}, \"fold_wire_mb_s\": {:.0}, \"ratio_fold_wire_vs_memcpy\": {:.2}, \"ratio_fold_f32_vs_memcpy\": {:.2}, \"outer_step_ms\": {:.2}, \"fresh_vector_first_touch_mb_s\": {:.0}, \"f32_decode_fold_mb_s\": {:.0}, \"int8_bytes\": {}, \"int8_encode_mb_s\": {:.0}, \"int8_decode_mb_s\": {:.0}, \"int8_decode_fold_mb_s\": {:.0}, \"ratio_int8_decode_fold_vs_memcpy\": {:.2}}}",
         mbs(memcpy),
         mbs(fold_f32),
         mbs(fold_wire),
         memcpy / fold_wire,
         memcpy / fold_f32,
         outer * 1e3,
+        mbs(first_touch),
         mbs(f32_decode_fold),
         int8.data.len(),
         mbs(encode),
