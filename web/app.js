@@ -141,13 +141,13 @@ const receipts = () => JSON.parse(localStorage.getItem(RECEIPTS) || '[]');
 function keepReceipt(line) {
   const all = receipts();
   all.push(line);
-  localStorage.setItem(RECEIPTS, JSON.stringify(all.slice(-MAX_RECEIPTS)));
-  showReceipts();
+  const kept = all.slice(-MAX_RECEIPTS);
+  localStorage.setItem(RECEIPTS, JSON.stringify(kept));
+  showReceipts(kept);
 }
 
 let downloadUrl = null;
-function showReceipts() {
-  const all = receipts();
+function showReceipts(all = receipts()) {
   tab.receipts = all.length;
   const tokens = all.reduce((a, l) => a + (JSON.parse(l).tokens || 0), 0);
   $('receipts').textContent = all.length ? `${fmt(all.length)} receipts for ${fmt(tokens)} tokens` : 'none yet';

@@ -245,18 +245,7 @@ fn verify(a: VerifyArgs) -> Result<()> {
                 pending += 1;
                 continue;
             };
-            if !r.matches(leaf) {
-                bail!(
-                    "the log grants unit {} differently from the receipt the relay signed for it \
-                     (update {}, {} tokens received; leaf {index}: update {}, {} tokens, key {})",
-                    r.unit_id,
-                    hex::encode(r.update_sha256),
-                    r.tokens,
-                    hex::encode(leaf.update_sha256),
-                    leaf.tokens,
-                    leaf.participant_id()
-                );
-            }
+            r.check_leaf(index as u64, leaf)?;
             granted += 1;
             if let (Source::Relay(http), Some(c)) = (&source, latest)
                 && (index as u64) < c.log_size

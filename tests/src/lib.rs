@@ -21,6 +21,24 @@ use serde_json::Value;
 use tessera_protocol::messages::{Hello, ParticipantKind};
 use tessera_protocol::{PROTOCOL_VERSION, identity};
 
+/// Runs `cmd` to its end: whether it succeeded, and what it printed (stdout, then stderr).
+pub fn run_cmd(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Runs `tessera-host` with `args` (see [`run_cmd`]).
+pub fn host_cmd(args: &[&str]) -> (bool, String) {
+    run_cmd(Command::new(bin("tessera-host")).args(args))
+}
+
 /// Path of a workspace binary in `target/<profile>/`: beside the running binary, or beside
 /// the test executable's `deps/` folder.
 pub fn bin(name: &str) -> PathBuf {

@@ -404,22 +404,18 @@ fn demo_flow_a_tab_joining_the_demo_keeps_the_model_improving() {
     let file = dir.path().join("tab-receipts.jsonl");
     std::fs::write(&file, text).unwrap();
     // …and the same receipts, downloaded, check natively.
-    let out = std::process::Command::new(bin("tessera-host"))
-        .args(["ledger", "verify", "--relay"])
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .arg("--receipts")
-        .arg(&file)
-        .arg("--key")
-        .arg(dir.path().join("verifier.key"))
-        .output()
-        .unwrap();
-    let out_text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out_text) = host_cmd(&[
+        "ledger",
+        "verify",
+        "--relay",
+        &format!("http://127.0.0.1:{port}/"),
+        "--receipts",
+        &file.display().to_string(),
+        "--key",
+        &dir.path().join("verifier.key").display().to_string(),
+    ]);
     eprintln!("{out_text}");
-    assert!(out.status.success(), "{out_text}");
+    assert!(ok, "{out_text}");
     let granted: u64 = out_text
         .split(" granted (each matches its leaf")
         .next()

@@ -84,19 +84,14 @@ fn customers_use_the_model_with_the_openai_client_and_revenue_is_split_by_stake(
     let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/openai_check.py");
     let start_ms = unix_ms();
-    let out = Command::new(&python)
-        .arg(script)
-        .arg(format!("http://127.0.0.1:{port}/v1"))
-        .args([&key, &small])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, text) = run_cmd(
+        Command::new(&python)
+            .arg(script)
+            .arg(format!("http://127.0.0.1:{port}/v1"))
+            .args([&key, &small]),
     );
     eprintln!("{text}");
-    assert!(out.status.success(), "the openai client run failed: {text}");
+    assert!(ok, "the openai client run failed: {text}");
 
     // The statement: 48 tokens served at 1,000,000 micro-units per 1000 tokens.
     let url = format!("http://127.0.0.1:{port}/api/revenue?from_ms={start_ms}");
@@ -112,22 +107,15 @@ fn customers_use_the_model_with_the_openai_client_and_revenue_is_split_by_stake(
     assert_eq!(st.totals.values().sum::<u64>() + st.unallocated, st.revenue);
     assert_eq!(st.unallocated, 0, "{st:?}");
     assert_eq!(st.totals.len(), 2, "both hosts are paid: {st:?}");
-    let out = Command::new(bin("tessera-host"))
-        .args([
-            "ledger",
-            "statement",
-            "--relay",
-            &format!("http://127.0.0.1:{port}/"),
-        ])
-        .args(["--from-ms", &start_ms.to_string()])
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && printed.contains("revenue 48000"),
-        "{printed}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, printed) = host_cmd(&[
+        "ledger",
+        "statement",
+        "--relay",
+        &format!("http://127.0.0.1:{port}/"),
+        "--from-ms",
+        &start_ms.to_string(),
+    ]);
+    assert!(ok && printed.contains("revenue 48000"), "{printed}");
     eprintln!("{printed}");
 }
 

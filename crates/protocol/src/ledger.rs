@@ -675,6 +675,23 @@ impl Receipt {
         })
     }
 
+    /// Checks that `leaf`, at `index` in the log, grants this receipt's update.
+    pub fn check_leaf(&self, index: u64, leaf: &Leaf) -> Result<(), LedgerError> {
+        if self.matches(leaf) {
+            return Ok(());
+        }
+        Err(LedgerError::BadProof(format!(
+            "the log grants unit {} differently from the receipt the relay signed for it \
+             (update {}, {} tokens received; leaf {index}: update {}, {} tokens, key {})",
+            self.unit_id,
+            hex::encode(self.update_sha256),
+            self.tokens,
+            hex::encode(leaf.update_sha256),
+            leaf.tokens,
+            leaf.participant_id()
+        )))
+    }
+
     /// Whether `leaf` grants this receipt's update.
     pub fn matches(&self, leaf: &Leaf) -> bool {
         leaf.run == self.run
@@ -701,19 +718,7 @@ impl Receipt {
         let Some(p) = proof else {
             return Ok(Standing::NotYet);
         };
-        if !self.matches(&p.leaf) {
-            return Err(LedgerError::BadProof(format!(
-                "the log grants unit {} differently from the receipt the relay signed for it \
-                 (update {}, {} tokens received; leaf {}: update {}, {} tokens, key {})",
-                self.unit_id,
-                hex::encode(self.update_sha256),
-                self.tokens,
-                p.index,
-                hex::encode(p.leaf.update_sha256),
-                p.leaf.tokens,
-                p.leaf.participant_id()
-            )));
-        }
+        self.check_leaf(p.index, &p.leaf)?;
         p.leaf.check().map_err(|reason| LedgerError::BadLeaf {
             index: p.index,
             unit_id: p.leaf.unit_id,
