@@ -15,10 +15,12 @@ use tessera_core::burn::prelude::Device;
 use tessera_core::config::ModelConfig;
 use tessera_core::data::Corpus;
 use tessera_core::optim::AdamW;
+use tessera_protocol::feedback::ErrorFeedback;
 use tessera_protocol::ledger::Receipt;
 use tessera_protocol::messages::{
     ClientMsg, Hello, ParticipantKind, RunInfo, ServerMsg, Submission, WorkUnit,
 };
+use tessera_protocol::update::Codec;
 use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity, work};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -198,6 +200,8 @@ struct Participant {
     max_units: Option<u64>,
     /// Inner AdamW state carried from one unit to the next (with --keep-optimizer).
     optim: Option<AdamW>,
+    /// What this host's lossy updates left out, added to its next one.
+    feedback: ErrorFeedback,
     keep_optimizer: bool,
     /// Training speed of the last unit (0 before the first): the capability sent in a hello.
     tokens_per_s: f32,
@@ -234,6 +238,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
         max_units: args.max_units,
         tokens_per_s: 0.0,
         optim: None,
+        feedback: ErrorFeedback::default(),
         keep_optimizer: args.keep_optimizer,
         throttle: args.throttle,
         verifier: args.verifier,
@@ -353,6 +358,7 @@ impl Participant {
                 .await?;
             self.tokens_per_s =
                 (submission.tokens as f64 / training.elapsed().as_secs_f64().max(1e-3)) as f32;
+            let bytes = submission.payload.data.len();
             send(&mut ws, &ClientMsg::Submit(submission)).await?;
             let reply = loop {
                 match recv(&mut ws).await? {
@@ -370,8 +376,20 @@ impl Participant {
                 } => {
                     keep_receipt(&self.receipts, &receipt)?;
                     eprintln!(
-                        "unit {} (shard {}, base v{}, {} steps): loss {first:.4} -> {last:.4} in {secs:.1} s; accepted, model now v{model_version}",
-                        unit.unit_id, unit.shard, unit.base_version, unit.inner_steps
+                        "unit {} (shard {}, base v{}, {} steps): loss {first:.4} -> {last:.4} in {secs:.1} s, {bytes} bytes {}{}; accepted, model now v{model_version}",
+                        unit.unit_id,
+                        unit.shard,
+                        unit.base_version,
+                        unit.inner_steps,
+                        unit.codec,
+                        if matches!(unit.codec, Codec::Sparse { .. }) {
+                            format!(
+                                " (error feedback carried: norm {:.5})",
+                                self.feedback.norm()
+                            )
+                        } else {
+                            String::new()
+                        }
                     )
                 }
                 ServerMsg::Rejected { reason, detail, .. } => {
@@ -566,20 +584,28 @@ impl Participant {
             }
         };
         bar.finish_and_clear();
-        let sign = if verification {
-            work::verification
+        let submission = if verification {
+            work::verification(
+                &self.secret,
+                unit,
+                &run.model,
+                base.sha256,
+                &delta,
+                first,
+                last,
+            )
         } else {
-            work::submission
+            let payload = self.feedback.encode(unit, &delta);
+            work::submission(
+                &self.secret,
+                unit,
+                &run.model,
+                base.sha256,
+                payload,
+                first,
+                last,
+            )
         };
-        let submission = sign(
-            &self.secret,
-            unit,
-            &run.model,
-            base.sha256,
-            &delta,
-            first,
-            last,
-        );
         Ok((submission, first, last))
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tessera_core::config::ModelConfig;
 use tessera_protocol::messages::{ClientMsg, RunInfo, ServerMsg, Submission, WorkUnit};
+use tessera_protocol::update::Payload;
 use tessera_protocol::{decode, encode, work};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -87,7 +88,15 @@ pub fn signed(
     base: [u8; 32],
     values: &[f32],
 ) -> Submission {
-    work::submission(secret, unit, model, base, values, 1.0, 0.5)
+    work::submission(
+        secret,
+        unit,
+        model,
+        base,
+        Payload::encode(unit.codec, values),
+        1.0,
+        0.5,
+    )
 }
 
 /// The base a unit starts from, fetched from the relay on `port` as a participant does.

@@ -289,3 +289,80 @@ fn a_demo_relay_killed_with_sigkill_takes_its_participant_with_it() {
         },
     );
 }
+
+/// The sparse codec: refused with verification on (a re-execution cannot reproduce a
+/// participant's error feedback, so honest participants would fail their audits); with
+/// `--no-verify`, a native host's sparse updates are accepted and folded, and its residual is
+/// carried from one unit to the next.
+#[test]
+fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (ok, out) = run_cmd(
+        std::process::Command::new(bin("tessera-relay"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--codec",
+                "sparse64",
+            ])
+            .arg("--db")
+            .arg(dir.path().join("refused.db"))
+            .arg("--checkpoints")
+            .arg(dir.path().join("refused")),
+    );
+    assert!(!ok && out.contains("--no-verify"), "{out}");
+    let _relay = start_relay(
+        dir.path(),
+        port,
+        &[
+            "--codec",
+            "sparse64",
+            "--no-verify",
+            "--inner-steps",
+            "10",
+            "--min-inner-steps",
+            "10",
+            "--updates-per-round",
+            "1",
+            "--max-versions",
+            "4",
+        ],
+    );
+    assert_eq!(status(port)["codec"], "sparse64");
+    let host = start_host(dir.path(), port, "h", &[]);
+    let accepted = |h: &Proc| {
+        h.output()
+            .lines()
+            .filter(|l| l.contains("accepted, model now"))
+            .map(String::from)
+            .collect::<Vec<String>>()
+    };
+    wait_until(Duration::from_secs(180), "4 units accepted", || {
+        accepted(&host).len() >= 4
+    });
+    let s = status(port);
+    assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
+    let units = accepted(&host);
+    let run: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/api/run"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    let n = u(&run["num_params"]) as usize;
+    let bytes = tessera_protocol::sparse::sparse_bytes(n, 64).unwrap();
+    for l in &units {
+        assert!(l.contains(&format!("{bytes} bytes sparse64")), "{l}");
+        // Something is always left out, and carried.
+        let norm: f64 = l
+            .split("norm ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no residual in {l}"));
+        assert!(norm > 0.0, "{l}");
+    }
+    // 32× fewer bytes than f32 at least.
+    assert!(bytes * 32 < 4 * n, "{bytes} bytes for {n} values");
+}

@@ -1,6 +1,7 @@
 //! Aggregation throughput: MB/s of f32 pseudo-gradient of the `small` config folded into a
 //! round's average, against memcpy bandwidth measured in the same run; and the int8 codec's
-//! encode (a participant's CPU), decode, and decode + fold (the relay), in MB/s of the f32
+//! encode (a participant's CPU), decode, and decode + fold (the relay: into a fresh vector, and
+//! into a reused buffer as the relay does now), and the sparse codec's, in MB/s of the f32
 //! values they stand for.
 //!
 //!     cargo run --release -p tessera-coordinator --example aggregate_bench
@@ -76,9 +77,36 @@ fn main() {
         fold(&mut sum, &d, 0.25);
         black_box(&sum);
     });
+    // The relay's path since it keeps a few decode buffers: decode into one already touched.
+    let mut buf = Vec::new();
+    let int8_reused = best_of(reps, || {
+        black_box(&int8)
+            .decode_into(&mut buf)
+            .expect("int8 decodes");
+        fold(&mut sum, &buf, 0.25);
+        black_box(&sum);
+    });
+    let f32_reused = best_of(reps, || {
+        black_box(&f32_payload)
+            .decode_into(&mut buf)
+            .expect("f32 decodes");
+        fold(&mut sum, &buf, 0.25);
+        black_box(&sum);
+    });
+    let sparse = Payload::encode(Codec::Sparse { k: 64 }, &delta);
+    let sparse_encode = best_of(5, || {
+        black_box(Payload::encode(Codec::Sparse { k: 64 }, black_box(&delta)));
+    });
+    let sparse_reused = best_of(reps, || {
+        black_box(&sparse)
+            .decode_into(&mut buf)
+            .expect("sparse decodes");
+        fold(&mut sum, &buf, 0.25);
+        black_box(&sum);
+    });
     let mbs = |t: f64| bytes / t / 1e6;
     println!(
-        "{{\"params\": {n}, \"memcpy_mb_s\": {:.0}, \"fold_f32_mb_s\": {:.0}, \"fold_wire_mb_s\": {:.0}, \"ratio_fold_wire_vs_memcpy\": {:.2}, \"ratio_fold_f32_vs_memcpy\": {:.2}, \"outer_step_ms\": {:.2}, \"fresh_vector_first_touch_mb_s\": {:.0}, \"f32_decode_fold_mb_s\": {:.0}, \"int8_bytes\": {}, \"int8_encode_mb_s\": {:.0}, \"int8_decode_mb_s\": {:.0}, \"int8_decode_fold_mb_s\": {:.0}, \"ratio_int8_decode_fold_vs_memcpy\": {:.2}}}",
+        "{{\"params\": {n}, \"memcpy_mb_s\": {:.0}, \"fold_f32_mb_s\": {:.0}, \"fold_wire_mb_s\": {:.0}, \"ratio_fold_wire_vs_memcpy\": {:.2}, \"ratio_fold_f32_vs_memcpy\": {:.2}, \"outer_step_ms\": {:.2}, \"fresh_vector_first_touch_mb_s\": {:.0}, \"f32_decode_fold_mb_s\": {:.0}, \"int8_bytes\": {}, \"int8_encode_mb_s\": {:.0}, \"int8_decode_mb_s\": {:.0}, \"int8_decode_fold_mb_s\": {:.0}, \"ratio_int8_decode_fold_vs_memcpy\": {:.2}, \"int8_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_int8_reused_vs_memcpy\": {:.2}, \"f32_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_f32_reused_vs_memcpy\": {:.2}, \"sparse64_bytes\": {}, \"sparse64_encode_mb_s\": {:.0}, \"sparse64_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_sparse64_reused_vs_memcpy\": {:.2}}}",
         mbs(memcpy),
         mbs(fold_f32),
         mbs(fold_wire),
@@ -91,6 +119,14 @@ fn main() {
         mbs(encode),
         mbs(decode),
         mbs(decode_fold),
-        memcpy / decode_fold
+        memcpy / decode_fold,
+        mbs(int8_reused),
+        memcpy / int8_reused,
+        mbs(f32_reused),
+        memcpy / f32_reused,
+        sparse.data.len(),
+        mbs(sparse_encode),
+        mbs(sparse_reused),
+        memcpy / sparse_reused,
     );
 }

@@ -6,8 +6,10 @@
 //!   relay), sent as WebSocket binary frames encoded with postcard, each size-checked before it
 //!   is decoded;
 //! - [`update`]: the pseudo-gradient payload of a work unit, its codecs (f32, int8 with
-//!   per-256 absmax scales; decoders that refuse any malformed bytes, never panic) and the
-//!   fragment of the parameter vector it covers;
+//!   per-256 absmax scales, [`sparse`] top-k with two bits a value; decoders that refuse any
+//!   malformed bytes, never panic) and the fragment of the parameter vector it covers;
+//! - [`feedback`]: a participant's error feedback, what its lossy updates left out, added to
+//!   its next update of the same run;
 //! - [`identity`]: ed25519 identities, the hello challenge and update signatures;
 //! - [`ledger`]: the contribution ledger anyone can check: granted contributions as leaves of an
 //!   RFC 6962 Merkle tree, the relay's signed checkpoints and receipts, proofs and the audit;
@@ -16,9 +18,11 @@
 //!
 //! Model weights travel separately, over plain HTTP, as safetensors files named by version.
 
+pub mod feedback;
 pub mod identity;
 pub mod ledger;
 pub mod messages;
+pub mod sparse;
 pub mod update;
 pub mod work;
 

@@ -161,14 +161,16 @@ pub fn pseudo_gradient(unit: &WorkUnit, base: &[f32], trained: &[f32]) -> Result
         .collect())
 }
 
-/// The signed submission of a finished unit; `base_sha256` is the SHA-256 of the base weights'
-/// bytes as the relay served them.
+/// The signed submission of a finished unit whose pseudo-gradient `payload` is encoded with the
+/// unit's codec (by [`crate::feedback::ErrorFeedback::encode`], which adds what earlier lossy
+/// updates left out); `base_sha256` is the SHA-256 of the base weights' bytes as the relay
+/// served them.
 pub fn submission(
     secret: &[u8; 32],
     unit: &WorkUnit,
     model: &ModelConfig,
     base_sha256: [u8; 32],
-    delta: &[f32],
+    payload: Payload,
     loss_before: f32,
     loss_after: f32,
 ) -> Submission {
@@ -178,13 +180,14 @@ pub fn submission(
         unit,
         model,
         base_sha256,
-        delta,
+        payload,
         (loss_before, loss_after),
     )
 }
 
-/// A verifier's signed re-execution of another participant's `unit`: as [`submission`],
-/// signed as a verification ([`identity::verification_message`]).
+/// A verifier's signed re-execution of another participant's `unit`: as [`submission`], its
+/// pseudo-gradient encoded with the unit's codec and nothing carried (a verifier's residual is
+/// its own units'), signed as a verification ([`identity::verification_message`]).
 pub fn verification(
     secret: &[u8; 32],
     unit: &WorkUnit,
@@ -200,7 +203,7 @@ pub fn verification(
         unit,
         model,
         base_sha256,
-        delta,
+        Payload::encode(unit.codec, delta),
         (loss_before, loss_after),
     )
 }
@@ -211,10 +214,9 @@ fn signed(
     unit: &WorkUnit,
     model: &ModelConfig,
     base_sha256: [u8; 32],
-    delta: &[f32],
+    payload: Payload,
     (loss_before, loss_after): (f32, f32),
 ) -> Submission {
-    let payload = Payload::encode(unit.codec, delta);
     let signature = identity::sign(
         secret,
         &message(unit.unit_id, unit.base_version, &base_sha256, &payload.data),
@@ -280,7 +282,8 @@ mod tests {
         assert!(pseudo_gradient(&part, &base, &trained[..3]).is_err());
         let secret = [7u8; 32];
         let model = ModelConfig::named("tiny").unwrap();
-        let s = submission(&secret, &part, &model, [5; 32], &[-0.5, 0.0], 3.0, 2.0);
+        let payload = Payload::encode(part.codec, &[-0.5, 0.0]);
+        let s = submission(&secret, &part, &model, [5; 32], payload, 3.0, 2.0);
         assert_eq!(s.tokens, 4 * 2 * model.block_size as u64);
         identity::verify(
             &identity::public_key(&secret),

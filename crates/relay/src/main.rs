@@ -84,8 +84,10 @@ struct Args {
     #[arg(long, default_value_t = CoordConfig::new(0).outer_momentum)]
     outer_momentum: f32,
     /// How participants encode their updates: `int8` (per-256 absmax scales, 3.9x fewer bytes
-    /// than f32) or `f32`.
-    #[arg(long, default_value = CoordConfig::new(0).codec.name(), value_parser = parse_codec)]
+    /// than f32), `f32`, or `sparse` / `sparseK` (the K largest of every 4096 values, 2 bits
+    /// each, with the participant's error feedback; K = 64 by default, 130x fewer bytes than
+    /// f32; a re-execution can only check it loosely, see BENCHMARKS.md).
+    #[arg(long, default_value_t = CoordConfig::new(0).codec, value_parser = parse_codec)]
     codec: Codec,
     /// Seconds a lease lives without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
@@ -255,6 +257,15 @@ async fn main() -> Result<()> {
         max_version: a.max_versions,
         max_update_norm: 1e4,
     };
+    if matches!(a.codec, Codec::Sparse { .. }) && !a.no_verify {
+        anyhow::bail!(
+            "--codec {} needs --no-verify: a sparse update carries the participant's error \
+             feedback (what its earlier updates left out), which a re-execution cannot reproduce, \
+             so honest participants would fail their audits (measured: cosine 0.03–0.24 with the \
+             re-execution, BENCHMARKS.md). Use it with participants you trust, or --codec int8.",
+            a.codec
+        );
+    }
     let coord = CoordConfig {
         inner_steps: spec.inner_steps,
         min_inner_steps: spec.min_inner_steps,

@@ -11,6 +11,7 @@ use tessera_core::config::ModelConfig;
 use tessera_core::data::Corpus;
 use tessera_core::params;
 use tessera_core::train::Trainer;
+use tessera_protocol::feedback::ErrorFeedback;
 use tessera_protocol::messages::{Hello, ParticipantKind, RunInfo, WorkUnit};
 use tessera_protocol::update::Fragment;
 use tessera_protocol::{ClientMsg, PROTOCOL_VERSION, ServerMsg, identity, work};
@@ -91,6 +92,8 @@ struct State {
     corpus: Option<(String, Rc<Corpus>)>,
     weights: Option<Rc<work::Base>>,
     tokens_per_s: f32,
+    /// What this tab's lossy updates left out, added to its next one.
+    feedback: ErrorFeedback,
 }
 
 impl Shared {
@@ -408,12 +411,17 @@ async fn session(shared: &Rc<Shared>) -> Result<(), String> {
         let secs = trained.step_ms.iter().sum::<f64>() / 1000.0;
         let tokens = work::tokens(&unit, &run.model);
         shared.state.borrow_mut().tokens_per_s = (tokens as f64 / secs.max(1e-3)) as f32;
+        let payload = shared
+            .state
+            .borrow_mut()
+            .feedback
+            .encode(&unit, &trained.delta);
         let submission = work::submission(
             &shared.secret,
             &unit,
             &run.model,
             base.sha256,
-            &trained.delta,
+            payload,
             trained.losses[0],
             *trained.losses.last().expect("at least one step"),
         );

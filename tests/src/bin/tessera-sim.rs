@@ -24,6 +24,7 @@ use tessera_core::data::Corpus;
 use tessera_core::optim::AdamW;
 use tessera_core::params;
 use tessera_core::train::{Trainer, eval_loss};
+use tessera_protocol::feedback::ErrorFeedback;
 use tessera_protocol::messages::{ParticipantKind, WorkUnit};
 use tessera_protocol::update::{Codec, Payload};
 use tessera_protocol::work;
@@ -44,6 +45,7 @@ struct Args {
     json: bool,
     cfg: Config,
     seed: u64,
+    ef_decay: f32,
 }
 
 fn parse() -> Result<Args> {
@@ -63,6 +65,7 @@ fn parse() -> Result<Args> {
         json: false,
         cfg: Config::new(0),
         seed: 1337,
+        ef_decay: ErrorFeedback::DECAY,
     };
     a.cfg.guard = GuardConfig {
         enabled: false,
@@ -81,7 +84,7 @@ fn parse() -> Result<Args> {
                     "tessera-sim --tokens N [--participants N --speeds S1,S2,… --config C --data FILE \\\n    \
                      --inner-steps H --min-inner-steps M --warmup W --batch B --inner-lr LR --no-decay \\\n    \
                      --updates-per-round K --lockstep --grace G --max-staleness S --relative-staleness \\\n    \
-                     --outer-lr LR --outer-momentum MU --codec f32|int8 --keep-optimizer --keep-second-moment --guard --screen \\\n    \
+                     --outer-lr LR --outer-momentum MU --codec f32|int8|sparseK --ef-decay B --keep-optimizer --keep-second-moment --guard --screen \\\n    \
                      --step-ms MS --overhead-ms MS --eval-every V --eval-iters N --seed S --trace --json]\n\
                      Unset settings are the relay's defaults; see the top of tests/src/bin/tessera-sim.rs."
                 );
@@ -119,6 +122,7 @@ fn parse() -> Result<Args> {
             "--relative-staleness" => a.cfg.absolute_staleness_discount = false,
             "--outer-lr" => a.cfg.outer_lr = val()?.parse()?,
             "--codec" => a.cfg.codec = Codec::parse(&val()?)?,
+            "--ef-decay" => a.ef_decay = val()?.parse()?,
             "--outer-momentum" => a.cfg.outer_momentum = val()?.parse()?,
             "--guard" => a.cfg.guard.enabled = true,
             "--screen" => a.cfg.screen.enabled = true,
@@ -201,6 +205,12 @@ fn main() -> Result<()> {
     let mut versions: BTreeMap<u64, Vec<f32>> = BTreeMap::from([(0, init)]);
     let ids: Vec<String> = (0..a.participants).map(|i| format!("p{i}")).collect();
     let mut optims: Vec<AdamW> = vec![AdamW::new(); a.participants];
+    let mut feedback: Vec<ErrorFeedback> = vec![ErrorFeedback::new(a.ef_decay); a.participants];
+    // How a sent update compares with what a verifier's re-execution would send (the same
+    // codec, no residual) and with the unit's own pseudo-gradient: what a re-execution check
+    // of a codec with error feedback can expect of an honest participant.
+    let (mut cos_reexec, mut cos_delta): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    let mut norm_ratio: Vec<f64> = Vec::new();
     let mut sched = Schedule::default();
     for (i, id) in ids.iter().enumerate() {
         coord.join(id, ParticipantKind::Native, "cpu", "sim", 0.0, 0);
@@ -271,10 +281,19 @@ fn main() -> Result<()> {
                 tokens,
             } => {
                 let base = digest(&versions[&unit.base_version]);
-                // What the relay would fold: the update as the unit's codec decodes it.
-                let payload = Payload::encode(unit.codec, &delta);
+                // What the relay would fold: the update as the unit's codec decodes it (with
+                // the participant's error feedback).
+                let payload = feedback[p].encode(&unit, &delta);
                 upload_bytes += payload.data.len() as u64;
-                let delta = payload.decode()?;
+                let sent = payload.decode()?;
+                if unit.codec.is_lossy() {
+                    let reexec = Payload::encode(unit.codec, &delta).decode()?;
+                    cos_reexec.push(work::cosine(&sent, &reexec));
+                    cos_delta.push(work::cosine(&sent, &delta));
+                    let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>();
+                    norm_ratio.push((norm(&sent) / norm(&reexec).max(1e-30)).sqrt());
+                }
+                let delta = sent;
                 let bytes = payload.data;
                 let measured = Measured::of(&delta, work::sha256(&bytes));
                 match coord
@@ -339,6 +358,14 @@ fn main() -> Result<()> {
     // The last round closes once every lease has come back.
     coord.tick(now + 1);
     let final_loss = evaluate(coord.version(), coord.params())?;
+    let stats = |v: &mut Vec<f64>| -> serde_json::Value {
+        if v.is_empty() {
+            return serde_json::Value::Null;
+        }
+        v.sort_by(f64::total_cmp);
+        let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+        json!({"min": q(0.0), "p10": q(0.1), "median": q(0.5), "max": q(1.0)})
+    };
     let summary = json!({
         "config": a.config, "participants": a.participants, "speeds": a.speeds,
         "inner_steps": cfg.inner_steps, "warmup": cfg.warmup_steps,
@@ -349,7 +376,10 @@ fn main() -> Result<()> {
         "keep_optimizer": a.keep_optimizer, "seed": a.seed,
         "versions": coord.version(), "accepted": accepted, "rejected": rejected,
         "mean_staleness": stale_sum as f64 / accepted.max(1) as f64, "waits": waits,
-        "codec": cfg.codec.name(), "upload_bytes": upload_bytes,
+        "codec": cfg.codec.name(), "upload_bytes": upload_bytes, "ef_decay": a.ef_decay,
+        "cosine_sent_vs_reexecution": stats(&mut cos_reexec),
+        "cosine_sent_vs_delta": stats(&mut cos_delta),
+        "norm_sent_over_reexecution": stats(&mut norm_ratio),
         "tokens_applied": coord.tokens_applied(), "virtual_s": now as f64 / 1e3,
         "val_loss": final_loss, "curve": curve,
         "slowest_unit_steps": a.speeds.iter().zip(&last_steps)
