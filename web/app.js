@@ -18,6 +18,7 @@ const tab = (window.tessera = {
   unit: null, step: 0, of: 0, loss: null, tokensPerS: null, accepted: 0, rejected: 0,
   tokens: 0, losses: [], firstStepAtMs: null, joinClickedAtMs: null, loadedMs: null,
   errors: [], modelVersion: null, joined: false, receipts: 0, receiptsCheck: null,
+  downloads: 0, downloadedBytes: 0, rebuilt: 0, rebuiltBytes: 0,
 });
 
 let worker = null;
@@ -94,6 +95,16 @@ function onEvent(e) {
         tab.errors.push(`unit ${e.unit_id} rejected: ${e.reason}`);
         notice(`unit ${e.unit_id} was rejected: ${e.reason}`);
       }
+      break;
+    case 'weights':
+      tab.downloads += 1;
+      tab.downloadedBytes += e.bytes;
+      if (e.rebuilt_from !== null && e.rebuilt_from !== undefined) {
+        tab.rebuilt += 1;
+        tab.rebuiltBytes += e.bytes;
+      }
+      $('downloads').textContent = `${tab.downloads} versions, ${(tab.downloadedBytes / 1e6).toFixed(2)} MB`
+        + (tab.rebuilt ? ` (${tab.rebuilt} rebuilt from encoded changes)` : '');
       break;
     case 'abandoned':
       notice(`unit ${e.unit_id} given up: ${e.reason}`);

@@ -18,7 +18,7 @@ use tessera_core::optim::AdamW;
 use tessera_protocol::feedback::ErrorFeedback;
 use tessera_protocol::ledger::Receipt;
 use tessera_protocol::messages::{
-    ClientMsg, Hello, ParticipantKind, RunInfo, ServerMsg, Submission, WorkUnit,
+    ClientMsg, Hello, ModelChange, ParticipantKind, RunInfo, ServerMsg, Submission, WorkUnit,
 };
 use tessera_protocol::update::Codec;
 use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity, work};
@@ -488,6 +488,18 @@ impl Participant {
         {
             return Ok(b.clone());
         }
+        if let Some(held) = self.weights.clone()
+            && held.version < version
+        {
+            match self.fetch_change(&held, version, model).await {
+                Ok(base) => {
+                    let base = Arc::new(base);
+                    self.weights = Some(base.clone());
+                    return Ok(base);
+                }
+                Err(e) => tracing::debug!("v{version} from v{}: {e:#}", held.version),
+            }
+        }
         let url = format!("{}/api/model/{version}", self.http);
         let bytes = self
             .client
@@ -502,7 +514,37 @@ impl Participant {
             work::Base::decode(version, model, &bytes, &Device::flex())
                 .with_context(|| format!("decoding {url}"))?,
         );
+        eprintln!("v{version} fetched: {} bytes", bytes.len());
         self.weights = Some(base.clone());
+        Ok(base)
+    }
+
+    /// Version `version` rebuilt from the held one and the relay's encoded changes, when it
+    /// has them (and they are smaller than the weights).
+    async fn fetch_change(
+        &self,
+        held: &work::Base,
+        version: u64,
+        model: &ModelConfig,
+    ) -> Result<work::Base> {
+        let url = format!("{}/api/model/{version}/from/{}", self.http, held.version);
+        let bytes = self
+            .client
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()
+            .with_context(|| format!("GET {url}"))?
+            .bytes()
+            .await?;
+        let change: ModelChange = decode(&bytes, usize::MAX)?;
+        let base = held.apply(model, &change, &Device::flex())?;
+        eprintln!(
+            "v{version} rebuilt from v{} and {} encoded changes: {} bytes fetched",
+            held.version,
+            change.links.len(),
+            bytes.len()
+        );
         Ok(base)
     }
 

@@ -121,7 +121,13 @@ fn tab_trains_on_webgpu_and_its_update_is_accepted() {
 fn tab_without_webgpu_trains_on_the_cpu_and_pause_and_leave_work() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let _relay = relay(dir.path(), port, &["--inner-steps", "40"]);
+    // Version changes encoded as int8: the tab rebuilds each new version from the one it
+    // holds (the relay checks every submission's base digest, so a wrong rebuild is refused).
+    let _relay = relay(
+        dir.path(),
+        port,
+        &["--inner-steps", "40", "--version-codec", "int8"],
+    );
     let mut tab = Browser::open(
         &format!("http://127.0.0.1:{port}/?autojoin=1"),
         Gpu::None,
@@ -146,6 +152,28 @@ fn tab_without_webgpu_trains_on_the_cpu_and_pause_and_leave_work() {
             .unwrap()
             .contains("WebGPU is not available"),
         "the page says why: {t}"
+    );
+    wait_until(
+        Duration::from_secs(120),
+        "the tab rebuilds a version from an encoded change, and its unit from it is accepted",
+        || {
+            let t = tab.tab();
+            t["rebuilt"].as_u64().unwrap_or(0) >= 1 && t["accepted"].as_u64().unwrap_or(0) >= 2
+        },
+    );
+    let t = tab.tab();
+    assert_eq!(t["rejected"], 0, "{t}");
+    // A version rebuilt from a change costs under a third of one downloaded whole.
+    let n = |k: &str| t[k].as_u64().unwrap();
+    let whole = (n("downloadedBytes") - n("rebuiltBytes")) / (n("downloads") - n("rebuilt"));
+    assert!(n("rebuiltBytes") / n("rebuilt") * 3 < whole, "{t}");
+    let shown = tab.eval("document.getElementById('downloads').textContent");
+    assert!(
+        shown
+            .as_str()
+            .unwrap()
+            .contains("rebuilt from encoded changes"),
+        "{shown}"
     );
     // The page shows the reason to the visitor.
     let shown = tab.eval("document.getElementById('why').textContent");

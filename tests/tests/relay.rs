@@ -366,3 +366,67 @@ fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
     // 32× fewer bytes than f32 at least.
     assert!(bytes * 32 < 4 * n, "{bytes} bytes for {n} values");
 }
+
+/// `--version-codec int8`: each version's change is encoded and applied as decoded; a host
+/// holding the previous version rebuilds the next from the encoded change, a quarter of the
+/// weights' bytes, bit for bit (its rebuilt file's digest is checked against the relay's, and
+/// every submission signs it: none is refused).
+#[test]
+fn a_host_rebuilds_versions_from_encoded_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _relay = start_relay(
+        dir.path(),
+        port,
+        &[
+            "--version-codec",
+            "int8",
+            "--inner-steps",
+            "10",
+            "--min-inner-steps",
+            "10",
+            "--updates-per-round",
+            "1",
+            "--max-versions",
+            "5",
+        ],
+    );
+    assert_eq!(status(port)["version_codec"], "int8");
+    let host = start_host(dir.path(), port, "h", &[]);
+    let lines = |what: &str| -> Vec<String> {
+        host.output()
+            .lines()
+            .filter(|l| l.contains(what))
+            .map(String::from)
+            .collect()
+    };
+    wait_until(Duration::from_secs(180), "5 units accepted", || {
+        lines("accepted, model now").len() >= 5
+    });
+    let s = status(port);
+    assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
+    let number = |l: &str, before: &str| -> u64 {
+        l.split(before)
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let full = lines("fetched: ");
+    assert_eq!(full.len(), 1, "only v0 is fetched whole: {}", host.output());
+    let full_bytes = number(&full[0], " bytes");
+    let rebuilt = lines("rebuilt from v");
+    assert!(rebuilt.len() >= 4, "{}", host.output());
+    for l in &rebuilt {
+        let bytes = number(l, " bytes fetched");
+        assert!(
+            bytes * 3 < full_bytes,
+            "{l} (the weights: {full_bytes} bytes)"
+        );
+    }
+    let missing = ureq::get(&format!("http://127.0.0.1:{port}/api/model/2/from/2")).call();
+    assert!(missing.is_err(), "no change from a version to itself");
+}

@@ -61,6 +61,20 @@ pub fn nesterov_step(params: &mut [f32], momentum: &mut [f32], g: &[f32], lr: f3
     }
 }
 
+/// The Nesterov outer step as a vector: updates `momentum` as [`nesterov_step`] does and
+/// returns `lr (g + μ m)`, what the weights lose.
+pub fn nesterov_direction(momentum: &mut [f32], g: &[f32], lr: f32, mu: f32) -> Vec<f32> {
+    assert_eq!(momentum.len(), g.len(), "outer step: length mismatch");
+    momentum
+        .iter_mut()
+        .zip(g)
+        .map(|(m, &g)| {
+            *m = mu * *m + g;
+            lr * (g + mu * *m)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

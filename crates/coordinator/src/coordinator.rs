@@ -70,6 +70,11 @@ pub struct Config {
     /// How participants encode their updates (int8: 3.9x fewer bytes, no measurable loss
     /// penalty; see BENCHMARKS.md).
     pub codec: Codec,
+    /// Encode each version's change (the outer step) with this codec and apply the decoded
+    /// change, carrying what it leaves out into the next step (error feedback on the relay):
+    /// then a participant holding version v rebuilds v + 1 exactly from the encoded change,
+    /// a quarter of the weights' bytes with int8. `None`: the exact f32 step.
+    pub version_codec: Option<Codec>,
     /// Stop handing out work once this version is reached (`None`: never).
     pub max_version: Option<u64>,
     /// Stop handing out work once this many tokens are folded, pending or leased (`None`:
@@ -111,6 +116,7 @@ impl Config {
             max_update_norm: 1e4,
             fragment: Fragment::ALL,
             codec: Codec::Int8,
+            version_codec: None,
             max_version: None,
             max_tokens: None,
             guard: GuardConfig::default(),
@@ -466,6 +472,24 @@ pub struct Coordinator {
     /// Vouched units forgotten over the memory budget (`screen.revert_memory`) before their
     /// credit was granted: they could not be re-checked.
     vouched_dropped: u64,
+    /// With `version_codec`: what the encoded outer steps left out, carried into the next.
+    step_residual: Vec<f32>,
+    /// With `version_codec`: the newest version made by an outer step, with its encoded change.
+    change: Option<VersionChange>,
+}
+
+/// The change from version `version − 1` to `version`, as encoded with the run's
+/// `version_codec`: the new weights are the old minus the decoded values, over the parameters
+/// from `offset` on (f32 arithmetic, so anyone holding the old weights rebuilds the new ones
+/// exactly).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionChange {
+    /// The version it makes.
+    pub version: u64,
+    /// First parameter it covers.
+    pub offset: u64,
+    /// The encoded step.
+    pub payload: tessera_protocol::update::Payload,
 }
 
 impl Coordinator {
@@ -520,6 +544,8 @@ impl Coordinator {
             rechecked: 0,
             vouched_dropped: 0,
             revised: false,
+            step_residual: Vec::new(),
+            change: None,
         }
     }
 
@@ -551,6 +577,12 @@ impl Coordinator {
     /// Outer momentum buffer.
     pub fn momentum(&self) -> &[f32] {
         &self.momentum
+    }
+
+    /// The encoded change that made `version`, if an outer step with `version_codec` made it
+    /// (not a rollback or a ban's revision) and it is the newest such step.
+    pub fn change(&self, version: u64) -> Option<&VersionChange> {
+        self.change.as_ref().filter(|c| c.version == version)
     }
     /// Next unit id and shard to be handed out.
     pub fn counters(&self) -> (u64, u64) {
@@ -1868,13 +1900,45 @@ impl Coordinator {
                 .map(|s| s * inv)
                 .collect();
             self.center[range.clone()].copy_from_slice(&g);
-            aggregate::nesterov_step(
-                &mut self.params[range.clone()],
-                &mut self.momentum[range.clone()],
-                &g,
-                lr,
-                self.cfg.outer_momentum,
-            );
+            match self.cfg.version_codec {
+                None => aggregate::nesterov_step(
+                    &mut self.params[range.clone()],
+                    &mut self.momentum[range.clone()],
+                    &g,
+                    lr,
+                    self.cfg.outer_momentum,
+                ),
+                Some(codec) => {
+                    let mut step = aggregate::nesterov_direction(
+                        &mut self.momentum[range.clone()],
+                        &g,
+                        lr,
+                        self.cfg.outer_momentum,
+                    );
+                    if self.step_residual.len() == step.len() {
+                        for (s, r) in step.iter_mut().zip(&self.step_residual) {
+                            *s += r;
+                        }
+                    }
+                    let payload = tessera_protocol::update::Payload::encode(codec, &step);
+                    // The outer step is finite (its updates were checked), so it decodes.
+                    let sent = payload.decode().expect("an encoded outer step decodes");
+                    for ((p, s), q) in self.params[range.clone()]
+                        .iter_mut()
+                        .zip(&mut step)
+                        .zip(&sent)
+                    {
+                        *p -= q;
+                        *s -= q;
+                    }
+                    self.step_residual = step;
+                    self.change = Some(VersionChange {
+                        version: self.version + 1,
+                        offset: range.start as u64,
+                        payload,
+                    });
+                }
+            }
             self.parts.close(
                 self.version + 1,
                 norm,
@@ -2018,6 +2082,7 @@ impl Coordinator {
         );
         self.params = params;
         self.momentum.iter_mut().for_each(|m| *m = 0.0);
+        self.step_residual.clear();
         self.clear_round();
         self.parts.roll_back(restore);
         self.revised = false;
@@ -2135,6 +2200,78 @@ mod tests {
         );
         assert_eq!(c.totals(), (2, 0, 320));
         assert_eq!(c.tokens_applied(), 320);
+    }
+
+    /// With an encoded version change, the new weights are exactly the old minus the decoded
+    /// change (what a participant rebuilds), and what the encoding left out is carried: over
+    /// rounds the weights follow the exact f32 run to within one quantisation step.
+    #[test]
+    fn encoded_version_changes_rebuild_exactly_and_lose_nothing_over_rounds() {
+        let n = 600;
+        let cfg = Config {
+            version_codec: Some(Codec::Int8),
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            ..cfg()
+        };
+        let mut q = coord_with(cfg.clone(), n);
+        let mut exact = coord_with(
+            Config {
+                version_codec: None,
+                ..cfg
+            },
+            n,
+        );
+        let delta = |r: usize, who: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    (((i * 7 + r * 13 + who * 5) % 23) as f32 - 11.0)
+                        * 1e-3
+                        * (1.0 + (i % 50) as f32)
+                })
+                .collect()
+        };
+        for c in [&mut q, &mut exact] {
+            join(c, "a");
+            join(c, "b");
+        }
+        for r in 0..6 {
+            let old = q.params().to_vec();
+            for c in [&mut q, &mut exact] {
+                let ua = unit(c, "a", r as u64 * 100);
+                let ub = unit(c, "b", r as u64 * 100);
+                submit(c, "a", &ua, &delta(r, 0), r as u64 * 100 + 1).unwrap();
+                submit(c, "b", &ub, &delta(r, 1), r as u64 * 100 + 2).unwrap();
+            }
+            let v = q.version();
+            assert_eq!(v, r as u64 + 1);
+            let change = q.change(v).expect("an outer step's change").clone();
+            assert_eq!((change.version, change.offset), (v, 0));
+            assert!(q.change(v - 1).is_none());
+            assert_eq!(change.payload.data.len(), n.div_ceil(256) * 4 + n);
+            let rebuilt: Vec<f32> = old
+                .iter()
+                .zip(change.payload.decode().unwrap())
+                .map(|(p, d)| p - d)
+                .collect();
+            assert_eq!(rebuilt, q.params(), "round {r}: rebuilt bit for bit");
+            // Within one int8 step of the largest change of the round.
+            let step = change
+                .payload
+                .decode()
+                .unwrap()
+                .iter()
+                .fold(0f32, |m, x| m.max(x.abs()))
+                / 127.0;
+            for (a, b) in q.params().iter().zip(exact.params()) {
+                assert!((a - b).abs() <= step * 1.01, "round {r}: {a} vs {b}");
+            }
+        }
+        assert_eq!(
+            q.momentum(),
+            exact.momentum(),
+            "the momentum is never quantised"
+        );
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub mod screen;
 pub use checks::RelayCheck;
 pub use coordinator::{
     Accepted, Config, Coordinator, Event, Held, Lease, LedgerChange, ParticipantStats, Rejection,
-    Scrutiny, Verdict, Work,
+    Scrutiny, Verdict, VersionChange, Work,
 };
 pub use guard::{GuardConfig, Rollback};
 pub use screen::{Measured, Probe, ScreenConfig};

@@ -64,6 +64,83 @@ fn serialize(
     safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Checkpoint(e.to_string()))
 }
 
+/// The header of safetensors `bytes`: the length prefix and the JSON (tensor names, shapes,
+/// offsets, metadata), everything but the tensors' data.
+pub fn safetensors_header(bytes: &[u8]) -> Result<&[u8], Error> {
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .and_then(|n| usize::try_from(n).ok())
+        .and_then(|n| n.checked_add(8))
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| Error::Checkpoint("safetensors header length out of the file".into()))?;
+    Ok(&bytes[..n])
+}
+
+/// The safetensors bytes of `values` laid out as `header` (from [`safetensors_header`] of
+/// another file of the same model) says: with the same header and the same values, the same
+/// bytes as that file, whatever order its writer chose. A participant rebuilds a version's
+/// file this way from weights it computed itself, and checks the digest.
+pub fn weights_in_layout(
+    specs: &[ParamSpec],
+    values: &[f32],
+    header: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let bad = |what: String| Error::Checkpoint(format!("safetensors header: {what}"));
+    if safetensors_header(header).ok().map(<[u8]>::len) != Some(header.len()) {
+        return Err(bad("its length prefix does not match its length".into()));
+    }
+    let json: HashMap<String, serde_json::Value> = serde_json::from_slice(
+        header
+            .get(8..)
+            .ok_or_else(|| bad("shorter than its length prefix".into()))?,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    if json.keys().filter(|k| *k != "__metadata__").count() != specs.len() {
+        return Err(bad(format!(
+            "{} tensors, the model has {}",
+            json.len(),
+            specs.len()
+        )));
+    }
+    let mut places = Vec::with_capacity(specs.len());
+    let mut data_len = 0usize;
+    for s in specs {
+        let t = json
+            .get(&s.name)
+            .ok_or_else(|| bad(format!("no tensor {}", s.name)))?;
+        let offsets = t["data_offsets"]
+            .as_array()
+            .and_then(|o| Some((o.first()?.as_u64()? as usize, o.get(1)?.as_u64()? as usize)))
+            .ok_or_else(|| bad(format!("{} has no data offsets", s.name)))?;
+        if t["dtype"] != "F32" || offsets.1.checked_sub(offsets.0) != Some(4 * s.numel()) {
+            return Err(bad(format!("{} is not {} f32 values", s.name, s.numel())));
+        }
+        if values.len() < s.offset + s.numel() {
+            return Err(bad(format!(
+                "{} lies beyond the {} values",
+                s.name,
+                values.len()
+            )));
+        }
+        data_len = data_len.max(offsets.1);
+        places.push((s, offsets.0));
+    }
+    let mut out = Vec::with_capacity(header.len() + data_len);
+    out.extend_from_slice(header);
+    out.resize(header.len() + data_len, 0);
+    for (s, at) in places {
+        let dst = &mut out[header.len() + at..header.len() + at + 4 * s.numel()];
+        for (d, v) in dst
+            .chunks_exact_mut(4)
+            .zip(&values[s.offset..s.offset + s.numel()])
+        {
+            d.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
 /// Encodes model weights (a flat vector in [`crate::params::specs`] order) as safetensors.
 pub fn weights_to_safetensors(
     specs: &[ParamSpec],
@@ -178,4 +255,33 @@ pub fn optimizer_from_safetensors(
         }
     }
     Ok(AdamW { step, moments })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_rebuilt_from_its_header_and_its_values() {
+        let device = Device::flex();
+        let model = crate::model::Gpt::new(&ModelConfig::named("tiny").unwrap(), &device);
+        let specs = crate::params::specs(&model);
+        let values: Vec<f32> = (0..crate::params::total_len(&specs))
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let meta = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("tessera_version".to_string(), "7".to_string()),
+            ("tessera_ledger".to_string(), "{\"size\": 3}".to_string()),
+        ]);
+        let file = weights_to_safetensors(&specs, &values, meta).unwrap();
+        let header = safetensors_header(&file).unwrap();
+        assert_eq!(weights_in_layout(&specs, &values, header).unwrap(), file);
+        let mut other = values.clone();
+        other[5] += 1.0;
+        assert_ne!(weights_in_layout(&specs, &other, header).unwrap(), file);
+        assert!(weights_in_layout(&specs, &values[..10], header).is_err());
+        assert!(weights_in_layout(&specs, &values, &header[..header.len() - 1]).is_err());
+        assert!(safetensors_header(&file[..4]).is_err());
+    }
 }

@@ -78,6 +78,27 @@ pub struct WorkUnit {
     pub deadline_ms: u64,
 }
 
+/// The changes from version `from` to version `to` (`/api/model/{to}/from/{from}`), for a
+/// participant that holds `from`: each version's weights are the previous version's minus
+/// the link's decoded values over the parameters from `offset` on, in f32, which rebuilds the
+/// relay's weights bit for bit; `header` lays them out as the relay's file of `to`, whose
+/// SHA-256 is `sha256` (the digest a submission signs, checked after rebuilding).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelChange {
+    /// The version held.
+    pub from: u64,
+    /// The version rebuilt.
+    pub to: u64,
+    /// One encoded change per version, `from + 1 ..= to`, each with the first parameter it
+    /// covers.
+    pub links: Vec<(u64, Payload)>,
+    /// The safetensors header of `to`'s file (length prefix and JSON).
+    #[serde(with = "serde_bytes")]
+    pub header: Vec<u8>,
+    /// SHA-256 of `to`'s file as the relay serves it.
+    pub sha256: [u8; 32],
+}
+
 /// A finished work unit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Submission {

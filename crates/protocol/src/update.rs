@@ -54,6 +54,9 @@ pub enum Codec {
     F32,
     /// int8 with one absmax scale per 256 values ([`encode_int8`]): 1.016 bytes a value.
     Int8,
+    /// 4-bit integers (`-7..=7`) with one absmax scale per 64 values ([`encode_int4`]):
+    /// 0.5625 bytes a value.
+    Int4,
     /// The `k` largest of every 4096 values, 2 bits and an index each
     /// ([`crate::sparse::encode_sparse`]): 0.03 bytes a value at the default `k` = 64. Meant
     /// with the participant's error feedback ([`crate::feedback::ErrorFeedback`]).
@@ -69,6 +72,7 @@ impl Codec {
         match self {
             Codec::F32 => "f32".into(),
             Codec::Int8 => "int8".into(),
+            Codec::Int4 => "int4".into(),
             Codec::Sparse { k } => format!("sparse{k}"),
         }
     }
@@ -77,12 +81,13 @@ impl Codec {
     pub fn parse(name: &str) -> Result<Codec, Error> {
         let bad = || {
             Error::BadUpdate(format!(
-                "unknown codec {name:?} (f32, int8, sparse or sparseK with K in 1..={SPARSE_CHUNK})"
+                "unknown codec {name:?} (f32, int8, int4, sparse or sparseK with K in 1..={SPARSE_CHUNK})"
             ))
         };
         match name {
             "f32" => Ok(Codec::F32),
             "int8" => Ok(Codec::Int8),
+            "int4" => Ok(Codec::Int4),
             "sparse" => Ok(Codec::Sparse {
                 k: SPARSE_DEFAULT_K,
             }),
@@ -200,6 +205,88 @@ fn decode_int8(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Error>
     Ok(())
 }
 
+/// Values per int4 chunk: each chunk of this many values shares one f32 scale.
+pub const INT4_CHUNK: usize = 64;
+
+/// The largest int4 scale a decoder accepts: every decoded value (`|q| ≤ 7`) stays finite.
+pub const INT4_MAX_SCALE: f32 = f32::MAX / 8.0;
+
+/// Encodes `values` as 4-bit integers with one absmax scale per [`INT4_CHUNK`] values: every
+/// chunk's scale (`absmax / 7`, f32 LE), then the values as `v / scale` rounded to the nearest
+/// integer (ties to even) in `-7..=7`, two's complement nibbles, two a byte, the first in the
+/// low nibble (an odd count leaves the last high nibble zero). A chunk with a non-finite value
+/// gets a NaN scale, which every decoder rejects.
+pub fn encode_int4(values: &[f32]) -> Vec<u8> {
+    let chunks = values.len().div_ceil(INT4_CHUNK);
+    let mut data = vec![0u8; chunks * 4 + values.len().div_ceil(2)];
+    let (scales, q) = data.split_at_mut(chunks * 4);
+    for ((vals, out), scale_out) in values
+        .chunks(INT4_CHUNK)
+        .zip(q.chunks_mut(INT4_CHUNK / 2))
+        .zip(scales.chunks_exact_mut(4))
+    {
+        let (absmax, finite) = absmax_finite(vals);
+        let scale = if finite { absmax / 7.0 } else { f32::NAN };
+        scale_out.copy_from_slice(&scale.to_le_bytes());
+        if scale > 0.0 && scale.is_finite() {
+            let inv = 1.0 / scale;
+            let nibble = |v: f32| {
+                let x = (v * inv).clamp(-7.0, 7.0);
+                (((x + ROUND) - ROUND) as i32 as u8) & 0x0f
+            };
+            for (o, pair) in out.iter_mut().zip(vals.chunks(2)) {
+                *o = nibble(pair[0]) | pair.get(1).map_or(0, |&v| nibble(v) << 4);
+            }
+        }
+    }
+    data
+}
+
+/// Decodes int4 data of `len` values into `out`: `q * scale`. Refuses a wrong size, a scale
+/// outside `0..=INT4_MAX_SCALE`, the nibble `-8` (never written) and a non-zero padding nibble.
+fn decode_int4(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Error> {
+    let chunks = len.div_ceil(INT4_CHUNK);
+    let expected = chunks * 4 + len.div_ceil(2);
+    if data.len() != expected {
+        return Err(Error::BadUpdate(format!(
+            "int4 payload has {} bytes for {len} values ({expected} expected)",
+            data.len()
+        )));
+    }
+    let (scales, q) = data.split_at(chunks * 4);
+    if len % 2 == 1 && q[q.len() - 1] >> 4 != 0 {
+        return Err(Error::BadUpdate("int4 padding nibble is not zero".into()));
+    }
+    out.clear();
+    out.reserve(len);
+    let value = |n: u8, scale: f32| f32::from(((n << 4) as i8) >> 4) * scale;
+    for (c, (bytes, s)) in q
+        .chunks(INT4_CHUNK / 2)
+        .zip(scales.chunks_exact(4))
+        .enumerate()
+    {
+        let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        if !(0.0..=INT4_MAX_SCALE).contains(&scale) {
+            out.clear();
+            return Err(Error::BadUpdate(format!(
+                "int4 chunk {c} has scale {scale} (must be finite, in 0..={INT4_MAX_SCALE})"
+            )));
+        }
+        if bytes.iter().any(|&b| b & 0x0f == 8 || b >> 4 == 8) {
+            out.clear();
+            return Err(Error::BadUpdate(format!(
+                "int4 chunk {c} holds -8, outside -7..=7"
+            )));
+        }
+        for &b in bytes {
+            out.push(value(b & 0x0f, scale));
+            out.push(value(b >> 4, scale));
+        }
+    }
+    out.truncate(len);
+    Ok(())
+}
+
 /// An encoded pseudo-gradient.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Payload {
@@ -234,6 +321,11 @@ impl Payload {
                 codec,
                 len: values.len() as u64,
                 data: encode_int8(values),
+            },
+            Codec::Int4 => Payload {
+                codec,
+                len: values.len() as u64,
+                data: encode_int4(values),
             },
             Codec::Sparse { k } => Payload {
                 codec,
@@ -271,6 +363,7 @@ impl Payload {
         match self.codec {
             // Finite by construction (the scales are checked).
             Codec::Int8 => decode_int8(&self.data, len, out),
+            Codec::Int4 => decode_int4(&self.data, len, out),
             Codec::Sparse { k } => decode_sparse(&self.data, len, k, out),
             Codec::F32 => {
                 if self.data.len() != len * 4 {
@@ -403,12 +496,12 @@ mod tests {
         /// never a panic, and never a non-finite value.
         #[test]
         fn decoders_never_panic(
-            which in 0u8..3,
+            which in 0u8..4,
             k in proptest::prop_oneof![1u16..8, proptest::num::u16::ANY],
             len in proptest::prop_oneof![0u64..2000, 4000u64..9000, proptest::num::u64::ANY],
             data in proptest::collection::vec(proptest::num::u8::ANY, 0..2100),
         ) {
-            let codec = [Codec::F32, Codec::Int8, Codec::Sparse { k }][usize::from(which)];
+            let codec = [Codec::F32, Codec::Int8, Codec::Int4, Codec::Sparse { k }][usize::from(which)];
             if let Ok(v) = (Payload { codec, len, data }).decode() {
                 proptest::prop_assert_eq!(v.len() as u64, len);
                 proptest::prop_assert!(v.iter().all(|x| x.is_finite()));
@@ -450,6 +543,21 @@ mod tests {
             }
         }
 
+        /// int4: within half a step of each chunk's scale, the absmax kept exactly.
+        #[test]
+        fn int4_error_is_bounded(values in proptest::collection::vec(-1e6f32..1e6, 0..300)) {
+            let p = Payload::encode(Codec::Int4, &values);
+            proptest::prop_assert_eq!(p.data.len(), values.len().div_ceil(64) * 4 + values.len().div_ceil(2));
+            let d = p.decode().unwrap();
+            proptest::prop_assert_eq!(d.len(), values.len());
+            for (v, d) in values.chunks(INT4_CHUNK).zip(d.chunks(INT4_CHUNK)) {
+                let step = v.iter().fold(0f32, |m, x| m.max(x.abs())) / 7.0;
+                for (a, b) in v.iter().zip(d) {
+                    proptest::prop_assert!((a - b).abs() <= step * 0.5001 + f32::MIN_POSITIVE);
+                }
+            }
+        }
+
         /// Encoded values decode to within half a quantisation step.
         #[test]
         fn int8_error_is_bounded(values in proptest::collection::vec(-1e6f32..1e6, 0..700)) {
@@ -462,6 +570,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn int4_refuses_what_it_never_writes() {
+        let p = Payload::encode(Codec::Int4, &[1.0, -7.0, 3.5]);
+        // Scale 1, then nibbles 1 | -7 << 4, then 4 (3.5 rounds to even) and a zero pad.
+        assert_eq!(p.data, [0, 0, 0x80, 0x3f, 0x91, 0x04]);
+        assert_eq!(p.decode().unwrap(), vec![1.0, -7.0, 4.0]);
+        for (at, byte) in [(5, 0x14), (4, 0x98), (3, 0xff)] {
+            let mut bad = p.clone();
+            bad.data[at] = byte;
+            assert!(bad.decode().is_err(), "{:?}", bad.data);
+        }
+        assert!(
+            Payload {
+                len: 5,
+                ..p.clone()
+            }
+            .decode()
+            .is_err()
+        );
+        assert!(Payload::encode(Codec::Int4, &[f32::NAN]).decode().is_err());
+        assert_eq!(Codec::parse("int4").unwrap(), Codec::Int4);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tessera_core::train::Trainer;
 
 use crate::Error;
 use crate::identity;
-use crate::messages::{Submission, WorkUnit};
+use crate::messages::{ModelChange, Submission, WorkUnit};
 use crate::update::Payload;
 
 /// A model version as a participant trains from it: the flat weights, and the SHA-256 of the
@@ -42,6 +42,64 @@ impl Base {
             version,
             weights,
             sha256: sha256(bytes),
+        })
+    }
+}
+
+impl Base {
+    /// The version `change.to`, rebuilt from this one (`change.from`) and the encoded changes
+    /// between them, its file's digest checked against the relay's.
+    pub fn apply(
+        &self,
+        model: &ModelConfig,
+        change: &ModelChange,
+        device: &Device,
+    ) -> Result<Base, Error> {
+        if change.from != self.version
+            || change.to <= change.from
+            || change.links.len() as u64 != change.to - change.from
+        {
+            return Err(Error::Malformed(format!(
+                "a change from v{} to v{} with {} links does not apply to v{}",
+                change.from,
+                change.to,
+                change.links.len(),
+                self.version
+            )));
+        }
+        let mut weights = self.weights.clone();
+        let mut decoded = Vec::new();
+        for (offset, payload) in &change.links {
+            payload.decode_into(&mut decoded)?;
+            let start = usize::try_from(*offset)
+                .ok()
+                .filter(|&o| {
+                    o.checked_add(decoded.len())
+                        .is_some_and(|e| e <= weights.len())
+                })
+                .ok_or_else(|| {
+                    Error::Malformed(format!(
+                        "a change at {offset} of {} values overflows the model",
+                        decoded.len()
+                    ))
+                })?;
+            for (w, d) in weights[start..].iter_mut().zip(&decoded) {
+                *w -= d;
+            }
+        }
+        let specs = params::specs(&tessera_core::model::Gpt::new(model, device));
+        let bytes = tessera_core::checkpoint::weights_in_layout(&specs, &weights, &change.header)
+            .map_err(|e| Error::Malformed(format!("version {}: {e}", change.to)))?;
+        if sha256(&bytes) != change.sha256 {
+            return Err(Error::Malformed(format!(
+                "version {} rebuilt from v{} does not match the relay's digest",
+                change.to, change.from
+            )));
+        }
+        Ok(Base {
+            version: change.to,
+            weights,
+            sha256: change.sha256,
         })
     }
 }

@@ -1,7 +1,9 @@
 //! Model versions on disk: `model-v<version>.safetensors` (weights, nanoGPT names, loadable by
 //! PyTorch; the ledger checkpoint signed for the version in its `__metadata__`),
 //! `model-v<version>.json` (the manifest: weights file, their SHA-256 and that checkpoint) and
-//! `momentum-v<version>.safetensors` (the outer optimizer's buffer), each written atomically. Old versions are pruned, keeping the newest `keep` and the one the guard would
+//! `momentum-v<version>.safetensors` (the outer optimizer's buffer) and, when the run encodes
+//! its version changes, `change-v<version>.bin` (the encoded step that made it), each written
+//! atomically. Old versions are pruned, keeping the newest `keep` and the one the guard would
 //! roll back to.
 
 use std::collections::HashMap;
@@ -13,6 +15,7 @@ use anyhow::{Context, Result};
 use tessera_core::checkpoint::{weights_from_safetensors, weights_to_safetensors};
 use tessera_core::params::ParamSpec;
 use tessera_protocol::ledger::Checkpoint;
+use tessera_protocol::update::Payload;
 use tessera_protocol::work;
 
 /// The checkpoint directory.
@@ -120,6 +123,28 @@ impl Checkpoints {
         ))
     }
 
+    fn change_name(version: u64) -> String {
+        format!("change-v{version:08}.bin")
+    }
+
+    /// Writes the encoded change that made `version` (postcard: the first parameter it covers
+    /// and the payload), pruned with the version.
+    pub fn save_change(&self, version: u64, offset: u64, payload: &Payload) -> Result<()> {
+        let bytes = tessera_protocol::encode(&(offset, payload));
+        write_atomic(&self.dir.join(Self::change_name(version)), &bytes)
+    }
+
+    /// Forgets the change of `version` (a version made without one).
+    pub fn remove_change(&self, version: u64) {
+        fs::remove_file(self.dir.join(Self::change_name(version))).ok();
+    }
+
+    /// The encoded change that made `version`, if one was written and is still on disk.
+    pub fn read_change(&self, version: u64) -> Option<(u64, Payload)> {
+        let bytes = fs::read(self.dir.join(Self::change_name(version))).ok()?;
+        tessera_protocol::decode(&bytes, usize::MAX).ok()
+    }
+
     /// Reads the raw weights file of a version, if it is still on disk.
     pub fn read_weights(&self, version: u64) -> Option<Vec<u8>> {
         fs::read(self.weights_path(version)).ok()
@@ -134,6 +159,7 @@ impl Checkpoints {
             let version = name
                 .strip_suffix(".safetensors")
                 .or_else(|| name.strip_suffix(".json"))
+                .or_else(|| name.strip_suffix(".bin"))
                 .and_then(|s| s.rsplit_once("-v"))
                 .and_then(|(_, v)| v.parse::<u64>().ok());
             if let Some(v) = version

@@ -89,6 +89,13 @@ struct Args {
     /// f32; a re-execution can only check it loosely, see BENCHMARKS.md).
     #[arg(long, default_value_t = CoordConfig::new(0).codec, value_parser = parse_codec)]
     codec: Codec,
+    /// Encode each version's change (the outer step) with this codec (`int8`, `int4`), apply
+    /// the decoded change and carry what it leaves out into the next step; a participant
+    /// holding an older version then fetches the encoded changes
+    /// (`/api/model/{to}/from/{from}`) instead of the weights when they are smaller. Unset:
+    /// exact f32 steps, whole weights.
+    #[arg(long, value_parser = parse_codec)]
+    version_codec: Option<Codec>,
     /// Seconds a lease lives without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
     lease_secs: f64,
@@ -284,6 +291,7 @@ async fn main() -> Result<()> {
         outer_momentum: a.outer_momentum,
         max_update_norm: tuning.max_update_norm,
         codec: a.codec,
+        version_codec: a.version_codec,
         max_version: tuning.max_version,
         max_tokens: a.max_tokens,
         guard: GuardConfig {

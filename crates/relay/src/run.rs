@@ -20,9 +20,9 @@ use tessera_core::tokenizer;
 use tessera_core::train::{Trainer, eval_loss, generate};
 use tessera_protocol::ledger::{Checkpoint, Hash, Inclusion, Leaf, LedgerInfo, Statement};
 use tessera_protocol::messages::{
-    ParticipantKind, RejectReason, RunInfo, ServerMsg, Submission, WorkUnit,
+    ModelChange, ParticipantKind, RejectReason, RunInfo, ServerMsg, Submission, WorkUnit,
 };
-use tessera_protocol::update::Codec;
+use tessera_protocol::update::{Codec, Payload};
 use tessera_protocol::{identity, work};
 use tokio::sync::{broadcast, watch};
 
@@ -109,6 +109,14 @@ pub struct Metrics {
     pub messages: std::sync::atomic::AtomicU64,
     /// Bytes of updates received.
     pub update_bytes: std::sync::atomic::AtomicU64,
+    /// Versions served whole (`/api/model/{v}`), and their bytes.
+    pub weights_served: std::sync::atomic::AtomicU64,
+    /// Bytes of versions served whole.
+    pub weights_bytes: std::sync::atomic::AtomicU64,
+    /// Versions served as encoded changes (`/api/model/{to}/from/{from}`)…
+    pub changes_served: std::sync::atomic::AtomicU64,
+    /// …and their bytes.
+    pub change_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// The live relay state shared by every connection.
@@ -224,6 +232,9 @@ pub struct Status {
     outer_lr: f32,
     /// How units ask participants to encode their updates (`int8`, `f32`).
     codec: String,
+    /// How version changes are encoded for participants that hold an older version (`null`:
+    /// they fetch whole weights).
+    version_codec: Option<String>,
     /// The guard on the model.
     guard: GuardInfo,
     /// Verification of submissions.
@@ -536,6 +547,37 @@ impl Relay {
         self.ckpt.read_weights(version).map(Arc::new)
     }
 
+    /// The encoded changes from `from` to `to` as a participant fetches them (postcard
+    /// [`ModelChange`]), when every link is kept and they are smaller than `to`'s weights.
+    pub fn model_change(&self, from: u64, to: u64) -> Option<Vec<u8>> {
+        if to <= from || to - from > 64 {
+            return None;
+        }
+        let file = self.weights(to)?;
+        let links: Vec<(u64, Payload)> = (from + 1..=to)
+            .map(|v| self.ckpt.read_change(v))
+            .collect::<Option<_>>()?;
+        let header = tessera_core::checkpoint::safetensors_header(&file)
+            .ok()?
+            .to_vec();
+        let change = ModelChange {
+            from,
+            to,
+            links,
+            header,
+            sha256: work::sha256(&file),
+        };
+        let bytes = tessera_protocol::encode(&change);
+        (bytes.len() < file.len()).then(|| {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.metrics.changes_served.fetch_add(1, Relaxed);
+            self.metrics
+                .change_bytes
+                .fetch_add(bytes.len() as u64, Relaxed);
+            bytes
+        })
+    }
+
     fn persist_version(&self, inner: &mut Inner, version: u64) -> Result<()> {
         let signed = inner.log.checkpoint(version);
         let bytes = self.ckpt.save(
@@ -551,6 +593,12 @@ impl Relay {
             &signed,
             now_ms(),
         )?;
+        match inner.coord.change(version) {
+            Some(c) => self.ckpt.save_change(version, c.offset, &c.payload)?,
+            // A version made otherwise (a ban's revision), or one remade after a restart:
+            // no change leads to it.
+            None => self.ckpt.remove_change(version),
+        }
         inner.coord.set_digest(version, work::sha256(&bytes));
         *self.latest.write().expect("latest lock") = (version, Arc::new(bytes));
         tracing::info!(version, updates = n, "model advanced");
@@ -570,6 +618,7 @@ impl Relay {
             Some(rb.restored_version),
             &signed,
         )?;
+        self.ckpt.remove_change(version);
         let discarded =
             self.db()
                 .record_rollback(rb, &Checkpoints::weights_name(version), &signed)?;
@@ -1215,6 +1264,7 @@ impl Relay {
             tokens_applied: inner.coord.tokens_applied(),
             outer_lr: inner.coord.outer_lr(),
             codec: inner.coord.config().codec.name(),
+            version_codec: inner.coord.config().version_codec.map(Codec::name),
             guard: GuardInfo {
                 enabled: guard.config().enabled,
                 threshold: guard.threshold(),

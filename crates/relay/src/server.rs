@@ -67,6 +67,7 @@ pub fn router(relay: Arc<Relay>, bundle: &std::path::Path) -> Router {
         .route("/api/run", get(run_info))
         .route("/api/model/latest", get(latest_model))
         .route("/api/model/{version}", get(model))
+        .route("/api/model/{to}/from/{from}", get(model_change))
         .route("/api/corpus", get(corpus))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(api::models))
@@ -133,13 +134,40 @@ async fn model(State(r): State<Arc<Relay>>, Path(version): Path<String>) -> Resp
         return (StatusCode::BAD_REQUEST, "version must be a number").into_response();
     };
     match r.weights(v) {
-        Some(bytes) => safetensors(v, bytes),
+        Some(bytes) => {
+            r.metrics.weights_served.fetch_add(1, Ordering::Relaxed);
+            r.metrics
+                .weights_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            safetensors(v, bytes)
+        }
         None => (StatusCode::NOT_FOUND, format!("version {v} is not kept")).into_response(),
+    }
+}
+
+/// The encoded changes that take a participant from the version it holds to `to`, when the
+/// run encodes its version changes and they are smaller than the weights; 404 otherwise (the
+/// participant then fetches the weights).
+async fn model_change(State(r): State<Arc<Relay>>, Path((to, from)): Path<(u64, u64)>) -> Response {
+    match r.model_change(from, to) {
+        Some(bytes) => Response::builder()
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .body(Body::from(bytes))
+            .expect("valid response"),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no encoded change from v{from} to v{to} smaller than the weights: fetch /api/model/{to}"),
+        )
+            .into_response(),
     }
 }
 
 async fn latest_model(State(r): State<Arc<Relay>>) -> Response {
     let (v, bytes) = r.latest();
+    r.metrics.weights_served.fetch_add(1, Ordering::Relaxed);
+    r.metrics
+        .weights_bytes
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     let mut resp = safetensors(v, bytes);
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, "no-cache".parse().expect("header"));
@@ -265,6 +293,30 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
         "Bytes of update payloads received.",
         r.metrics.update_bytes.load(Ordering::Relaxed) as f64,
     );
+    for (name, help, value) in [
+        (
+            "tessera_weights_served_total",
+            "Versions served whole.",
+            &r.metrics.weights_served,
+        ),
+        (
+            "tessera_weights_bytes_total",
+            "Bytes of versions served whole.",
+            &r.metrics.weights_bytes,
+        ),
+        (
+            "tessera_changes_served_total",
+            "Versions served as encoded changes from an older one.",
+            &r.metrics.changes_served,
+        ),
+        (
+            "tessera_change_bytes_total",
+            "Bytes of versions served as encoded changes.",
+            &r.metrics.change_bytes,
+        ),
+    ] {
+        metric(name, "counter", help, value.load(Ordering::Relaxed) as f64);
+    }
     let v = &s["verification"];
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     metric(

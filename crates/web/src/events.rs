@@ -50,6 +50,16 @@ pub enum Event {
         /// Inner steps.
         inner_steps: u32,
     },
+    /// A model version was downloaded: whole, or rebuilt from the held version and the
+    /// relay's encoded changes (`rebuilt_from`).
+    Weights {
+        /// The version.
+        version: u64,
+        /// Bytes downloaded.
+        bytes: u64,
+        /// The version it was rebuilt from, if it was.
+        rebuilt_from: Option<u64>,
+    },
     /// One inner step finished.
     Step {
         /// Unit id.

@@ -18,7 +18,7 @@ use tessera_protocol::{ClientMsg, PROTOCOL_VERSION, ServerMsg, identity, work};
 use wasm_bindgen::prelude::*;
 
 use crate::events::Event;
-use crate::platform::{describe, fetch_bytes, log, now_ms, sleep};
+use crate::platform::{describe, fetch_bytes, fetch_found, log, now_ms, sleep};
 use crate::socket::Socket;
 
 /// Backend names as the relay's ledger shows them.
@@ -493,20 +493,69 @@ async fn weights(
     {
         return Ok(b.clone());
     }
-    let b = Rc::new(fetch_weights(&shared.options.relay, version, model).await?);
+    let held = shared.state.borrow().weights.clone();
+    let (b, bytes, rebuilt_from) = match held.filter(|h| h.version < version) {
+        Some(h) => match fetch_change(&shared.options.relay, &h, version, model).await {
+            Ok((b, bytes)) => (b, bytes, Some(h.version)),
+            Err(e) => {
+                log(&format!(
+                    "v{version} from v{}: {e}; fetching the weights",
+                    h.version
+                ));
+                let (b, bytes) = fetch_weights(&shared.options.relay, version, model).await?;
+                (b, bytes, None)
+            }
+        },
+        None => {
+            let (b, bytes) = fetch_weights(&shared.options.relay, version, model).await?;
+            (b, bytes, None)
+        }
+    };
+    shared.emit(Event::Weights {
+        version,
+        bytes: bytes as u64,
+        rebuilt_from,
+    });
+    let b = Rc::new(b);
     shared.state.borrow_mut().weights = Some(b.clone());
     Ok(b)
 }
 
+/// Version `version` rebuilt from the held one and the relay's encoded changes (when the run
+/// encodes them and they are smaller than the weights: an error otherwise).
+async fn fetch_change(
+    relay: &str,
+    held: &work::Base,
+    version: u64,
+    model: &ModelConfig,
+) -> Result<(work::Base, usize), String> {
+    let url = format!(
+        "{}/api/model/{version}/from/{}",
+        relay.trim_end_matches('/'),
+        held.version
+    );
+    let bytes = fetch_found(&url)
+        .await?
+        .ok_or_else(|| "no encoded change".to_string())?;
+    let change: tessera_protocol::messages::ModelChange =
+        tessera_protocol::decode(&bytes, usize::MAX).map_err(|e| e.to_string())?;
+    let base = held
+        .apply(model, &change, &Device::flex())
+        .map_err(|e| e.to_string())?;
+    Ok((base, bytes.len()))
+}
+
+/// A version's weights, downloaded whole, and the bytes that took.
 async fn fetch_weights(
     relay: &str,
     version: u64,
     model: &ModelConfig,
-) -> Result<work::Base, String> {
+) -> Result<(work::Base, usize), String> {
     let url = format!("{}/api/model/{version}", relay.trim_end_matches('/'));
     let bytes = fetch_bytes(&url).await?;
-    work::Base::decode(version, model, &bytes, &Device::flex())
-        .map_err(|e| format!("decoding {url}: {e}"))
+    let base = work::Base::decode(version, model, &bytes, &Device::flex())
+        .map_err(|e| format!("decoding {url}: {e}"))?;
+    Ok((base, bytes.len()))
 }
 
 /// What a trained unit produced.
@@ -665,7 +714,7 @@ async fn bench(o: BenchOptions) -> Result<JsValue, String> {
         state: RefCell::new(State::default()),
     });
     let corpus = corpus(&shared, &run).await?;
-    let base = fetch_weights(&o.relay, o.version, &run.model).await?;
+    let (base, _) = fetch_weights(&o.relay, o.version, &run.model).await?;
     let unit = WorkUnit {
         unit_id: 0,
         base_version: o.version,

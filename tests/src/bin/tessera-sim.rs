@@ -84,7 +84,7 @@ fn parse() -> Result<Args> {
                     "tessera-sim --tokens N [--participants N --speeds S1,S2,… --config C --data FILE \\\n    \
                      --inner-steps H --min-inner-steps M --warmup W --batch B --inner-lr LR --no-decay \\\n    \
                      --updates-per-round K --lockstep --grace G --max-staleness S --relative-staleness \\\n    \
-                     --outer-lr LR --outer-momentum MU --codec f32|int8|sparseK --ef-decay B --keep-optimizer --keep-second-moment --guard --screen \\\n    \
+                     --outer-lr LR --outer-momentum MU --codec f32|int8|int4|sparseK --ef-decay B --version-codec C --keep-optimizer --keep-second-moment --guard --screen \\\n    \
                      --step-ms MS --overhead-ms MS --eval-every V --eval-iters N --seed S --trace --json]\n\
                      Unset settings are the relay's defaults; see the top of tests/src/bin/tessera-sim.rs."
                 );
@@ -123,6 +123,7 @@ fn parse() -> Result<Args> {
             "--outer-lr" => a.cfg.outer_lr = val()?.parse()?,
             "--codec" => a.cfg.codec = Codec::parse(&val()?)?,
             "--ef-decay" => a.ef_decay = val()?.parse()?,
+            "--version-codec" => a.cfg.version_codec = Some(Codec::parse(&val()?)?),
             "--outer-momentum" => a.cfg.outer_momentum = val()?.parse()?,
             "--guard" => a.cfg.guard.enabled = true,
             "--screen" => a.cfg.screen.enabled = true,
@@ -229,6 +230,11 @@ fn main() -> Result<()> {
     };
     let (mut accepted, mut rejected, mut stale_sum, mut waits) = (0u64, 0u64, 0u64, 0u64);
     let mut upload_bytes = 0u64;
+    // What participants download: a version's weights (4 bytes a parameter), or the chain of
+    // encoded changes from the version they hold when every link exists and it is smaller.
+    let mut download_bytes = 0u64;
+    let mut held: Vec<Option<u64>> = vec![None; a.participants];
+    let mut change_bytes: BTreeMap<u64, u64> = BTreeMap::new();
     // Inner steps of each participant's latest unit.
     let mut last_steps = vec![0u32; a.participants];
     let mut now = 0u64;
@@ -239,6 +245,17 @@ fn main() -> Result<()> {
             Action::Request => match coord.request_work(&ids[p], now) {
                 Work::Unit(unit) => {
                     last_steps[p] = unit.inner_steps;
+                    let full = 4 * n as u64;
+                    let v = unit.base_version;
+                    download_bytes += match held[p] {
+                        Some(h) if h == v => 0,
+                        Some(h) if h < v => (h + 1..=v)
+                            .map(|x| change_bytes.get(&x).copied())
+                            .sum::<Option<u64>>()
+                            .map_or(full, |c| c.min(full)),
+                        _ => full,
+                    };
+                    held[p] = Some(v);
                     let base = versions
                         .get(&unit.base_version)
                         .context("base version kept")?
@@ -344,6 +361,9 @@ fn main() -> Result<()> {
         let v = coord.version();
         if let std::collections::btree_map::Entry::Vacant(e) = versions.entry(v) {
             e.insert(coord.params().to_vec());
+            if let Some(c) = coord.change(v) {
+                change_bytes.insert(v, c.payload.data.len() as u64);
+            }
             coord.set_digest(v, digest(coord.params()));
             let keep = v.saturating_sub(cfg.max_staleness + 2);
             versions.retain(|k, _| *k >= keep);
@@ -377,6 +397,7 @@ fn main() -> Result<()> {
         "versions": coord.version(), "accepted": accepted, "rejected": rejected,
         "mean_staleness": stale_sum as f64 / accepted.max(1) as f64, "waits": waits,
         "codec": cfg.codec.name(), "upload_bytes": upload_bytes, "ef_decay": a.ef_decay,
+        "version_codec": cfg.version_codec.map(|c| c.name()), "download_bytes": download_bytes,
         "cosine_sent_vs_reexecution": stats(&mut cos_reexec),
         "cosine_sent_vs_delta": stats(&mut cos_delta),
         "norm_sent_over_reexecution": stats(&mut norm_ratio),
