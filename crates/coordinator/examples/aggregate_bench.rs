@@ -93,6 +93,17 @@ fn main() {
         fold(&mut sum, &buf, 0.25);
         black_box(&sum);
     });
+    let int4 = Payload::encode(Codec::Int4, &delta);
+    let int4_encode = best_of(reps, || {
+        black_box(Payload::encode(Codec::Int4, black_box(&delta)));
+    });
+    let int4_reused = best_of(reps, || {
+        black_box(&int4)
+            .decode_into(&mut buf)
+            .expect("int4 decodes");
+        fold(&mut sum, &buf, 0.25);
+        black_box(&sum);
+    });
     let sparse = Payload::encode(Codec::Sparse { k: 64 }, &delta);
     let sparse_encode = best_of(5, || {
         black_box(Payload::encode(Codec::Sparse { k: 64 }, black_box(&delta)));
@@ -106,7 +117,7 @@ fn main() {
     });
     let mbs = |t: f64| bytes / t / 1e6;
     println!(
-        "{{\"params\": {n}, \"memcpy_mb_s\": {:.0}, \"fold_f32_mb_s\": {:.0}, \"fold_wire_mb_s\": {:.0}, \"ratio_fold_wire_vs_memcpy\": {:.2}, \"ratio_fold_f32_vs_memcpy\": {:.2}, \"outer_step_ms\": {:.2}, \"fresh_vector_first_touch_mb_s\": {:.0}, \"f32_decode_fold_mb_s\": {:.0}, \"int8_bytes\": {}, \"int8_encode_mb_s\": {:.0}, \"int8_decode_mb_s\": {:.0}, \"int8_decode_fold_mb_s\": {:.0}, \"ratio_int8_decode_fold_vs_memcpy\": {:.2}, \"int8_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_int8_reused_vs_memcpy\": {:.2}, \"f32_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_f32_reused_vs_memcpy\": {:.2}, \"sparse64_bytes\": {}, \"sparse64_encode_mb_s\": {:.0}, \"sparse64_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_sparse64_reused_vs_memcpy\": {:.2}}}",
+        "{{\"params\": {n}, \"memcpy_mb_s\": {:.0}, \"fold_f32_mb_s\": {:.0}, \"fold_wire_mb_s\": {:.0}, \"ratio_fold_wire_vs_memcpy\": {:.2}, \"ratio_fold_f32_vs_memcpy\": {:.2}, \"outer_step_ms\": {:.2}, \"fresh_vector_first_touch_mb_s\": {:.0}, \"f32_decode_fold_mb_s\": {:.0}, \"int8_bytes\": {}, \"int8_encode_mb_s\": {:.0}, \"int8_decode_mb_s\": {:.0}, \"int8_decode_fold_mb_s\": {:.0}, \"ratio_int8_decode_fold_vs_memcpy\": {:.2}, \"int8_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_int8_reused_vs_memcpy\": {:.2}, \"f32_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_f32_reused_vs_memcpy\": {:.2}, \"sparse64_bytes\": {}, \"sparse64_encode_mb_s\": {:.0}, \"sparse64_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_sparse64_reused_vs_memcpy\": {:.2}, \"int4_bytes\": {}, \"int4_encode_mb_s\": {:.0}, \"int4_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_int4_reused_vs_memcpy\": {:.2}}}",
         mbs(memcpy),
         mbs(fold_f32),
         mbs(fold_wire),
@@ -128,5 +139,9 @@ fn main() {
         mbs(sparse_encode),
         mbs(sparse_reused),
         memcpy / sparse_reused,
+        int4.data.len(),
+        mbs(int4_encode),
+        mbs(int4_reused),
+        memcpy / int4_reused,
     );
 }

@@ -278,9 +278,12 @@ fn decode_int4(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Error>
                 "int4 chunk {c} holds -8, outside -7..=7"
             )));
         }
-        for &b in bytes {
-            out.push(value(b & 0x0f, scale));
-            out.push(value(b >> 4, scale));
+        let start = out.len();
+        out.resize(start + 2 * bytes.len(), 0.0);
+        let table: [f32; 16] = std::array::from_fn(|n| value(n as u8, scale));
+        for (o, &b) in out[start..].chunks_exact_mut(2).zip(bytes) {
+            o[0] = table[usize::from(b & 0x0f)];
+            o[1] = table[usize::from(b >> 4)];
         }
     }
     out.truncate(len);

@@ -308,7 +308,94 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::update::Fragment;
+    use crate::update::{Codec, Fragment};
+
+    /// A held version and the relay's file of the next: the change rebuilds it exactly, and
+    /// any other change (wrong versions, a link that overflows the model, another header, a
+    /// flipped byte) is refused without a panic.
+    #[test]
+    fn a_change_rebuilds_the_next_version_or_is_refused() {
+        let device = Device::flex();
+        let model = ModelConfig::named("tiny").unwrap();
+        let specs = params::specs(&tessera_core::model::Gpt::new(&model, &device));
+        let n = params::total_len(&specs);
+        let old: Vec<f32> = (0..n).map(|i| (i as f32 * 0.1).sin()).collect();
+        let step: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).cos() * 1e-3).collect();
+        let payload = Payload::encode(Codec::Int8, &step);
+        let sent = payload.decode().unwrap();
+        let new: Vec<f32> = old.iter().zip(&sent).map(|(o, d)| o - d).collect();
+        let meta = |v: &str| {
+            std::collections::HashMap::from([("tessera_version".to_string(), v.to_string())])
+        };
+        let file =
+            tessera_core::checkpoint::weights_to_safetensors(&specs, &new, meta("8")).unwrap();
+        let header = tessera_core::checkpoint::safetensors_header(&file)
+            .unwrap()
+            .to_vec();
+        let held = Base {
+            version: 7,
+            weights: old,
+            sha256: [0; 32],
+        };
+        let change = ModelChange {
+            from: 7,
+            to: 8,
+            links: vec![(0, payload.clone())],
+            header: header.clone(),
+            sha256: sha256(&file),
+        };
+        let rebuilt = held.apply(&model, &change, &device).unwrap();
+        assert_eq!(
+            (rebuilt.version, rebuilt.weights, rebuilt.sha256),
+            (8, new, sha256(&file))
+        );
+        let other_file =
+            tessera_core::checkpoint::weights_to_safetensors(&specs, &held.weights, meta("9"))
+                .unwrap();
+        let mut flipped = payload.clone();
+        flipped.data[2000] ^= 0x40;
+        for bad in [
+            ModelChange {
+                from: 6,
+                ..change.clone()
+            },
+            ModelChange {
+                to: 9,
+                ..change.clone()
+            },
+            ModelChange {
+                links: vec![(1, payload.clone())],
+                ..change.clone()
+            },
+            ModelChange {
+                links: vec![(u64::MAX, payload.clone())],
+                ..change.clone()
+            },
+            ModelChange {
+                links: vec![(0, flipped)],
+                ..change.clone()
+            },
+            ModelChange {
+                header: tessera_core::checkpoint::safetensors_header(&other_file)
+                    .unwrap()
+                    .to_vec(),
+                ..change.clone()
+            },
+            ModelChange {
+                header: header[..10].to_vec(),
+                ..change.clone()
+            },
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert!(
+                held.apply(&model, bad.1, &device).is_err(),
+                "case {}",
+                bad.0
+            );
+        }
+    }
 
     fn unit(fragment: Fragment) -> WorkUnit {
         WorkUnit {

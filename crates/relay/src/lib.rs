@@ -16,7 +16,7 @@
 //!   and metering, and revenue statements split by each version's stake;
 //! - [`verify`]: the compute of verification: the loss probe and re-executing a unit;
 //! - [`server`]: HTTP routes (`/ws`, `/api/status`, `/api/run`, `/metrics`,
-//!   `/api/model/{version}`, `/api/corpus`, the ledger under `/api/ledger` (head, export files,
+//!   `/api/model/{version}`, `/api/model/{to}/from/{from}` (encoded changes), `/api/corpus`, the ledger under `/api/ledger` (head, export files,
 //!   checkpoints, inclusion and consistency proofs), the page and its scripts under `/web/`, the browser
 //!   participant's bundle under `/pkg/`) and the per-connection protocol.
 //!
