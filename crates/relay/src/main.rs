@@ -92,10 +92,11 @@ struct Args {
     /// Encode each version's change (the outer step) with this codec (`int8`, `int4`), apply
     /// the decoded change and carry what it leaves out into the next step; a participant
     /// holding an older version then fetches the encoded changes
-    /// (`/api/model/{to}/from/{from}`) instead of the weights when they are smaller. Unset:
-    /// exact f32 steps, whole weights.
-    #[arg(long, value_parser = parse_codec)]
-    version_codec: Option<Codec>,
+    /// (`/api/model/{to}/from/{from}`) instead of the weights when they are smaller (int8: 27%
+    /// of the weights' bytes, +0.7–1.0% validation loss in the simulator, BENCHMARKS.md).
+    /// `off` (the default): exact f32 steps, whole weights.
+    #[arg(long, default_value = "off", value_parser = parse_version_codec)]
+    version_codec: VersionCodec,
     /// Seconds a lease lives without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
     lease_secs: f64,
@@ -162,6 +163,18 @@ struct Args {
     /// Folder of the built browser participant (tools/build-web.sh writes it), served at /pkg.
     #[arg(long, default_value = "web/pkg")]
     web_bundle: PathBuf,
+}
+
+/// `--version-codec`: a codec, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct VersionCodec(Option<Codec>);
+
+fn parse_version_codec(name: &str) -> Result<VersionCodec, String> {
+    match name {
+        "off" => Ok(VersionCodec(None)),
+        "f32" => Err("--version-codec f32 would be the weights' own size: use off".into()),
+        other => parse_codec(other).map(|c| VersionCodec(Some(c))),
+    }
 }
 
 fn parse_codec(name: &str) -> Result<Codec, String> {
@@ -291,7 +304,7 @@ async fn main() -> Result<()> {
         outer_momentum: a.outer_momentum,
         max_update_norm: tuning.max_update_norm,
         codec: a.codec,
-        version_codec: a.version_codec,
+        version_codec: a.version_codec.0,
         max_version: tuning.max_version,
         max_tokens: a.max_tokens,
         guard: GuardConfig {

@@ -84,7 +84,7 @@ fn parse() -> Result<Args> {
                     "tessera-sim --tokens N [--participants N --speeds S1,S2,… --config C --data FILE \\\n    \
                      --inner-steps H --min-inner-steps M --warmup W --batch B --inner-lr LR --no-decay \\\n    \
                      --updates-per-round K --lockstep --grace G --max-staleness S --relative-staleness \\\n    \
-                     --outer-lr LR --outer-momentum MU --codec f32|int8|int4|sparseK --ef-decay B --version-codec C --keep-optimizer --keep-second-moment --guard --screen \\\n    \
+                     --outer-lr LR --outer-momentum MU --codec f32|int8|int4|sparseK --ef-decay B --version-codec C|off --keep-optimizer --keep-second-moment --guard --screen \\\n    \
                      --step-ms MS --overhead-ms MS --eval-every V --eval-iters N --seed S --trace --json]\n\
                      Unset settings are the relay's defaults; see the top of tests/src/bin/tessera-sim.rs."
                 );
@@ -123,7 +123,12 @@ fn parse() -> Result<Args> {
             "--outer-lr" => a.cfg.outer_lr = val()?.parse()?,
             "--codec" => a.cfg.codec = Codec::parse(&val()?)?,
             "--ef-decay" => a.ef_decay = val()?.parse()?,
-            "--version-codec" => a.cfg.version_codec = Some(Codec::parse(&val()?)?),
+            "--version-codec" => {
+                a.cfg.version_codec = match val()?.as_str() {
+                    "off" => None,
+                    c => Some(Codec::parse(c)?),
+                }
+            }
             "--outer-momentum" => a.cfg.outer_momentum = val()?.parse()?,
             "--guard" => a.cfg.guard.enabled = true,
             "--screen" => a.cfg.screen.enabled = true,
