@@ -565,7 +565,12 @@ impl Relay {
             to,
             links,
             header,
-            sha256: work::sha256(&file),
+            // The digest the coordinator keeps for recent versions, else hashed here.
+            sha256: self
+                .lock()
+                .coord
+                .digest(to)
+                .unwrap_or_else(|| work::sha256(&file)),
         };
         let bytes = tessera_protocol::encode(&change);
         (bytes.len() < file.len()).then(|| {
