@@ -455,14 +455,11 @@ impl Participant {
         if let Some(c) = &self.corpus {
             return Ok(c.clone());
         }
+        let url = format!("{}/api/corpus", self.http);
         let bytes = self
-            .client
-            .get(format!("{}/api/corpus", self.http))
-            .send()
+            .get(&url)
             .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
+            .with_context(|| format!("GET {url}: not found"))?;
         let digest = hex::encode(Sha256::digest(&bytes));
         if digest != run.corpus_sha256 {
             bail!(
@@ -492,24 +489,24 @@ impl Participant {
             && held.version < version
         {
             match self.fetch_change(&held, version, model).await {
-                Ok(base) => {
+                Ok(Some(base)) => {
                     let base = Arc::new(base);
                     self.weights = Some(base.clone());
                     return Ok(base);
                 }
-                Err(e) => tracing::debug!("v{version} from v{}: {e:#}", held.version),
+                // The relay has no change to offer (not encoded, not kept, or larger).
+                Ok(None) => {}
+                Err(e) => eprintln!(
+                    "v{version} from v{}: {e:#}; fetching the weights",
+                    held.version
+                ),
             }
         }
         let url = format!("{}/api/model/{version}", self.http);
         let bytes = self
-            .client
             .get(&url)
-            .send()
             .await?
-            .error_for_status()
-            .with_context(|| format!("GET {url}"))?
-            .bytes()
-            .await?;
+            .with_context(|| format!("GET {url}: not found"))?;
         let base = Arc::new(
             work::Base::decode(version, model, &bytes, &Device::flex())
                 .with_context(|| format!("decoding {url}"))?,
@@ -519,24 +516,30 @@ impl Participant {
         Ok(base)
     }
 
+    /// GETs `url` from the relay: the body, or `None` on 404.
+    async fn get(&self, url: &str) -> Result<Option<bytes::Bytes>> {
+        let resp = self.client.get(url).send().await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = resp
+            .error_for_status()
+            .with_context(|| format!("GET {url}"))?;
+        Ok(Some(resp.bytes().await?))
+    }
+
     /// Version `version` rebuilt from the held one and the relay's encoded changes, when it
-    /// has them (and they are smaller than the weights).
+    /// has them (and they are smaller than the weights); `None` when it has not.
     async fn fetch_change(
         &self,
         held: &work::Base,
         version: u64,
         model: &ModelConfig,
-    ) -> Result<work::Base> {
+    ) -> Result<Option<work::Base>> {
         let url = format!("{}/api/model/{version}/from/{}", self.http, held.version);
-        let bytes = self
-            .client
-            .get(&url)
-            .send()
-            .await?
-            .error_for_status()
-            .with_context(|| format!("GET {url}"))?
-            .bytes()
-            .await?;
+        let Some(bytes) = self.get(&url).await? else {
+            return Ok(None);
+        };
         let change: ModelChange = decode(&bytes, usize::MAX)?;
         let base = held.apply(model, &change, &Device::flex())?;
         eprintln!(
@@ -545,7 +548,7 @@ impl Participant {
             change.links.len(),
             bytes.len()
         );
-        Ok(base)
+        Ok(Some(base))
     }
 
     async fn train(

@@ -98,6 +98,15 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The lines of its log so far that contain `what`.
+    pub fn lines_with(&self, what: &str) -> Vec<String> {
+        self.output()
+            .lines()
+            .filter(|l| l.contains(what))
+            .map(String::from)
+            .collect()
+    }
+
     /// Waits for the process to exit, at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + timeout;

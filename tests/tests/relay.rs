@@ -47,12 +47,7 @@ fn three_participants_complete_rounds_and_loss_falls() {
     let accepted_seen = |hosts: &Vec<Proc>| -> u64 {
         hosts
             .iter()
-            .map(|h| {
-                h.output()
-                    .lines()
-                    .filter(|l| l.contains("accepted, model now"))
-                    .count() as u64
-            })
+            .map(|h| h.lines_with("accepted, model now").len() as u64)
             .sum()
     };
     wait_until(
@@ -90,11 +85,7 @@ fn three_participants_complete_rounds_and_loss_falls() {
         let p = participant(&s, &id).unwrap_or_else(|| panic!("{id} missing from {s}"));
         assert_eq!(p["kind"], "native");
         assert_eq!(p["backend"], "cpu");
-        let seen = h
-            .output()
-            .lines()
-            .filter(|l| l.contains("accepted, model now"))
-            .count() as u64;
+        let seen = h.lines_with("accepted, model now").len() as u64;
         assert_eq!(
             u(&p["accepted_updates"]),
             seen,
@@ -331,19 +322,12 @@ fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
     );
     assert_eq!(status(port)["codec"], "sparse64");
     let host = start_host(dir.path(), port, "h", &[]);
-    let accepted = |h: &Proc| {
-        h.output()
-            .lines()
-            .filter(|l| l.contains("accepted, model now"))
-            .map(String::from)
-            .collect::<Vec<String>>()
-    };
     wait_until(Duration::from_secs(180), "4 units accepted", || {
-        accepted(&host).len() >= 4
+        host.lines_with("accepted, model now").len() >= 4
     });
     let s = status(port);
     assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
-    let units = accepted(&host);
+    let units = host.lines_with("accepted, model now");
     let run: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/api/run"))
         .call()
         .unwrap()
@@ -393,15 +377,8 @@ fn a_host_rebuilds_versions_from_encoded_changes() {
     );
     assert_eq!(status(port)["version_codec"], "int8");
     let host = start_host(dir.path(), port, "h", &[]);
-    let lines = |what: &str| -> Vec<String> {
-        host.output()
-            .lines()
-            .filter(|l| l.contains(what))
-            .map(String::from)
-            .collect()
-    };
     wait_until(Duration::from_secs(180), "5 units accepted", || {
-        lines("accepted, model now").len() >= 5
+        host.lines_with("accepted, model now").len() >= 5
     });
     let s = status(port);
     assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
@@ -415,10 +392,10 @@ fn a_host_rebuilds_versions_from_encoded_changes() {
             .parse()
             .unwrap()
     };
-    let full = lines("fetched: ");
+    let full = host.lines_with("fetched: ");
     assert_eq!(full.len(), 1, "only v0 is fetched whole: {}", host.output());
     let full_bytes = number(&full[0], " bytes");
-    let rebuilt = lines("rebuilt from v");
+    let rebuilt = host.lines_with("rebuilt from v");
     assert!(rebuilt.len() >= 4, "{}", host.output());
     for l in &rebuilt {
         let bytes = number(l, " bytes fetched");

@@ -58,7 +58,7 @@ pub enum Codec {
     /// 0.5625 bytes a value.
     Int4,
     /// The `k` largest of every 4096 values, 2 bits and an index each
-    /// ([`crate::sparse::encode_sparse`]): 0.03 bytes a value at the default `k` = 64. Meant
+    /// ([`crate::sparse::encode_sparse`]): 0.037 bytes a value at the default `k` = 64. Meant
     /// with the participant's error feedback ([`crate::feedback::ErrorFeedback`]).
     Sparse {
         /// Values kept per chunk of [`crate::sparse::SPARSE_CHUNK`].

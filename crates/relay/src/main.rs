@@ -84,9 +84,9 @@ struct Args {
     #[arg(long, default_value_t = CoordConfig::new(0).outer_momentum)]
     outer_momentum: f32,
     /// How participants encode their updates: `int8` (per-256 absmax scales, 3.9x fewer bytes
-    /// than f32), `f32`, or `sparse` / `sparseK` (the K largest of every 4096 values, 2 bits
-    /// each, with the participant's error feedback; K = 64 by default, 130x fewer bytes than
-    /// f32; a re-execution can only check it loosely, see BENCHMARKS.md).
+    /// than f32), `int4` (per-64 scales, 7.1x), `f32`, or `sparse` / `sparseK` (the K largest
+    /// of every 4096 values, 2 bits each, with the participant's error feedback; K = 64 by
+    /// default, 108x fewer bytes than f32; needs --no-verify, see BENCHMARKS.md).
     #[arg(long, default_value_t = CoordConfig::new(0).codec, value_parser = parse_codec)]
     codec: Codec,
     /// Encode each version's change (the outer step) with this codec (`int8`, `int4`), apply
@@ -281,8 +281,8 @@ async fn main() -> Result<()> {
         anyhow::bail!(
             "--codec {} needs --no-verify: a sparse update carries the participant's error \
              feedback (what its earlier updates left out), which a re-execution cannot reproduce, \
-             so honest participants would fail their audits (measured: cosine 0.03–0.24 with the \
-             re-execution, BENCHMARKS.md). Use it with participants you trust, or --codec int8.",
+             so honest participants would fail their audits (measured: cosine 0.03–0.39 with the \
+             re-execution, against the 0.99 required; BENCHMARKS.md). Use it with participants you trust, or --codec int8.",
             a.codec
         );
     }

@@ -119,6 +119,15 @@ pub struct Metrics {
     pub change_bytes: std::sync::atomic::AtomicU64,
 }
 
+impl Metrics {
+    /// A version's weights, `bytes` long, served whole.
+    pub fn weights_served(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.weights_served.fetch_add(1, Relaxed);
+        self.weights_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+}
+
 /// The live relay state shared by every connection.
 pub struct Relay {
     inner: Mutex<Inner>,
@@ -230,7 +239,7 @@ pub struct Status {
     tokens_applied: u64,
     /// The outer learning rate in force (damped for a while after a rollback).
     outer_lr: f32,
-    /// How units ask participants to encode their updates (`int8`, `f32`).
+    /// How units ask participants to encode their updates (`int8`, `int4`, `f32`, `sparse64`…).
     codec: String,
     /// How version changes are encoded for participants that hold an older version (`null`:
     /// they fetch whole weights).

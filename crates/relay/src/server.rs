@@ -135,10 +135,7 @@ async fn model(State(r): State<Arc<Relay>>, Path(version): Path<String>) -> Resp
     };
     match r.weights(v) {
         Some(bytes) => {
-            r.metrics.weights_served.fetch_add(1, Ordering::Relaxed);
-            r.metrics
-                .weights_bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            r.metrics.weights_served(bytes.len());
             safetensors(v, bytes)
         }
         None => (StatusCode::NOT_FOUND, format!("version {v} is not kept")).into_response(),
@@ -164,10 +161,7 @@ async fn model_change(State(r): State<Arc<Relay>>, Path((to, from)): Path<(u64, 
 
 async fn latest_model(State(r): State<Arc<Relay>>) -> Response {
     let (v, bytes) = r.latest();
-    r.metrics.weights_served.fetch_add(1, Ordering::Relaxed);
-    r.metrics
-        .weights_bytes
-        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    r.metrics.weights_served(bytes.len());
     let mut resp = safetensors(v, bytes);
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, "no-cache".parse().expect("header"));

@@ -496,20 +496,18 @@ async fn weights(
     let held = shared.state.borrow().weights.clone();
     let (b, bytes, rebuilt_from) = match held.filter(|h| h.version < version) {
         Some(h) => match fetch_change(&shared.options.relay, &h, version, model).await {
-            Ok((b, bytes)) => (b, bytes, Some(h.version)),
+            Ok(Some((b, bytes))) => (b, bytes, Some(h.version)),
+            // The relay has no change to offer (not encoded, not kept, or larger).
+            Ok(None) => whole(&shared.options.relay, version, model).await?,
             Err(e) => {
                 log(&format!(
                     "v{version} from v{}: {e}; fetching the weights",
                     h.version
                 ));
-                let (b, bytes) = fetch_weights(&shared.options.relay, version, model).await?;
-                (b, bytes, None)
+                whole(&shared.options.relay, version, model).await?
             }
         },
-        None => {
-            let (b, bytes) = fetch_weights(&shared.options.relay, version, model).await?;
-            (b, bytes, None)
-        }
+        None => whole(&shared.options.relay, version, model).await?,
     };
     shared.emit(Event::Weights {
         version,
@@ -521,28 +519,39 @@ async fn weights(
     Ok(b)
 }
 
-/// Version `version` rebuilt from the held one and the relay's encoded changes (when the run
-/// encodes them and they are smaller than the weights: an error otherwise).
+/// [`fetch_weights`], as [`weights`] records it: rebuilt from no version.
+async fn whole(
+    relay: &str,
+    version: u64,
+    model: &ModelConfig,
+) -> Result<(work::Base, usize, Option<u64>), String> {
+    let (b, bytes) = fetch_weights(relay, version, model).await?;
+    Ok((b, bytes, None))
+}
+
+/// Version `version` rebuilt from the held one and the relay's encoded changes, and the bytes
+/// that took; `None` when the relay has none to offer (the run does not encode them, a link is
+/// not kept, or they are larger than the weights).
 async fn fetch_change(
     relay: &str,
     held: &work::Base,
     version: u64,
     model: &ModelConfig,
-) -> Result<(work::Base, usize), String> {
+) -> Result<Option<(work::Base, usize)>, String> {
     let url = format!(
         "{}/api/model/{version}/from/{}",
         relay.trim_end_matches('/'),
         held.version
     );
-    let bytes = fetch_found(&url)
-        .await?
-        .ok_or_else(|| "no encoded change".to_string())?;
+    let Some(bytes) = fetch_found(&url).await? else {
+        return Ok(None);
+    };
     let change: tessera_protocol::messages::ModelChange =
         tessera_protocol::decode(&bytes, usize::MAX).map_err(|e| e.to_string())?;
     let base = held
         .apply(model, &change, &Device::flex())
         .map_err(|e| e.to_string())?;
-    Ok((base, bytes.len()))
+    Ok(Some((base, bytes.len())))
 }
 
 /// A version's weights, downloaded whole, and the bytes that took.

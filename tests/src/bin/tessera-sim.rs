@@ -17,6 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
+use tessera_coordinator::aggregate::l2_norm;
 use tessera_coordinator::{Config, Coordinator, GuardConfig, Measured, Work};
 use tessera_core::burn::prelude::Device;
 use tessera_core::config::{ModelConfig, TrainConfig};
@@ -312,8 +313,7 @@ fn main() -> Result<()> {
                     let reexec = Payload::encode(unit.codec, &delta).decode()?;
                     cos_reexec.push(work::cosine(&sent, &reexec));
                     cos_delta.push(work::cosine(&sent, &delta));
-                    let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>();
-                    norm_ratio.push((norm(&sent) / norm(&reexec).max(1e-30)).sqrt());
+                    norm_ratio.push(l2_norm(&sent) / l2_norm(&reexec).max(1e-30));
                 }
                 let delta = sent;
                 let bytes = payload.data;
