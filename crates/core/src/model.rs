@@ -3,18 +3,15 @@
 //! token embedding. Written once: the `Device` it is built on picks the backend.
 
 use burn::module::{Module, Param};
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
     Linear, LinearConfig,
 };
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::config::ModelConfig;
 use crate::data::Batch;
+use crate::kernels;
 
 /// Standard deviation of the normal initialiser (GPT-2's).
 const INIT_STD: f64 = 0.02;
@@ -40,23 +37,9 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, t, d] = x.dims();
-        let dh = d / self.n_head;
-        let qkv = self.qkv.forward(x);
-        let heads = |i: usize| {
-            qkv.clone()
-                .narrow(2, i * d, d)
-                .reshape([b, t, self.n_head, dh])
-                .swap_dims(1, 2)
-        };
-        let opts = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let y = attention(heads(0), heads(1), heads(2), None, None, opts);
-        let y = y.swap_dims(1, 2).reshape([b, t, d]);
+    /// `x` holds the rows of `batch` sequences, `[batch·t, d]`.
+    fn forward(&self, x: Tensor<2>, batch: usize) -> Tensor<2> {
+        let y = kernels::causal_attention(self.qkv.forward(x), batch, self.n_head);
         self.dropout.forward(self.proj.forward(y))
     }
 }
@@ -85,10 +68,17 @@ pub struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.attn.forward(self.ln_1.forward(x));
-        let h = self.mlp.fc.forward(self.ln_2.forward(x.clone()));
-        x + self.mlp.dropout.forward(self.mlp.proj.forward(gelu(h)))
+    /// `x`: the rows of `batch` sequences, `[batch·t, d]` (every linear sees one matrix).
+    fn forward(&self, x: Tensor<2>, batch: usize) -> Tensor<2> {
+        let x = x.clone() + self.attn.forward(kernels::layer_norm(x, &self.ln_1), batch);
+        let h = self
+            .mlp
+            .fc
+            .forward(kernels::layer_norm(x.clone(), &self.ln_2));
+        x + self
+            .mlp
+            .dropout
+            .forward(self.mlp.proj.forward(kernels::gelu(h)))
     }
 }
 
@@ -120,7 +110,11 @@ impl Gpt {
                 })
                 .init(device)
         };
-        let ln = || LayerNormConfig::new(d).init(device);
+        let ln = || {
+            LayerNormConfig::new(d)
+                .with_epsilon(kernels::LN_EPS)
+                .init(device)
+        };
         let drop = || DropoutConfig::new(config.dropout).init();
         Gpt {
             wte: emb(config.vocab_size),
@@ -150,30 +144,30 @@ impl Gpt {
     /// Logits `[b, t, vocab]` for input tokens `[b, t]`.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let [b, t] = tokens.dims();
+        let logits = self.logits(tokens);
+        let vocab = logits.dims()[1];
+        logits.reshape([b, t, vocab])
+    }
+
+    /// Logits as rows, `[b·t, vocab]`.
+    fn logits(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
+        let [b, t] = tokens.dims();
         let device = tokens.device();
         let pos = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, t]);
         let x = self.wte.forward(tokens) + self.wpe.forward(pos);
-        let mut x = self.drop.forward(x);
+        let d = x.dims()[2];
+        let mut x = self.drop.forward(x).reshape([b * t, d]);
         for block in &self.h {
-            x = block.forward(x);
+            x = block.forward(x, b);
         }
-        let x = self.ln_f.forward(x);
-        let [_, _, d] = x.dims();
-        let w = self.wte.weight.val(); // [vocab, d]
-        let vocab = w.dims()[0];
-        x.reshape([b * t, d])
-            .matmul(w.transpose())
-            .reshape([b, t, vocab])
+        let x = kernels::layer_norm(x, &self.ln_f);
+        x.matmul(self.wte.weight.val().transpose())
     }
 
     /// Mean cross-entropy of predicting `targets` from `inputs`.
     pub fn loss(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
         let [b, t] = inputs.dims();
-        let logits = self.forward(inputs);
-        let vocab = logits.dims()[2];
-        CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits.reshape([b * t, vocab]), targets.reshape([b * t]))
+        kernels::cross_entropy(self.logits(inputs), targets.reshape([b * t]))
     }
 
     /// Mean cross-entropy on a [`Batch`].

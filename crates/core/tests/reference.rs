@@ -9,6 +9,7 @@ use safetensors::SafeTensors;
 use tessera_core::burn::prelude::*;
 use tessera_core::checkpoint::{safetensors_metadata, weights_from_safetensors};
 use tessera_core::config::{ModelConfig, TrainConfig};
+use tessera_core::kernels;
 use tessera_core::model::Gpt;
 use tessera_core::optim::AdamW;
 use tessera_core::params;
@@ -103,6 +104,37 @@ fn forward_backward(
 
 #[test]
 fn forward_gradients_and_adamw_step_match_pytorch() {
+    // The fused CPU kernels (what every flex participant runs) ...
+    let before = kernels::fused_calls();
+    matches_pytorch();
+    assert!(
+        kernels::fused_calls() > before,
+        "the flex path did not use the fused kernels"
+    );
+    // ... and burn's composed ops (what wgpu / WebGPU run) both match PyTorch.
+    kernels::without_fusion(matches_pytorch);
+}
+
+#[test]
+fn fused_kernels_agree_with_burns_composed_ops() {
+    let cpu = Device::flex();
+    let (f, _) = fixture(&cpu);
+    let (_, loss_f, logits_f, grads_f, _) = forward_backward(&f, &cpu);
+    let (_, loss_c, logits_c, grads_c, _) = kernels::without_fusion(|| forward_backward(&f, &cpu));
+    assert!(
+        ((loss_f - loss_c) / loss_c).abs() < 1e-6,
+        "loss {loss_f} vs {loss_c}"
+    );
+    let el = max_rel_err(&logits_f, &logits_c);
+    let eg = max_rel_err(&grads_f, &grads_c);
+    eprintln!("fused vs composed: loss {loss_f} / {loss_c}, logits {el:e}, gradients {eg:e}");
+    assert!(
+        el < 1e-5 && eg < 1e-5,
+        "logits differ by {el:e}, gradients by {eg:e}"
+    );
+}
+
+fn matches_pytorch() {
     let device = Device::flex();
     let (f, specs) = fixture(&device);
     let st = SafeTensors::deserialize(FIXTURE).unwrap();
