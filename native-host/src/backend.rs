@@ -74,7 +74,5 @@ pub fn device(backend: Backend) -> Result<(Device, String)> {
 }
 
 fn cpu_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    tessera_core::kernels::threads()
 }

@@ -2,7 +2,7 @@
 //! forward, backward and the AdamW update timed separately, each ending in a device sync;
 //! once with the fused kernels and once with burn's composed ops, alternating rounds.
 //!
-//!     cargo run --release -p tessera-core --example step_profile [config] [steps] [rounds]
+//!     cargo run --release -p tessera-core --example step_profile [config] [steps] [rounds] [fused|composed|both]
 
 use std::time::Instant;
 
@@ -19,9 +19,14 @@ fn main() {
     let name = args.next().unwrap_or_else(|| "baby".into());
     let steps: usize = args.next().map(|s| s.parse().unwrap()).unwrap_or(50);
     let rounds: usize = args.next().map(|s| s.parse().unwrap()).unwrap_or(1);
+    let modes: &[bool] = match args.next().as_deref() {
+        Some("fused") => &[true],
+        Some("composed") => &[false],
+        _ => &[true, false],
+    };
     let mut best = [f64::MAX; 2];
     for _ in 0..rounds {
-        for (i, fused) in [true, false].into_iter().enumerate() {
+        for (i, &fused) in modes.iter().enumerate() {
             kernels::set_enabled(fused);
             let t = profile(&name, steps, fused);
             best[i] = best[i].min(t);

@@ -2,7 +2,9 @@
 //! sequence, heads in turn, every head's `T×T` scores in cache. The forward pass keeps each
 //! row's log-sum-exp so the backward pass recomputes the probabilities instead of storing them.
 
-use super::math::{axpy, dot, exp, for_each_chunk, for_each_chunk2};
+use multiversion::multiversion;
+
+use super::math::{dot, exp, for_each_chunk, for_each_chunk2, max, sum};
 
 /// The shape of one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,136 +30,222 @@ impl Shape {
     }
 }
 
+/// Width of the register blocks in the inner loops.
+const BLOCK: usize = 16;
+
 /// One head's rows, gathered out of a sequence's `[t, stride]` rows at column `col`.
-fn gather(rows: &[f32], stride: usize, col: usize, s: Shape, out: &mut [f32]) {
-    for (i, o) in out.chunks_exact_mut(s.dh).enumerate() {
-        o.copy_from_slice(&rows[i * stride + col..i * stride + col + s.dh]);
+#[inline(always)]
+fn gather(rows: &[f32], stride: usize, col: usize, dh: usize, out: &mut [f32]) {
+    for (i, o) in out.chunks_exact_mut(dh).enumerate() {
+        o.copy_from_slice(&rows[i * stride + col..i * stride + col + dh]);
     }
 }
 
 /// The same, transposed to `[dh, t]`.
-fn gather_t(rows: &[f32], stride: usize, col: usize, s: Shape, out: &mut [f32]) {
-    for i in 0..s.t {
-        for d in 0..s.dh {
-            out[d * s.t + i] = rows[i * stride + col + d];
+#[inline(always)]
+fn gather_t(rows: &[f32], stride: usize, col: usize, dh: usize, t: usize, out: &mut [f32]) {
+    for i in 0..t {
+        for d in 0..dh {
+            out[d * t + i] = rows[i * stride + col + d];
         }
     }
 }
 
-/// `out[j] = Σ_d a[d] · bt[d, j]` for `j ≤ last` (a row of `A·Bᵀ` from `Bᵀ` stored `[dh, t]`).
-fn row_times(a: &[f32], bt: &[f32], t: usize, last: usize, out: &mut [f32]) {
-    let out = &mut out[..=last];
-    out.fill(0.0);
-    for (d, &ad) in a.iter().enumerate() {
-        axpy(ad, &bt[d * t..d * t + last + 1], out);
+/// `out[j] = Σ_d a[d] · bt[d, j]` for `j < n` (a row of `A·Bᵀ` from `Bᵀ` stored `[dh, t]`),
+/// sixteen columns at a time in registers. May also fill columns up to the next block edge.
+#[inline(always)]
+fn row_times(a: &[f32], bt: &[f32], t: usize, n: usize, out: &mut [f32]) {
+    let mut j = 0;
+    while j < n {
+        if j + BLOCK <= t {
+            let mut acc = [0.0f32; BLOCK];
+            for (d, &ad) in a.iter().enumerate() {
+                let b = &bt[d * t + j..d * t + j + BLOCK];
+                for l in 0..BLOCK {
+                    acc[l] += ad * b[l];
+                }
+            }
+            out[j..j + BLOCK].copy_from_slice(&acc);
+        } else {
+            let w = t - j;
+            let mut acc = [0.0f32; BLOCK];
+            for (d, &ad) in a.iter().enumerate() {
+                let b = &bt[d * t + j..d * t + t];
+                for l in 0..w {
+                    acc[l] += ad * b[l];
+                }
+            }
+            out[j..t].copy_from_slice(&acc[..w]);
+        }
+        j += BLOCK;
+    }
+}
+
+/// `out = Σ_{s ∈ range} w[s] · rows[s]` over rows of width `out.len()`, sixteen columns at a
+/// time in registers.
+#[inline(always)]
+fn combine(w: &[f32], rows: &[f32], range: std::ops::Range<usize>, out: &mut [f32]) {
+    let dh = out.len();
+    let mut d = 0;
+    while d < dh {
+        let width = BLOCK.min(dh - d);
+        let mut acc = [0.0f32; BLOCK];
+        if width == BLOCK {
+            for s in range.clone() {
+                let r = &rows[s * dh + d..s * dh + d + BLOCK];
+                for l in 0..BLOCK {
+                    acc[l] += w[s] * r[l];
+                }
+            }
+        } else {
+            for s in range.clone() {
+                let r = &rows[s * dh + d..s * dh + d + width];
+                for l in 0..width {
+                    acc[l] += w[s] * r[l];
+                }
+            }
+        }
+        out[d..d + width].copy_from_slice(&acc[..width]);
+        d += BLOCK;
+    }
+}
+
+/// `dst[j, i] = src[i, j]` for square `[t, t]` matrices.
+#[inline(always)]
+fn transpose(src: &[f32], t: usize, dst: &mut [f32]) {
+    for i in 0..t {
+        for j in 0..t {
+            dst[j * t + i] = src[i * t + j];
+        }
     }
 }
 
 /// Output `[batch·t, c]` and log-sum-exp `[batch, heads, t]` for `qkv` `[batch·t, 3c]`.
 pub fn forward(qkv: &[f32], s: Shape) -> (Vec<f32>, Vec<f32>) {
-    let (t, c, dh) = (s.t, s.c(), s.dh);
+    let (t, c) = (s.t, s.c());
     assert_eq!(
         qkv.len(),
         s.batch * t * 3 * c,
         "attention: qkv is not [batch·t, 3c]"
     );
-    let scale = s.scale();
     let mut y = vec![0.0; s.batch * t * c];
     let mut lse = vec![0.0; s.batch * s.heads * t];
     for_each_chunk2(&mut y, t * c, &mut lse, s.heads * t, |b, y, lse| {
-        let rows = &qkv[b * t * 3 * c..(b + 1) * t * 3 * c];
-        let (mut q, mut kt, mut v) = (vec![0.0; t * dh], vec![0.0; t * dh], vec![0.0; t * dh]);
-        let mut p = vec![0.0; t];
-        let mut yi = vec![0.0; dh];
-        for h in 0..s.heads {
-            gather(rows, 3 * c, h * dh, s, &mut q);
-            gather_t(rows, 3 * c, c + h * dh, s, &mut kt);
-            gather(rows, 3 * c, 2 * c + h * dh, s, &mut v);
-            for i in 0..t {
-                row_times(&q[i * dh..(i + 1) * dh], &kt, t, i, &mut p);
-                let p = &mut p[..=i];
-                let mut m = f32::NEG_INFINITY;
-                for x in p.iter_mut() {
-                    *x *= scale;
-                    m = m.max(*x);
-                }
-                let mut sum = 0.0;
-                for x in p.iter_mut() {
-                    *x = exp(*x - m);
-                    sum += *x;
-                }
-                yi.fill(0.0);
-                for (j, &pj) in p.iter().enumerate() {
-                    axpy(pj, &v[j * dh..(j + 1) * dh], &mut yi);
-                }
-                let inv = 1.0 / sum;
-                for (o, &x) in y[i * c + h * dh..i * c + (h + 1) * dh].iter_mut().zip(&yi) {
-                    *o = x * inv;
-                }
-                lse[h * t + i] = m + sum.ln();
-            }
-        }
+        forward_sequence(&qkv[b * t * 3 * c..(b + 1) * t * 3 * c], s, y, lse)
     });
     (y, lse)
+}
+
+#[multiversion(targets = "simd")]
+fn forward_sequence(rows: &[f32], s: Shape, y: &mut [f32], lse: &mut [f32]) {
+    let (t, c, dh) = (s.t, s.c(), s.dh);
+    let scale = s.scale();
+    let (mut q, mut kt, mut v) = (vec![0.0; t * dh], vec![0.0; t * dh], vec![0.0; t * dh]);
+    let mut p = vec![0.0; t];
+    for h in 0..s.heads {
+        gather(rows, 3 * c, h * dh, dh, &mut q);
+        gather_t(rows, 3 * c, c + h * dh, dh, t, &mut kt);
+        gather(rows, 3 * c, 2 * c + h * dh, dh, &mut v);
+        for i in 0..t {
+            row_times(&q[i * dh..(i + 1) * dh], &kt, t, i + 1, &mut p);
+            let p = &mut p[..=i];
+            let m = max(p) * scale;
+            for x in p.iter_mut() {
+                *x = exp(*x * scale - m);
+            }
+            let total = sum(p);
+            let inv = 1.0 / total;
+            for x in p.iter_mut() {
+                *x *= inv;
+            }
+            combine(
+                p,
+                &v,
+                0..i + 1,
+                &mut y[i * c + h * dh..i * c + (h + 1) * dh],
+            );
+            lse[h * t + i] = m + total.ln();
+        }
+    }
 }
 
 /// `dqkv` `[batch·t, 3c]` for upstream `dy` `[batch·t, c]`, given the forward's output `y`
 /// and log-sum-exp.
 pub fn backward(qkv: &[f32], y: &[f32], lse: &[f32], dy: &[f32], s: Shape) -> Vec<f32> {
-    let (t, c, dh) = (s.t, s.c(), s.dh);
+    let (t, c) = (s.t, s.c());
     assert_eq!(
         dy.len(),
         y.len(),
         "attention backward: gradient and output differ in size"
     );
-    let scale = s.scale();
     let mut dqkv = vec![0.0; qkv.len()];
     for_each_chunk(&mut dqkv, t * 3 * c, |b, dqkv| {
-        let rows = &qkv[b * t * 3 * c..(b + 1) * t * 3 * c];
-        let (yb, dyb) = (
+        backward_sequence(
+            &qkv[b * t * 3 * c..(b + 1) * t * 3 * c],
             &y[b * t * c..(b + 1) * t * c],
+            &lse[b * s.heads * t..(b + 1) * s.heads * t],
             &dy[b * t * c..(b + 1) * t * c],
-        );
-        let lse = &lse[b * s.heads * t..(b + 1) * s.heads * t];
-        let z = || vec![0.0f32; t * dh];
-        let (mut q, mut k, mut kt, mut vt, mut o, mut d_o) = (z(), z(), z(), z(), z(), z());
-        let (mut dq, mut dk, mut dv) = (z(), z(), z());
-        let (mut p, mut dp) = (vec![0.0; t], vec![0.0; t]);
-        for h in 0..s.heads {
-            gather(rows, 3 * c, h * dh, s, &mut q);
-            gather(rows, 3 * c, c + h * dh, s, &mut k);
-            gather_t(rows, 3 * c, c + h * dh, s, &mut kt);
-            gather_t(rows, 3 * c, 2 * c + h * dh, s, &mut vt);
-            gather(yb, c, h * dh, s, &mut o);
-            gather(dyb, c, h * dh, s, &mut d_o);
-            dq.fill(0.0);
-            dk.fill(0.0);
-            dv.fill(0.0);
-            for i in 0..t {
-                let (qi, doi) = (&q[i * dh..(i + 1) * dh], &d_o[i * dh..(i + 1) * dh]);
-                row_times(qi, &kt, t, i, &mut p);
-                row_times(doi, &vt, t, i, &mut dp);
-                let l = lse[h * t + i];
-                let di = dot(doi, &o[i * dh..(i + 1) * dh]);
-                let dqi = &mut dq[i * dh..(i + 1) * dh];
-                for j in 0..=i {
-                    let pj = exp(p[j] * scale - l);
-                    let ds = pj * (dp[j] - di) * scale;
-                    axpy(pj, doi, &mut dv[j * dh..(j + 1) * dh]);
-                    axpy(ds, &k[j * dh..(j + 1) * dh], dqi);
-                    axpy(ds, qi, &mut dk[j * dh..(j + 1) * dh]);
-                }
-            }
-            for i in 0..t {
-                let row = &mut dqkv[i * 3 * c..(i + 1) * 3 * c];
-                row[h * dh..(h + 1) * dh].copy_from_slice(&dq[i * dh..(i + 1) * dh]);
-                row[c + h * dh..c + (h + 1) * dh].copy_from_slice(&dk[i * dh..(i + 1) * dh]);
-                row[2 * c + h * dh..2 * c + (h + 1) * dh]
-                    .copy_from_slice(&dv[i * dh..(i + 1) * dh]);
-            }
-        }
+            s,
+            dqkv,
+        )
     });
     dqkv
+}
+
+#[multiversion(targets = "simd")]
+fn backward_sequence(rows: &[f32], y: &[f32], lse: &[f32], dy: &[f32], s: Shape, dqkv: &mut [f32]) {
+    let (t, c, dh) = (s.t, s.c(), s.dh);
+    let scale = s.scale();
+    let z = |n: usize| vec![0.0f32; n];
+    let (mut q, mut k, mut kt, mut vt, mut o, mut d_o) = (
+        z(t * dh),
+        z(t * dh),
+        z(t * dh),
+        z(t * dh),
+        z(t * dh),
+        z(t * dh),
+    );
+    let (mut p, mut ds, mut pt, mut dst) = (z(t * t), z(t * t), z(t * t), z(t * t));
+    let mut dp = z(t);
+    let mut out = z(dh);
+    for h in 0..s.heads {
+        gather(rows, 3 * c, h * dh, dh, &mut q);
+        gather(rows, 3 * c, c + h * dh, dh, &mut k);
+        gather_t(rows, 3 * c, c + h * dh, dh, t, &mut kt);
+        gather_t(rows, 3 * c, 2 * c + h * dh, dh, t, &mut vt);
+        gather(y, c, h * dh, dh, &mut o);
+        gather(dy, c, h * dh, dh, &mut d_o);
+        // Probabilities P and score gradients dS = P ∘ (dP − rowsum(dO ∘ O)), row by row.
+        for i in 0..t {
+            let (qi, doi) = (&q[i * dh..(i + 1) * dh], &d_o[i * dh..(i + 1) * dh]);
+            let pi = &mut p[i * t..(i + 1) * t];
+            row_times(qi, &kt, t, i + 1, pi);
+            let l = lse[h * t + i];
+            for x in pi[..=i].iter_mut() {
+                *x = exp(*x * scale - l);
+            }
+            pi[i + 1..].fill(0.0);
+            row_times(doi, &vt, t, i + 1, &mut dp);
+            let di = dot(doi, &o[i * dh..(i + 1) * dh]);
+            let dsi = &mut ds[i * t..(i + 1) * t];
+            for ((d, &pj), &dpj) in dsi[..=i].iter_mut().zip(&pi[..=i]).zip(&dp[..=i]) {
+                *d = pj * (dpj - di) * scale;
+            }
+            dsi[i + 1..].fill(0.0);
+        }
+        transpose(&p, t, &mut pt);
+        transpose(&ds, t, &mut dst);
+        for i in 0..t {
+            let row = &mut dqkv[i * 3 * c..(i + 1) * 3 * c];
+            // dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO.
+            combine(&ds[i * t..(i + 1) * t], &k, 0..i + 1, &mut out);
+            row[h * dh..(h + 1) * dh].copy_from_slice(&out);
+            combine(&dst[i * t..(i + 1) * t], &q, i..t, &mut out);
+            row[c + h * dh..c + (h + 1) * dh].copy_from_slice(&out);
+            combine(&pt[i * t..(i + 1) * t], &d_o, i..t, &mut out);
+            row[2 * c + h * dh..2 * c + (h + 1) * dh].copy_from_slice(&out);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Mean softmax cross-entropy over rows of logits, fused: one pass for the loss (keeping each
 //! row's log-sum-exp), one for the gradient `softmax − onehot`.
 
-use super::math::{exp, for_each_chunk, map_indices};
+use multiversion::multiversion;
+
+use super::math::{exp, for_each_chunk, map_indices, max, sum};
 
 /// Rows per parallel task (fixed, so the loss sums in the same order on any thread count).
 const ROWS: usize = 64;
@@ -20,12 +22,8 @@ pub fn forward(logits: &[f32], targets: &[usize], vocab: usize) -> (f32, Vec<f32
     );
     let mut lse = vec![0.0; rows];
     for_each_chunk(&mut lse, ROWS, |i, lse| {
-        for (r, l) in lse.iter_mut().enumerate() {
-            let row = &logits[(i * ROWS + r) * vocab..(i * ROWS + r + 1) * vocab];
-            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row.iter().map(|&x| exp(x - m)).sum();
-            *l = m + sum.ln();
-        }
+        let rows = &logits[i * ROWS * vocab..(i * ROWS + lse.len()) * vocab];
+        log_sum_exp_rows(rows, vocab, lse)
     });
     let partial = map_indices(rows.div_ceil(ROWS), |i| {
         (i * ROWS..((i + 1) * ROWS).min(rows))
@@ -44,16 +42,42 @@ pub fn backward(logits: &[f32], targets: &[usize], lse: &[f32], grad: f32) -> Ve
     let g = grad / targets.len().max(1) as f32;
     let mut d = vec![0.0; logits.len()];
     for_each_chunk(&mut d, ROWS * vocab, |i, d| {
+        let first = i * ROWS;
+        let rows = d.len() / vocab;
+        let x = &logits[first * vocab..(first + rows) * vocab];
+        softmax_rows(x, &lse[first..first + rows], g, d);
         for (r, d) in d.chunks_exact_mut(vocab).enumerate() {
-            let row = i * ROWS + r;
-            let x = &logits[row * vocab..(row + 1) * vocab];
-            for (d, &x) in d.iter_mut().zip(x) {
-                *d = exp(x - lse[row]) * g;
-            }
-            d[targets[row]] -= g;
+            d[targets[first + r]] -= g;
         }
     });
     d
+}
+
+#[multiversion(targets = "simd")]
+fn log_sum_exp_rows(rows: &[f32], vocab: usize, lse: &mut [f32]) {
+    let mut e = vec![0.0f32; vocab];
+    for (row, l) in rows.chunks_exact(vocab).zip(lse) {
+        let m = max(row);
+        for (e, &x) in e.iter_mut().zip(row) {
+            *e = exp(x - m);
+        }
+        *l = m + sum(&e).ln();
+    }
+}
+
+/// `d = g · softmax(x)` row by row, from each row's log-sum-exp.
+#[multiversion(targets = "simd")]
+fn softmax_rows(x: &[f32], lse: &[f32], g: f32, d: &mut [f32]) {
+    let vocab = x.len() / lse.len().max(1);
+    for ((d, x), &l) in d
+        .chunks_exact_mut(vocab)
+        .zip(x.chunks_exact(vocab))
+        .zip(lse)
+    {
+        for (d, &x) in d.iter_mut().zip(x) {
+            *d = exp(x - l) * g;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! GELU (the exact, erf form: `x·Φ(x)`) forward and backward in one pass each.
 
+use multiversion::multiversion;
+
 use super::math::{erf, exp, for_each_chunk};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -12,12 +14,16 @@ const CHUNK: usize = 1 << 14;
 pub fn forward(x: &[f32]) -> Vec<f32> {
     let mut y = vec![0.0; x.len()];
     for_each_chunk(&mut y, CHUNK, |i, y| {
-        let x = &x[i * CHUNK..i * CHUNK + y.len()];
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
-        }
+        forward_chunk(&x[i * CHUNK..i * CHUNK + y.len()], y)
     });
     y
+}
+
+#[multiversion(targets = "simd")]
+fn forward_chunk(x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+    }
 }
 
 /// `dx = dy·(Φ(x) + x·φ(x))`.
@@ -30,13 +36,18 @@ pub fn backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
     let mut dx = vec![0.0; x.len()];
     for_each_chunk(&mut dx, CHUNK, |i, dx| {
         let r = i * CHUNK..i * CHUNK + dx.len();
-        for ((dx, &x), &g) in dx.iter_mut().zip(&x[r.clone()]).zip(&dy[r]) {
-            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-            let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
-            *dx = g * (cdf + x * pdf);
-        }
+        backward_chunk(&x[r.clone()], &dy[r], dx)
     });
     dx
+}
+
+#[multiversion(targets = "simd")]
+fn backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+        let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+        let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
+        *dx = g * (cdf + x * pdf);
+    }
 }
 
 #[cfg(test)]

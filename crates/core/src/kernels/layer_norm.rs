@@ -1,7 +1,9 @@
 //! LayerNorm over the last dimension: the forward pass keeps each row's mean and reciprocal
 //! standard deviation so the backward pass is one sweep over the rows.
 
-use super::math::{for_each_chunk, for_each_chunk2, map_indices};
+use multiversion::multiversion;
+
+use super::math::{dot, for_each_chunk, for_each_chunk2, map_indices, sum};
 
 /// Rows per parallel task (fixed, so the parameter gradients sum in the same order on any
 /// number of threads).
@@ -27,27 +29,38 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, S
     let mut y = vec![0.0; x.len()];
     let mut stats = vec![0.0; 2 * rows];
     for_each_chunk2(&mut y, ROWS * c, &mut stats, 2 * ROWS, |i, y, st| {
-        let x = &x[i * ROWS * c..i * ROWS * c + y.len()];
-        for ((x, y), st) in x
-            .chunks_exact(c)
-            .zip(y.chunks_exact_mut(c))
-            .zip(st.chunks_exact_mut(2))
-        {
-            let mean = x.iter().sum::<f32>() / c as f32;
-            let mut var = 0.0;
-            for &v in x {
-                var += (v - mean) * (v - mean);
-            }
-            let rstd = 1.0 / (var / c as f32 + eps).sqrt();
-            for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
-                *y = (x - mean) * rstd * g + b;
-            }
-            st[0] = mean;
-            st[1] = rstd;
-        }
+        forward_rows(
+            &x[i * ROWS * c..i * ROWS * c + y.len()],
+            gamma,
+            beta,
+            eps,
+            y,
+            st,
+        )
     });
     let (mean, rstd) = stats.chunks_exact(2).map(|s| (s[0], s[1])).unzip();
     (y, Stats { mean, rstd })
+}
+
+#[multiversion(targets = "simd")]
+fn forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], st: &mut [f32]) {
+    let c = gamma.len();
+    for ((x, y), st) in x
+        .chunks_exact(c)
+        .zip(y.chunks_exact_mut(c))
+        .zip(st.chunks_exact_mut(2))
+    {
+        let mean = sum(x) / c as f32;
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x - mean;
+        }
+        let rstd = 1.0 / (dot(y, y) / c as f32 + eps).sqrt();
+        for ((y, &g), &b) in y.iter_mut().zip(gamma).zip(beta) {
+            *y = *y * rstd * g + b;
+        }
+        st[0] = mean;
+        st[1] = rstd;
+    }
 }
 
 /// Gradients `(dx, dgamma, dbeta)` for upstream `dy`.
@@ -67,40 +80,30 @@ pub fn backward(
     for_each_chunk(&mut dx, ROWS * c, |i, dx| {
         let base = i * ROWS;
         let off = base * c..base * c + dx.len();
-        let (x, dy) = (&x[off.clone()], &dy[off]);
-        let mut dxhat = vec![0.0; c];
-        for (r, ((x, dy), dx)) in x
-            .chunks_exact(c)
-            .zip(dy.chunks_exact(c))
-            .zip(dx.chunks_exact_mut(c))
-            .enumerate()
-        {
-            let (mean, rstd) = (stats.mean[base + r], stats.rstd[base + r]);
-            let (mut a, mut b) = (0.0, 0.0);
-            for (((d, &x), &dy), &g) in dxhat.iter_mut().zip(x).zip(dy).zip(gamma) {
-                *d = dy * g;
-                a += *d;
-                b += *d * (x - mean) * rstd;
-            }
-            let (a, b) = (a / c as f32, b / c as f32);
-            for ((dx, &d), &x) in dx.iter_mut().zip(&dxhat).zip(x) {
-                *dx = (d - a - (x - mean) * rstd * b) * rstd;
-            }
-        }
+        let rows = dx.len() / c;
+        backward_rows(
+            &x[off.clone()],
+            gamma,
+            &stats.mean[base..base + rows],
+            &stats.rstd[base..base + rows],
+            &dy[off],
+            dx,
+        )
     });
     // Parameter gradients: per-task partial sums over its rows, added in task order.
     let rows = x.len() / c;
     let tasks = rows.div_ceil(ROWS);
     let partials = map_indices(tasks, |t| {
         let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
-        for r in t * ROWS..((t + 1) * ROWS).min(rows) {
-            let (x, dy) = (&x[r * c..(r + 1) * c], &dy[r * c..(r + 1) * c]);
-            let (mean, rstd) = (stats.mean[r], stats.rstd[r]);
-            for (((dg, db), &x), &dy) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(dy) {
-                *dg += dy * (x - mean) * rstd;
-                *db += dy;
-            }
-        }
+        let rows = t * ROWS..((t + 1) * ROWS).min(rows);
+        param_grads(
+            &x[rows.start * c..rows.end * c],
+            &stats.mean[rows.clone()],
+            &stats.rstd[rows.clone()],
+            &dy[rows.start * c..rows.end * c],
+            &mut dg,
+            &mut db,
+        );
         (dg, db)
     });
     let (mut dgamma, mut dbeta) = (vec![0.0f32; c], vec![0.0f32; c]);
@@ -113,6 +116,47 @@ pub fn backward(
         }
     }
     (dx, dgamma, dbeta)
+}
+
+#[multiversion(targets = "simd")]
+fn backward_rows(x: &[f32], gamma: &[f32], mean: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let c = gamma.len();
+    let (mut dxhat, mut xhat) = (vec![0.0; c], vec![0.0; c]);
+    for (r, ((x, dy), dx)) in x
+        .chunks_exact(c)
+        .zip(dy.chunks_exact(c))
+        .zip(dx.chunks_exact_mut(c))
+        .enumerate()
+    {
+        let (m, s) = (mean[r], rstd[r]);
+        for (((d, h), &x), (&dy, &g)) in dxhat
+            .iter_mut()
+            .zip(xhat.iter_mut())
+            .zip(x)
+            .zip(dy.iter().zip(gamma))
+        {
+            *d = dy * g;
+            *h = (x - m) * s;
+        }
+        let a = sum(&dxhat) / c as f32;
+        let b = dot(&dxhat, &xhat) / c as f32;
+        for ((dx, &d), &h) in dx.iter_mut().zip(&dxhat).zip(&xhat) {
+            *dx = (d - a - h * b) * s;
+        }
+    }
+}
+
+/// Adds the rows' contributions to `dgamma` and `dbeta`.
+#[multiversion(targets = "simd")]
+fn param_grads(x: &[f32], mean: &[f32], rstd: &[f32], dy: &[f32], dg: &mut [f32], db: &mut [f32]) {
+    let c = dg.len();
+    for (r, (x, dy)) in x.chunks_exact(c).zip(dy.chunks_exact(c)).enumerate() {
+        let (m, s) = (mean[r], rstd[r]);
+        for (((dg, db), &x), &dy) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(dy) {
+            *dg += dy * (x - m) * s;
+            *db += dy;
+        }
+    }
 }
 
 #[cfg(test)]

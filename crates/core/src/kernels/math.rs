@@ -3,15 +3,17 @@
 
 /// `e^x` for f32 (Cephes' `expf`: a degree-6 polynomial on `[-ln2/2, ln2/2]` scaled by `2^n`),
 /// within 2 ulp on the range that matters here; inputs below −87.3 give ≈ 1e-38, not 0.
+/// Branch-free and without a float-to-int conversion, so loops calling it vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
-    // Round-to-nearest without a call: adding 1.5·2^23 pushes the fraction out of the mantissa.
+    // Adding 1.5·2^23 rounds to the nearest integer n and leaves n in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -20,9 +22,59 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
-    // 2^n by building the exponent bits: n is in [-126, 128] after the clamp.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from the integer bits: n is in [-126, 128] after the clamp.
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     p * scale
+}
+
+/// Width of the independent partial sums below (one AVX-512 register, two AVX2 ones).
+pub const LANES: usize = 16;
+
+/// `Σ x` with [`LANES`] partial sums (so it vectorises), combined in a fixed order.
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    fold(acc) + it.remainder().iter().sum::<f32>()
+}
+
+/// `max x` (−∞ for an empty slice) with [`LANES`] partial maxima.
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    let mut m = it
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for a in acc {
+        m = m.max(a);
+    }
+    m
+}
+
+/// Pairwise sum of the lanes, always in the same order.
+#[inline(always)]
+fn fold(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
 }
 
 /// The error function for f32 (the rational approximation Eigen and XLA use: odd degree-13
@@ -47,16 +99,16 @@ pub fn erf(x: f32) -> f32 {
     p / q
 }
 
-/// `Σ a[i]·b[i]` with eight independent partial sums (so it vectorises), added in a fixed order.
+/// `Σ a[i]·b[i]` with [`LANES`] partial sums, combined in a fixed order.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
+    let mut acc = [0.0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..8 {
+        for l in 0..LANES {
             acc[l] += x[l] * y[l];
         }
     }
@@ -64,7 +116,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
         tail += x * y;
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    fold(acc) + tail
 }
 
 /// `y += a·x`.
@@ -185,6 +237,15 @@ mod tests {
         assert!(worst < 5e-7, "worst absolute error {worst:e}");
         assert_eq!(erf(0.0), 0.0);
         assert!((erf(10.0) - 1.0).abs() < 2e-7 && erf(-10.0) == -erf(10.0));
+    }
+
+    #[test]
+    fn sums_and_maxima() {
+        let x: Vec<f32> = (0..53).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
+        assert_eq!(sum(&x), x.iter().sum::<f32>());
+        assert_eq!(max(&x), 5.0);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        assert_eq!(max(&[-3.0; 40]), -3.0);
     }
 
     #[test]

@@ -64,6 +64,15 @@ pub fn fused_calls() -> u64 {
     CALLS.load(Ordering::Relaxed)
 }
 
+/// Threads the CPU kernels (ours and flex's) run on: rayon's pool (`RAYON_NUM_THREADS`), or 1
+/// without the `threads` feature.
+pub fn threads() -> usize {
+    #[cfg(feature = "threads")]
+    return rayon::current_num_threads();
+    #[cfg(not(feature = "threads"))]
+    1
+}
+
 /// Whether a tensor on `device` of `dtype` takes the fused path.
 fn fused(device: &Device, dtype: DType) -> bool {
     #[cfg(feature = "flex")]
