@@ -71,6 +71,10 @@ pub struct TrainArgs {
     /// Print one JSON summary object as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// On the CPU, compose burn's primitive ops instead of the fused kernels (slower; for
+    /// measuring one against the other).
+    #[arg(long)]
+    no_fused_kernels: bool,
 }
 
 /// The `--json` summary.
@@ -98,6 +102,7 @@ fn read_scalar(t: tessera_core::burn::prelude::Tensor<1>) -> f32 {
 
 /// Runs `tessera-host train`.
 pub fn run(args: TrainArgs) -> Result<()> {
+    tessera_core::kernels::set_enabled(!args.no_fused_kernels);
     let backend = args.backend.unwrap_or_else(backend::fastest);
     let (device, device_name) = backend::device(backend)?;
     let mut trainer = if args.resume

@@ -6,12 +6,14 @@ model, optimizer and batch shape with the same thread count, in one run.
 
 Both sides train for the same number of steps (batch 12, context 64, AdamW with global-norm
 clipping) on tinyshakespeare; both times exclude start-up and the first 10 steps. Prints one
-JSON line with both tokens/s figures and their ratio (Tessera / PyTorch).
+JSON line with both tokens/s figures and their ratio (Tessera / PyTorch), and Tessera with
+burn's composed ops instead of the fused kernels (`--no-fused-kernels`) for the before / after.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -27,14 +29,15 @@ CFG = dict(vocab_size=256, n_layer=4, n_head=4, n_embd=128, block_size=64)
 TRAIN = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
 
 
-def tessera(threads, steps, warm):
+def tessera(threads, steps, warm, fused=True):
     binary = os.environ.get("TESSERA_HOST", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "tessera-host"))
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
 
     def run(n):
         out = subprocess.run(
             [binary, "train", "--config", "baby", "--backend", "cpu", "--data", DATA, "--steps", str(n),
-             "--batch", "12", "--eval-interval", "0", "--eval-iters", "1", "--json"],
+             "--batch", "12", "--eval-interval", "0", "--eval-iters", "1", "--json"]
+            + ([] if fused else ["--no-fused-kernels"]),
             env=env, check=True, capture_output=True, text=True,
         ).stdout.strip().splitlines()[-1]
         return json.loads(out)
@@ -77,13 +80,20 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warm", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
-    ours = tessera(a.threads, a.steps, a.warm)
-    theirs = pytorch(a.threads, a.steps, a.warm)
+    # This machine's speed drifts by tens of percent over minutes: the three are interleaved
+    # --repeat times and each figure is the median of its runs.
+    runs = [(tessera(a.threads, a.steps, a.warm), tessera(a.threads, a.steps, a.warm, fused=False),
+             pytorch(a.threads, a.steps, a.warm)) for _ in range(a.repeat)]
+    ours, composed, theirs = (statistics.median(r[i] for r in runs) for i in range(3))
     print(json.dumps({
-        "threads": a.threads, "steps": a.steps,
+        "threads": a.threads, "steps": a.steps, "repeat": a.repeat,
         "tessera_tokens_per_s": round(ours), "pytorch_tokens_per_s": round(theirs),
-        "ratio": round(ours / theirs, 3), "torch": torch.__version__,
+        "ratio": round(ours / theirs, 3),
+        "tessera_composed_ops_tokens_per_s": round(composed),
+        "ratio_composed": round(composed / theirs, 3),
+        "torch": torch.__version__,
     }))
 
 
