@@ -2,8 +2,9 @@
 //! row's log-sum-exp), one for the gradient `softmax − onehot`.
 
 use multiversion::multiversion;
+use multiversion::target::target_cfg_f;
 
-use super::math::{exp, for_each_chunk, map_indices, max, sum};
+use super::math::{exp_with, for_each_chunk, map_indices, max, sum};
 
 /// Rows per parallel task (fixed, so the loss sums in the same order on any thread count).
 const ROWS: usize = 64;
@@ -55,11 +56,12 @@ pub fn backward(logits: &[f32], targets: &[usize], lse: &[f32], grad: f32) -> Ve
 
 #[multiversion(targets = "simd")]
 fn log_sum_exp_rows(rows: &[f32], vocab: usize, lse: &mut [f32]) {
+    const FMA: bool = target_cfg_f!(target_feature = "fma");
     let mut e = vec![0.0f32; vocab];
     for (row, l) in rows.chunks_exact(vocab).zip(lse) {
         let m = max(row);
         for (e, &x) in e.iter_mut().zip(row) {
-            *e = exp(x - m);
+            *e = exp_with::<FMA>(x - m);
         }
         *l = m + sum(&e).ln();
     }
@@ -68,6 +70,7 @@ fn log_sum_exp_rows(rows: &[f32], vocab: usize, lse: &mut [f32]) {
 /// `d = g · softmax(x)` row by row, from each row's log-sum-exp.
 #[multiversion(targets = "simd")]
 fn softmax_rows(x: &[f32], lse: &[f32], g: f32, d: &mut [f32]) {
+    const FMA: bool = target_cfg_f!(target_feature = "fma");
     let vocab = x.len() / lse.len().max(1);
     for ((d, x), &l) in d
         .chunks_exact_mut(vocab)
@@ -75,7 +78,7 @@ fn softmax_rows(x: &[f32], lse: &[f32], g: f32, d: &mut [f32]) {
         .zip(lse)
     {
         for (d, &x) in d.iter_mut().zip(x) {
-            *d = exp(x - l) * g;
+            *d = exp_with::<FMA>(x - l) * g;
         }
     }
 }

@@ -1,8 +1,9 @@
 //! GELU (the exact, erf form: `x·Φ(x)`) forward and backward in one pass each.
 
 use multiversion::multiversion;
+use multiversion::target::target_cfg_f;
 
-use super::math::{erf, exp, for_each_chunk};
+use super::math::{erf_with, exp_with, for_each_chunk};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// `1 / sqrt(2π)`.
@@ -21,8 +22,9 @@ pub fn forward(x: &[f32]) -> Vec<f32> {
 
 #[multiversion(targets = "simd")]
 fn forward_chunk(x: &[f32], y: &mut [f32]) {
+    const FMA: bool = target_cfg_f!(target_feature = "fma");
     for (y, &x) in y.iter_mut().zip(x) {
-        *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+        *y = 0.5 * x * (1.0 + erf_with::<FMA>(x * FRAC_1_SQRT_2));
     }
 }
 
@@ -43,9 +45,10 @@ pub fn backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
 
 #[multiversion(targets = "simd")]
 fn backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    const FMA: bool = target_cfg_f!(target_feature = "fma");
     for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
-        let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-        let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
+        let cdf = 0.5 * (1.0 + erf_with::<FMA>(x * FRAC_1_SQRT_2));
+        let pdf = FRAC_1_SQRT_2PI * exp_with::<FMA>(-0.5 * x * x);
         *dx = g * (cdf + x * pdf);
     }
 }

@@ -6,22 +6,35 @@
 /// Branch-free and without a float-to-int conversion, so loops calling it vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    exp_with::<false>(x)
+}
+
+/// `a·b + c`, as one fused multiply-add when `FMA` (pass it only from code compiled with the
+/// `fma` target feature: elsewhere `mul_add` is a library call), else as a multiply and an add.
+#[inline(always)]
+pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// [`exp`] with its polynomial in fused multiply-adds when `FMA` (see [`madd`]).
+#[inline(always)]
+pub fn exp_with<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
     // Adding 1.5·2^23 rounds to the nearest integer n and leaves n in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.7);
-    let shifted = x * LOG2E + ROUND;
+    let shifted = madd::<FMA>(x, LOG2E, ROUND);
     let n = shifted - ROUND;
     let r = x - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let p = p * r * r + r + 1.0;
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 0.5);
+    let p = madd::<FMA>(p * r, r, r + 1.0);
     // 2^n from the integer bits: n is in [-126, 128] after the clamp.
     let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
     let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
@@ -81,27 +94,39 @@ fn fold(mut acc: [f32; LANES]) -> f32 {
 /// numerator over even degree-8 denominator on `[-4, 4]`, ±1 beyond), within a few ulp.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
+    erf_with::<false>(x)
+}
+
+/// [`erf`] with its polynomials in fused multiply-adds when `FMA` (see [`madd`]).
+#[inline(always)]
+pub fn erf_with<const FMA: bool>(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = -2.726_142_3e-10_f32;
-    p = p * x2 + 2.770_681_4e-8;
-    p = p * x2 + -2.101_024e-6;
-    p = p * x2 + -5.692_506_4e-5;
-    p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_6e-3;
-    p = p * x2 + -1.609_603_3e-2;
+    p = madd::<FMA>(p, x2, 2.770_681_4e-8);
+    p = madd::<FMA>(p, x2, -2.101_024e-6);
+    p = madd::<FMA>(p, x2, -5.692_506_4e-5);
+    p = madd::<FMA>(p, x2, -7.349_906_3e-4);
+    p = madd::<FMA>(p, x2, -2.954_6e-3);
+    p = madd::<FMA>(p, x2, -1.609_603_3e-2);
     let p = p * x;
     let mut q = -1.456_607_2e-5_f32;
-    q = q * x2 + -2.133_740_6e-4;
-    q = q * x2 + -1.682_827e-3;
-    q = q * x2 + -7.373_329e-3;
-    q = q * x2 + -1.426_474e-2;
+    q = madd::<FMA>(q, x2, -2.133_740_6e-4);
+    q = madd::<FMA>(q, x2, -1.682_827e-3);
+    q = madd::<FMA>(q, x2, -7.373_329e-3);
+    q = madd::<FMA>(q, x2, -1.426_474e-2);
     p / q
 }
 
 /// `Σ a[i]·b[i]` with [`LANES`] partial sums, combined in a fixed order.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_with::<false>(a, b)
+}
+
+/// [`dot`] in fused multiply-adds when `FMA` (see [`madd`]).
+#[inline(always)]
+pub fn dot_with<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0.0f32; LANES];
@@ -109,7 +134,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut cb = b.chunks_exact(LANES);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+            acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
         }
     }
     let mut tail = 0.0;
@@ -224,6 +249,21 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst:e}");
         assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
+    }
+
+    #[test]
+    fn fused_multiply_add_variants_are_as_accurate() {
+        for i in 0..=20_000 {
+            let x = -80.0 + i as f32 * 0.008;
+            let want = (x as f64).exp();
+            let rel = ((exp_with::<true>(x) as f64 - want) / want).abs();
+            assert!(rel < 3e-7, "exp({x}) off by {rel:e}");
+            let y = x / 16.0;
+            let err = (erf_with::<true>(y) as f64 - erf_f64(y as f64)).abs();
+            assert!(err < 5e-7, "erf({y}) off by {err:e}");
+        }
+        let v: Vec<f32> = (0..70).map(|i| i as f32 * 0.1).collect();
+        assert!((dot(&v, &v) - dot_with::<true>(&v, &v)).abs() < 1e-3);
     }
 
     #[test]
