@@ -121,12 +121,6 @@ pub fn erf_with<const FMA: bool>(x: f32) -> f32 {
 /// `Σ a[i]·b[i]` with [`LANES`] partial sums, combined in a fixed order.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot_with::<false>(a, b)
-}
-
-/// [`dot`] in fused multiply-adds when `FMA` (see [`madd`]).
-#[inline(always)]
-pub fn dot_with<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0.0f32; LANES];
@@ -134,7 +128,7 @@ pub fn dot_with<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut cb = b.chunks_exact(LANES);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for l in 0..LANES {
-            acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
+            acc[l] += x[l] * y[l];
         }
     }
     let mut tail = 0.0;
@@ -142,14 +136,6 @@ pub fn dot_with<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         tail += x * y;
     }
     fold(acc) + tail
-}
-
-/// `y += a·x`.
-#[inline(always)]
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
 }
 
 /// Runs `f(index, chunk)` over `data.chunks_mut(chunk)`, on rayon's pool when the `threads`
@@ -262,8 +248,6 @@ mod tests {
             let err = (erf_with::<true>(y) as f64 - erf_f64(y as f64)).abs();
             assert!(err < 5e-7, "erf({y}) off by {err:e}");
         }
-        let v: Vec<f32> = (0..70).map(|i| i as f32 * 0.1).collect();
-        assert!((dot(&v, &v) - dot_with::<true>(&v, &v)).abs() < 1e-3);
     }
 
     #[test]
@@ -289,14 +273,11 @@ mod tests {
     }
 
     #[test]
-    fn dot_and_axpy() {
+    fn dot_sums_products() {
         let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
         let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.1).collect();
         let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((dot(&a, &b) - want).abs() < 1e-3);
-        let mut y = b.clone();
-        axpy(2.0, &a, &mut y);
-        assert_eq!(y[3], b[3] + 2.0 * a[3]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! and a hand-written backward that replace the dozens of primitive ops (and intermediate
 //! buffers) autodiff otherwise records for them.
 //!
-//! - [`math`]: vectorisable `exp`, `erf`, `dot`, `axpy` and the row-parallel drivers;
+//! - [`math`]: vectorisable `exp`, `erf` (each also with fused multiply-adds), `sum`, `max`, `dot` and the row-parallel drivers;
 //! - [`gelu`], [`layer_norm`], [`attention`], [`cross_entropy`]: the kernels on plain slices,
 //!   each tested against a float64 reference and finite differences;
 //! - `ops` (with the `flex` feature): the burn backend extension that runs them for `Flex` and
