@@ -19,6 +19,7 @@ const tab = (window.tessera = {
   tokens: 0, losses: [], firstStepAtMs: null, joinClickedAtMs: null, loadedMs: null,
   errors: [], modelVersion: null, joined: false, receipts: 0, receiptsCheck: null,
   downloads: 0, downloadedBytes: 0, rebuilt: 0, rebuiltBytes: 0,
+  uploadedBytes: 0, gpuEncoded: 0,
 });
 
 let worker = null;
@@ -84,6 +85,10 @@ function onEvent(e) {
       break;
     case 'result':
       soon();
+      tab.uploadedBytes += e.update_bytes;
+      if (e.encoded_on_gpu) tab.gpuEncoded += 1;
+      $('uploads').textContent = `${(tab.uploadedBytes / 1e6).toFixed(2)} MB`
+        + (tab.gpuEncoded ? ` (${tab.gpuEncoded} encoded on the GPU)` : '');
       if (e.accepted) {
         if (e.receipt) keepReceipt(e.receipt);
         tab.accepted += 1;

@@ -202,6 +202,8 @@ struct Participant {
     optim: Option<AdamW>,
     /// What this host's lossy updates left out, added to its next one.
     feedback: ErrorFeedback,
+    /// Whether the last own update was encoded on the device (int8 / int4 on a GPU).
+    encoded_on_device: bool,
     keep_optimizer: bool,
     /// Training speed of the last unit (0 before the first): the capability sent in a hello.
     tokens_per_s: f32,
@@ -239,6 +241,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
         tokens_per_s: 0.0,
         optim: None,
         feedback: ErrorFeedback::default(),
+        encoded_on_device: false,
         keep_optimizer: args.keep_optimizer,
         throttle: args.throttle,
         verifier: args.verifier,
@@ -387,6 +390,8 @@ impl Participant {
                                 " (error feedback carried: norm {:.5})",
                                 self.feedback.norm()
                             )
+                        } else if self.encoded_on_device {
+                            " (encoded on the GPU)".to_string()
                         } else {
                             String::new()
                         }
@@ -583,7 +588,14 @@ impl Participant {
             };
             tokio::task::spawn_blocking(move || {
                 let mut last = Instant::now();
-                work::train(
+                // Its own units encoded where they train (int8 / int4 on a GPU); a
+                // re-execution reads the f32 pseudo-gradient, as the relay's does.
+                let train_fn = if verification {
+                    work::train
+                } else {
+                    work::train_and_encode
+                };
+                train_fn(
                     &device,
                     model_cfg,
                     &train,
@@ -611,14 +623,14 @@ impl Participant {
         );
         bar.set_message(unit.unit_id.to_string());
         let mut beat = tokio::time::interval(HEARTBEAT);
-        let (delta, first, last) = loop {
+        let (delta, encoded, first, last) = loop {
             tokio::select! {
                 r = &mut job => {
                     let t = r??;
                     if !verification {
                         self.optim = Some(t.optimizer);
                     }
-                    break (t.delta, t.loss_first, t.loss_last);
+                    break (t.delta, t.encoded, t.loss_first, t.loss_last);
                 }
                 _ = beat.tick() => {
                     let step = progress.load(Ordering::Relaxed);
@@ -640,7 +652,15 @@ impl Participant {
                 last,
             )
         } else {
-            let payload = self.feedback.encode(unit, &delta);
+            self.encoded_on_device = encoded.is_some();
+            let payload = match encoded {
+                // int8 / int4 carry no residual: encoded on the device, nothing to keep.
+                Some(payload) => {
+                    self.feedback.clear();
+                    payload
+                }
+                None => self.feedback.encode(unit, &delta),
+            };
             work::submission(
                 &self.secret,
                 unit,

@@ -149,13 +149,18 @@ pub fn start_relay(dir: &Path, port: u16, extra: &[&str]) -> Proc {
     p
 }
 
-/// A native participant joining the relay on `port`.
+/// A native participant joining the relay on `port`, on the CPU.
 pub fn start_host(dir: &Path, port: u16, name: &str, extra: &[&str]) -> Proc {
+    start_host_on(dir, port, name, "cpu", extra)
+}
+
+/// A native participant joining the relay on `port` with `backend` (`cpu`, `wgpu`).
+pub fn start_host_on(dir: &Path, port: u16, name: &str, backend: &str, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = vec![
         "join".into(),
         format!("ws://127.0.0.1:{port}/ws"),
         "--backend".into(),
-        "cpu".into(),
+        backend.into(),
         "--key".into(),
         dir.join(format!("{name}.key")).display().to_string(),
     ];

@@ -108,6 +108,9 @@ fn tab_trains_on_webgpu_and_its_update_is_accepted() {
     );
     assert!(t["accepted"].as_u64().unwrap() >= 1, "{t}");
     assert!(t["loss"].as_f64().unwrap().is_finite(), "{t}");
+    // The relay's default codec is int8: the tab encoded its update on the GPU (WGSL) and
+    // read back only the encoded bytes, which the relay accepted.
+    assert!(t["gpuEncoded"].as_u64().unwrap() >= 1, "{t}");
     let s = status(port);
     let me = browsers(&s)
         .into_iter()
@@ -146,6 +149,8 @@ fn tab_without_webgpu_trains_on_the_cpu_and_pause_and_leave_work() {
     );
     let t = tab.tab();
     assert_eq!(t["backend"], "wasm-cpu", "{t}");
+    // No GPU: its int8 updates were encoded on the CPU.
+    assert_eq!(t["gpuEncoded"], 0, "{t}");
     assert!(
         t["reason"]
             .as_str()

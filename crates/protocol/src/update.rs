@@ -338,6 +338,44 @@ impl Payload {
         }
     }
 
+    /// The payload of `len` values quantized elsewhere (a GPU, by `tessera-core`'s
+    /// `kernels::quantize`) as the int8 or int4 codec lays them out: the chunks' `scales`, then
+    /// the `codes` bytes. Only the sizes are checked here; the relay decodes it like any other.
+    pub fn from_quantized(
+        codec: Codec,
+        len: usize,
+        scales: &[f32],
+        codes: Vec<u8>,
+    ) -> Result<Self, Error> {
+        let (chunk, code_bytes) = match codec {
+            Codec::Int8 => (INT8_CHUNK, len),
+            Codec::Int4 => (INT4_CHUNK, len.div_ceil(2)),
+            Codec::F32 | Codec::Sparse { .. } => {
+                return Err(Error::BadUpdate(format!(
+                    "{codec} is not an absmax quantization"
+                )));
+            }
+        };
+        if scales.len() != len.div_ceil(chunk) || codes.len() != code_bytes {
+            return Err(Error::BadUpdate(format!(
+                "{codec} of {len} values needs {} scales and {code_bytes} code bytes, got {} and {}",
+                len.div_ceil(chunk),
+                scales.len(),
+                codes.len()
+            )));
+        }
+        let mut data = Vec::with_capacity(scales.len() * 4 + codes.len());
+        for s in scales {
+            data.extend_from_slice(&s.to_le_bytes());
+        }
+        data.extend_from_slice(&codes);
+        Ok(Payload {
+            codec,
+            len: len as u64,
+            data,
+        })
+    }
+
     /// Decodes the values, checking the length and that every value is finite. Never panics,
     /// whatever the bytes and the claimed length.
     pub fn decode(&self) -> Result<Vec<f32>, Error> {

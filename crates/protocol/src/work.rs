@@ -2,9 +2,13 @@
 //! pseudo-gradient is formed over its fragment, and how the result is signed. The native host
 //! and the browser both build their submissions here, so they cannot drift apart.
 
-use tessera_core::burn::prelude::Device;
+use tessera_core::burn::prelude::{Device, Tensor};
 use tessera_core::config::{ModelConfig, TrainConfig};
 use tessera_core::data::{Batch, BatchKey, Corpus, Split};
+use tessera_core::kernels::{
+    self,
+    quantize::{self, Format, Quantized},
+};
 use tessera_core::optim::AdamW;
 use tessera_core::params;
 use tessera_core::train::Trainer;
@@ -12,7 +16,7 @@ use tessera_core::train::Trainer;
 use crate::Error;
 use crate::identity;
 use crate::messages::{ModelChange, Submission, WorkUnit};
-use crate::update::Payload;
+use crate::update::{Codec, Payload};
 
 /// A model version as a participant trains from it: the flat weights, and the SHA-256 of the
 /// bytes they were decoded from (what the submission signs as its base).
@@ -137,8 +141,11 @@ pub fn lr_at(unit: &WorkUnit, step: u32) -> f64 {
 
 /// What training a unit produced.
 pub struct Trained {
-    /// The pseudo-gradient over the unit's fragment.
+    /// The pseudo-gradient over the unit's fragment (empty when [`Trained::encoded`] holds it).
     pub delta: Vec<f32>,
+    /// The pseudo-gradient already encoded with the unit's codec on the device it was trained
+    /// on (by [`train_and_encode`] on a wgpu / WebGPU device with an int8 or int4 codec).
+    pub encoded: Option<Payload>,
     /// Training loss of the first inner step.
     pub loss_first: f32,
     /// Training loss of the last inner step.
@@ -151,7 +158,8 @@ pub struct Trained {
 /// in `train`, the unit's batch size and learning-rate ramp) on the batches
 /// `(seed, shard, 0..inner_steps)`, starting from `optimizer` (a fresh one for a unit as the
 /// relay hands it out). `progress` hears each finished step. Blocks until done; the browser,
-/// which must not block, runs the same steps with asynchronous reads.
+/// which must not block, runs the same steps with asynchronous reads. The result holds the
+/// pseudo-gradient in f32.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     device: &Device,
@@ -161,13 +169,94 @@ pub fn train(
     base: &[f32],
     corpus: &Corpus,
     optimizer: AdamW,
+    progress: impl FnMut(u32),
+) -> Result<Trained, Error> {
+    train_unit(
+        device, model, train, unit, base, corpus, optimizer, progress, false,
+    )
+}
+
+/// As [`train`], for a participant's own submission: where the device can encode the unit's
+/// codec ([`encodes_on_device`]), the pseudo-gradient is encoded there and only the encoded
+/// bytes are read back ([`Trained::encoded`]); elsewhere it is read in f32 as by [`train`].
+#[allow(clippy::too_many_arguments)]
+pub fn train_and_encode(
+    device: &Device,
+    model: ModelConfig,
+    train: &TrainConfig,
+    unit: &WorkUnit,
+    base: &[f32],
+    corpus: &Corpus,
+    optimizer: AdamW,
+    progress: impl FnMut(u32),
+) -> Result<Trained, Error> {
+    train_unit(
+        device, model, train, unit, base, corpus, optimizer, progress, true,
+    )
+}
+
+/// The quantizer a codec encodes with on a device, if it has one there (int8 and int4; f32
+/// needs none and top-k has no GPU encoder yet).
+fn device_format(codec: Codec) -> Option<Format> {
+    match codec {
+        Codec::Int8 => Some(Format::INT8),
+        Codec::Int4 => Some(Format::INT4),
+        Codec::F32 | Codec::Sparse { .. } => None,
+    }
+}
+
+/// Whether a unit with `codec` trained on `device` is encoded where it was trained: int8 or
+/// int4 on a wgpu / WebGPU device, unless Tessera's kernels are switched off
+/// ([`tessera_core::kernels::set_enabled`], `--no-fused-kernels`).
+pub fn encodes_on_device(codec: Codec, device: &Device) -> bool {
+    device_format(codec).is_some() && kernels::enabled() && quantize::supported(device)
+}
+
+/// The pseudo-gradient `before − after` over `unit`'s fragment of two flat weight tensors on
+/// a device, quantized there with the unit's codec (`None` when [`encodes_on_device`] says
+/// no). Read it with [`Quantized::read`] / [`Quantized::read_async`], then
+/// [`Payload::from_quantized`].
+pub fn quantize_on_device(
+    unit: &WorkUnit,
+    before: Tensor<1>,
+    after: Tensor<1>,
+) -> Result<Option<Quantized>, Error> {
+    let format = match device_format(unit.codec) {
+        Some(f) if encodes_on_device(unit.codec, &before.device()) => f,
+        _ => return Ok(None),
+    };
+    let n = before.dims()[0];
+    if after.dims()[0] != n {
+        return Err(Error::BadUpdate(format!(
+            "trained model has {} parameters, base {n}",
+            after.dims()[0]
+        )));
+    }
+    let range = unit.fragment.range(n)?;
+    let delta = before.slice(range.clone()) - after.slice(range);
+    Ok(quantize::quantize(delta, format))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_unit(
+    device: &Device,
+    model: ModelConfig,
+    train: &TrainConfig,
+    unit: &WorkUnit,
+    base: &[f32],
+    corpus: &Corpus,
+    optimizer: AdamW,
     mut progress: impl FnMut(u32),
+    encode: bool,
 ) -> Result<Trained, Error> {
     let mut train = train.clone();
     train.batch_size = unit.batch_size as usize;
     let mut trainer = Trainer::with_weights(model, train, device, base)
         .map_err(|e| Error::Training(e.to_string()))?;
     trainer.set_optimizer(optimizer);
+    // The weights as uploaded, kept on the device for the pseudo-gradient there.
+    let before = (encode && encodes_on_device(unit.codec, device))
+        .then(|| params::flat_tensor(trainer.model()));
     let read = |t: tessera_core::burn::prelude::Tensor<1>| -> Result<f32, Error> {
         let v: Vec<f32> = t
             .into_data()
@@ -188,9 +277,27 @@ pub fn train(
         }
         progress(step + 1);
     }
-    let delta = pseudo_gradient(unit, base, &params::to_vec(trainer.model()))?;
+    let quantized = match before {
+        Some(before) => quantize_on_device(unit, before, params::flat_tensor(trainer.model()))?,
+        None => None,
+    };
+    let (delta, encoded) = match quantized {
+        Some(q) => {
+            let len = q.len();
+            let (scales, codes) = q.read().map_err(|e| Error::Training(e.to_string()))?;
+            (
+                Vec::new(),
+                Some(Payload::from_quantized(unit.codec, len, &scales, codes)?),
+            )
+        }
+        None => (
+            pseudo_gradient(unit, base, &params::to_vec(trainer.model()))?,
+            None,
+        ),
+    };
     Ok(Trained {
         delta,
+        encoded,
         loss_first,
         loss_last,
         optimizer: trainer.take_optimizer(),

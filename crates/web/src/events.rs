@@ -94,6 +94,11 @@ pub enum Event {
         /// The relay's signed receipt when accepted: one JSON line, as the native host keeps
         /// them in its `receipts.jsonl` (the page keeps them; `checkReceipts` checks them).
         receipt: Option<String>,
+        /// Bytes of the encoded update sent.
+        update_bytes: u64,
+        /// Whether the update was encoded on the GPU (int8 / int4 on WebGPU), so that only
+        /// its encoded bytes were read back.
+        encoded_on_gpu: bool,
     },
     /// A unit was given up (paused past its lease, or leaving).
     Abandoned {

@@ -13,7 +13,7 @@ use tessera_core::params;
 use tessera_core::train::Trainer;
 use tessera_protocol::feedback::ErrorFeedback;
 use tessera_protocol::messages::{Hello, ParticipantKind, RunInfo, WorkUnit};
-use tessera_protocol::update::Fragment;
+use tessera_protocol::update::{Fragment, Payload};
 use tessera_protocol::{ClientMsg, PROTOCOL_VERSION, ServerMsg, identity, work};
 use wasm_bindgen::prelude::*;
 
@@ -411,11 +411,19 @@ async fn session(shared: &Rc<Shared>) -> Result<(), String> {
         let secs = trained.step_ms.iter().sum::<f64>() / 1000.0;
         let tokens = work::tokens(&unit, &run.model);
         shared.state.borrow_mut().tokens_per_s = (tokens as f64 / secs.max(1e-3)) as f32;
-        let payload = shared
-            .state
-            .borrow_mut()
-            .feedback
-            .encode(&unit, &trained.delta);
+        let encoded_on_gpu = trained.encoded.is_some();
+        let payload = {
+            let feedback = &mut shared.state.borrow_mut().feedback;
+            match trained.encoded {
+                // Encoded on the GPU (int8 / int4): no residual to keep.
+                Some(payload) => {
+                    feedback.clear();
+                    payload
+                }
+                None => feedback.encode(&unit, &trained.delta),
+            }
+        };
+        let update_bytes = payload.data.len() as u64;
         let submission = work::submission(
             &shared.secret,
             &unit,
@@ -457,6 +465,8 @@ async fn session(shared: &Rc<Shared>) -> Result<(), String> {
             loss_before: trained.losses[0],
             loss_after: *trained.losses.last().expect("at least one step"),
             receipt,
+            update_bytes,
+            encoded_on_gpu,
         });
     }
 }
@@ -569,7 +579,10 @@ async fn fetch_weights(
 
 /// What a trained unit produced.
 struct Trained {
+    /// The pseudo-gradient in f32 (empty when `encoded` holds it).
     delta: Vec<f32>,
+    /// The pseudo-gradient encoded on the GPU with the unit's codec (int8 / int4 on WebGPU).
+    encoded: Option<Payload>,
     losses: Vec<f32>,
     step_ms: Vec<f64>,
 }
@@ -590,6 +603,9 @@ async fn train_unit(
     train.batch_size = unit.batch_size as usize;
     let mut trainer =
         Trainer::with_weights(run.model, train, device, base).map_err(|e| e.to_string())?;
+    // The weights as uploaded, kept on the GPU when the update is encoded there.
+    let before =
+        work::encodes_on_device(unit.codec, device).then(|| params::flat_tensor(trainer.model()));
     // The lease lasts this long after each heartbeat (the relay renews it by that much).
     let lease_ms = (unit.deadline_ms as f64 - now_ms()).max(2_000.0);
     let mut last_beat = now_ms();
@@ -664,12 +680,30 @@ async fn train_unit(
         // A CPU step never yields on its own: let the worker hear the page between steps.
         sleep(0).await;
     }
+    if let Some(before) = before
+        && let Some(q) =
+            work::quantize_on_device(unit, before, params::flat_tensor(trainer.model()))
+                .map_err(|e| e.to_string())?
+    {
+        // Only the encoded bytes cross back from the GPU.
+        let len = q.len();
+        let (scales, codes) = q.read_async().await.map_err(|e| e.to_string())?;
+        let payload =
+            Payload::from_quantized(unit.codec, len, &scales, codes).map_err(|e| e.to_string())?;
+        return Ok(Some(Trained {
+            delta: Vec::new(),
+            encoded: Some(payload),
+            losses,
+            step_ms,
+        }));
+    }
     let trained = params::to_vec_async(trainer.model())
         .await
         .map_err(|e| e.to_string())?;
     let delta = work::pseudo_gradient(unit, base, &trained).map_err(|e| e.to_string())?;
     Ok(Some(Trained {
         delta,
+        encoded: None,
         losses,
         step_ms,
     }))

@@ -7,7 +7,9 @@
 //! - [`gelu`], [`layer_norm`], [`attention`], [`cross_entropy`]: the kernels on plain slices,
 //!   each tested against a float64 reference and finite differences;
 //! - `ops` (with the `flex` feature): the burn backend extension that runs them for `Flex` and
-//!   registers their backward for `Autodiff<Flex>`.
+//!   registers their backward for `Autodiff<Flex>`;
+//! - [`quantize`] (with the `wgpu` feature): absmax int8 / int4 quantization on a wgpu or
+//!   WebGPU device by the WGSL kernel in `shaders/`, for updates encoded where they live.
 //!
 //! The functions below are what the model calls. On a `flex` device with f32 tensors they run
 //! the fused kernels; on any other device (wgpu / WebGPU) or when fusion is switched off with
@@ -20,6 +22,7 @@ pub mod layer_norm;
 pub mod math;
 #[cfg(feature = "flex")]
 mod ops;
+pub mod quantize;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
