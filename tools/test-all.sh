@@ -26,6 +26,8 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --workspace --bins
 tools/build-web.sh
 CARGO_PROFILE_RELEASE_DEBUG=false cargo clippy --release --target wasm32-unknown-unknown -p tessera-web -- -D warnings
+# The CPU-only build (the threaded bundle's code, without the nightly-only atomics).
+CARGO_PROFILE_RELEASE_DEBUG=false cargo clippy --release --target wasm32-unknown-unknown -p tessera-web --no-default-features -- -D warnings
 # The official openai client, for the completions API test (in a venv beside the build).
 py="$(realpath -m "${CARGO_TARGET_DIR:-target}")/py"
 [ -x "$py/bin/python" ] || python3 -m venv "$py"

@@ -1,7 +1,8 @@
 // The page: Join / Pause / Leave for this tab's participant (which trains in web/worker.js),
 // this tab's receipts (kept, downloadable, checked against the signed ledger), and the shared
 // model's state from /api/status. `window.tessera` holds what the page shows,
-// for tests and kiosks; `?autojoin=1` joins on load, `?backend=auto|webgpu|cpu` picks the backend.
+// for tests and kiosks; `?autojoin=1` joins on load, `?backend=auto|webgpu|cpu` picks the backend,
+// `?threads=N` how many CPU threads CPU training may use (default: every core; 1: one thread).
 import { drawChart } from '/web/chart.js';
 
 const $ = id => document.getElementById(id);
@@ -19,7 +20,7 @@ const tab = (window.tessera = {
   tokens: 0, losses: [], firstStepAtMs: null, joinClickedAtMs: null, loadedMs: null,
   errors: [], modelVersion: null, joined: false, receipts: 0, receiptsCheck: null,
   downloads: 0, downloadedBytes: 0, rebuilt: 0, rebuiltBytes: 0,
-  uploadedBytes: 0, gpuEncoded: 0,
+  uploadedBytes: 0, gpuEncoded: 0, threads: null, threadsReason: null,
 });
 
 let worker = null;
@@ -48,6 +49,9 @@ function onEvent(e) {
   switch (e.type) {
     case 'loaded':
       tab.loadedMs = e.ms;
+      break;
+    case 'threads':
+      Object.assign(tab, { threads: e.threads, threadsReason: e.reason });
       break;
     case 'identity':
       tab.participantId = e.participantId;
@@ -145,7 +149,10 @@ function join() {
   setState('starting');
   worker.postMessage({
     cmd: 'join',
-    options: { relay: location.origin, backend: $('backend').value, secret: localStorage.getItem(KEY) },
+    options: {
+      relay: location.origin, backend: $('backend').value, secret: localStorage.getItem(KEY),
+      ...(params.has('threads') ? { threads: Number(params.get('threads')) } : {}),
+    },
   });
 }
 
@@ -288,13 +295,21 @@ async function refreshRevenue() {
     (tab.participantId ? `; yours: ${fmt(mine)}` : '');
 }
 
-// The bench hook (?bench=1): trains one named unit in this window and returns its
+// The bench hook (?bench=1): trains one named unit in a worker and returns its
 // pseudo-gradient (base64 of little-endian f32) and step times; see tests/src/bin.
 if (params.get('bench') === '1') {
   window.tesseraBench = async opts => {
-    const wasm = await import('/pkg/tessera_web.js');
-    await wasm.default();
-    const r = await wasm.benchUnit({ relay: location.origin, ...opts });
+    // In a worker of its own, as a participant trains (opts.threads > 1: the threaded CPU
+    // bundle with a pool of that many workers).
+    const w = new Worker('/web/worker.js', { type: 'module' });
+    const r = await new Promise((resolve, reject) => {
+      w.onmessage = ({ data }) => {
+        if (data.type === 'bench') resolve(data.result);
+        if (data.type === 'fatal') reject(new Error(data.message));
+      };
+      w.postMessage({ cmd: 'bench', opts: { relay: location.origin, ...opts } });
+    });
+    w.terminate();
     const info = (await navigator.gpu?.requestAdapter())?.info;
     const adapter = info ? [info.description, info.vendor, info.architecture].filter(Boolean).join(' / ') : null;
     const bytes = new Uint8Array(r.delta.buffer);

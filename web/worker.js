@@ -2,12 +2,49 @@
 // drives the one Participant handle, and checks the receipts the page kept against the relay's
 // signed ledger (checkReceipts). Training runs here so the page stays responsive; every
 // event goes to the page with postMessage.
-import init, { Participant, checkReceipts } from '/pkg/tessera_web.js';
-
+//
+// Two bundles: /pkg (WebGPU, or the CPU on one thread) and /pkg/threads (CPU only, flex's
+// kernels on a pool of Web Workers sharing the module's memory; needs SharedArrayBuffer, so a
+// cross-origin isolated page, which the relay's headers make it). CPU training takes the
+// threaded one when it loads, and the single-threaded one otherwise.
 let participant = null;
-let loading = null;
+let single = null;
+let threaded = null;
 const post = event => self.postMessage(event);
-const load = () => (loading ??= init());
+
+// The single-threaded bundle: WebGPU, the one-thread CPU path, and the receipts check.
+function loadSingle() {
+  return (single ??= import('/pkg/tessera_web.js').then(async m => { await m.default(); return m; }));
+}
+
+// The threaded bundle with a pool of `threads` workers, or null (not isolated, not built, or
+// failed to start) with the reason posted.
+function loadThreaded(threads) {
+  return (threaded ??= (async () => {
+    if (!(threads > 1)) {
+      post({ type: 'threads', threads: 1, reason: 'one CPU thread (one core, or ?threads=1)' });
+      return null;
+    }
+    if (!self.crossOriginIsolated || typeof SharedArrayBuffer === 'undefined') {
+      post({ type: 'threads', threads: 1, reason: 'the page is not cross-origin isolated: one CPU thread' });
+      return null;
+    }
+    try {
+      const m = await import('/pkg/threads/tessera_web.js');
+      await m.default();
+      await m.initThreadPool(threads);
+      post({ type: 'threads', threads, reason: `${threads} CPU threads (Web Workers)` });
+      return m;
+    } catch (e) {
+      post({ type: 'threads', threads: 1, reason: `no threaded bundle (${(e && e.message) || e}): one CPU thread` });
+      return null;
+    }
+  })());
+}
+
+// Whether this join will train on the CPU (the same rule as the participant's own choice).
+const trainsOnCpu = (backend, adapter) =>
+  backend === 'cpu' || (backend !== 'webgpu' && (!adapter || adapter.isFallbackAdapter));
 
 async function probeAdapter() {
   if (!navigator.gpu) return null;
@@ -29,10 +66,11 @@ async function probeAdapter() {
 async function join(options) {
   if (!participant) {
     const t0 = performance.now();
-    await load();
     const adapter = await probeAdapter();
+    const threads = options.threads ?? navigator.hardwareConcurrency ?? 1;
+    const wasm = (trainsOnCpu(options.backend, adapter) && (await loadThreaded(threads))) || (await loadSingle());
     post({ type: 'loaded', ms: performance.now() - t0, adapter });
-    participant = new Participant({ ...options, adapter }, post);
+    participant = new wasm.Participant({ ...options, adapter }, post);
     post({ type: 'identity', secret: participant.secret, participantId: participant.participantId });
   }
   participant.resume();
@@ -46,10 +84,19 @@ self.onmessage = async ({ data }) => {
       case 'pause': participant?.pause(); break;
       case 'resume': participant?.resume(); break;
       case 'leave': participant?.leave(); break;
+      case 'bench': {
+        // The bench hook's unit (see app.js), here so that a threaded run blocks a worker, as
+        // a participant does, not the page's thread (which may only spin).
+        const threads = data.opts.threads ?? 1;
+        const wasm = threads > 1 ? await loadThreaded(threads) : await loadSingle();
+        if (!wasm) throw new Error('the threaded bundle did not start');
+        post({ type: 'bench', result: await wasm.benchUnit(data.opts) });
+        break;
+      }
       case 'check-receipts':
-        await load();
         try {
-          post({ type: 'receipts-check', report: await checkReceipts(data.relay, data.receipts) });
+          const wasm = await loadSingle();
+          post({ type: 'receipts-check', report: await wasm.checkReceipts(data.relay, data.receipts) });
         } catch (e) {
           post({ type: 'receipts-check', error: String((e && e.message) || e) });
         }

@@ -156,6 +156,12 @@ impl Browser {
 
     /// Calls a DevTools method and returns its result.
     pub fn call(&mut self, method: &str, params: Value) -> Value {
+        self.try_call(method, params)
+            .unwrap_or_else(|e| panic!("{method} failed: {e}"))
+    }
+
+    /// Calls a DevTools method: its result, or its error.
+    fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
         let id = self.next_id;
         self.next_id += 1;
         let msg = json!({"id": id, "method": method, "params": params});
@@ -168,19 +174,32 @@ impl Browser {
             let v: Value = serde_json::from_str(&text).expect("DevTools JSON");
             if v["id"] == id {
                 if let Some(e) = v.get("error") {
-                    panic!("{method} failed: {e}");
+                    return Err(e.clone());
                 }
-                return v["result"].clone();
+                return Ok(v["result"].clone());
             }
         }
     }
 
-    /// Evaluates `expr` in the page (awaiting a promise) and returns its JSON value.
+    /// Evaluates `expr` in the page (awaiting a promise) and returns its JSON value. While the
+    /// page is still being swapped into its own process (the relay's cross-origin isolation
+    /// headers make the first navigation do that) there is no context yet: it waits for one.
     pub fn eval(&mut self, expr: &str) -> Value {
-        let r = self.call(
-            "Runtime.evaluate",
-            json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
-        );
+        let params = json!({"expression": expr, "returnByValue": true, "awaitPromise": true});
+        let end = Instant::now() + Duration::from_secs(30);
+        let r = loop {
+            match self.try_call("Runtime.evaluate", params.clone()) {
+                Ok(r) => break r,
+                Err(e)
+                    if Instant::now() < end
+                        && e.to_string()
+                            .contains("Cannot find default execution context") =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("Runtime.evaluate failed: {e}"),
+            }
+        };
         if let Some(e) = r.get("exceptionDetails") {
             panic!("{expr} threw: {e}");
         }

@@ -159,6 +159,20 @@ fn tab_without_webgpu_trains_on_the_cpu_and_pause_and_leave_work() {
     assert_eq!(t["backend"], "wasm-cpu", "{t}");
     // No GPU: its int8 updates were encoded on the CPU.
     assert_eq!(t["gpuEncoded"], 0, "{t}");
+    // Every core: the threaded bundle with one Web Worker a core (the relay's headers make the
+    // page cross-origin isolated); without that bundle (no nightly toolchain where it was
+    // built), one thread, saying so.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if web_bundle().join("threads/tessera_web_bg.wasm").exists() && cores > 1 {
+        // navigator.hardwareConcurrency: every core Chromium sees.
+        let threads = t["threads"].as_u64().unwrap_or(0);
+        assert!(threads >= 2, "{t}");
+        assert_eq!(t["device"], format!("CPU (WASM, {threads} threads)"), "{t}");
+    } else {
+        eprintln!("NOTE: no threaded bundle in web/pkg/threads: checking the one-thread fallback");
+        assert_eq!(t["threads"], 1, "{t}");
+        assert_eq!(t["device"], "CPU (WASM, 1 thread)", "{t}");
+    }
     assert!(
         t["reason"]
             .as_str()

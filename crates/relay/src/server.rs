@@ -81,6 +81,16 @@ pub fn router(relay: Arc<Relay>, bundle: &std::path::Path) -> Router {
         .route("/api/ledger/proof/{unit}", get(ledger_proof))
         .route("/api/ledger/consistency", get(ledger_consistency))
         .with_state(relay)
+        // Cross-origin isolation, so the tab may share memory between Web Workers (the
+        // threaded CPU bundle's SharedArrayBuffer); the page loads nothing from elsewhere.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::HeaderName::from_static("cross-origin-opener-policy"),
+            header::HeaderValue::from_static("same-origin"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::HeaderName::from_static("cross-origin-embedder-policy"),
+            header::HeaderValue::from_static("require-corp"),
+        ))
 }
 
 /// Serves until the process ends.

@@ -15,6 +15,8 @@
 //!   against the relay's signed ledger, in the tab;
 //! - the browser's I/O: a WebSocket speaking the wire protocol ([`socket`]), `fetch` for the
 //!   model and corpus, timers ([`platform`]).
+//! - with feature `threads` (the bundle in `web/pkg/threads`), `initThreadPool`: flex's
+//!   kernels on a rayon pool of Web Workers, used when the page is cross-origin isolated.
 //!
 //! Reads of tensor values are always asynchronous (`into_data_async`): WebGPU in a browser
 //! cannot block. On a native target the crate is empty.
@@ -28,6 +30,10 @@ pub mod receipts;
 pub mod socket;
 
 pub use participant::{Participant, bench_unit};
+/// The threaded bundle's `initThreadPool(n)`: starts n Web Workers sharing this module's memory
+/// as rayon's global pool, which flex's CPU kernels then use (see `web/worker.js`).
+#[cfg(feature = "threads")]
+pub use wasm_bindgen_rayon::init_thread_pool;
 
 use wasm_bindgen::prelude::*;
 

@@ -222,16 +222,17 @@ impl Participant {
     }
 }
 
+/// The CPU device's name: WASM and how many threads flex's kernels run on.
+fn cpu_name() -> String {
+    match tessera_core::kernels::threads() {
+        1 => "CPU (WASM, 1 thread)".to_string(),
+        n => format!("CPU (WASM, {n} threads)"),
+    }
+}
+
 /// Starts the device for the requested backend, saying why it was chosen.
 async fn pick_device(options: &Options) -> Result<(Device, String, String, String), String> {
-    let cpu = |reason: String| {
-        (
-            Device::flex(),
-            WASM_CPU.to_string(),
-            "CPU (WASM, 1 thread)".to_string(),
-            reason,
-        )
-    };
+    let cpu = |reason: String| (Device::flex(), WASM_CPU.to_string(), cpu_name(), reason);
     let adapter = options.adapter.clone();
     match (options.backend.as_str(), &adapter) {
         ("cpu", _) => return Ok(cpu("CPU requested".into())),
@@ -249,6 +250,7 @@ async fn pick_device(options: &Options) -> Result<(Device, String, String, Strin
         }
         _ => {} // WebGPU requested, or auto with a hardware adapter
     }
+    #[cfg(feature = "webgpu")]
     match Device::wgpu_options().init_async().await {
         Ok(device) => {
             let name = adapter.map(|a| a.name()).unwrap_or_else(|| "WebGPU".into());
@@ -258,6 +260,12 @@ async fn pick_device(options: &Options) -> Result<(Device, String, String, Strin
             "WebGPU failed to start ({e:?}): training on the CPU"
         ))),
         Err(e) => Err(format!("WebGPU failed to start: {e:?}")),
+    }
+    #[cfg(not(feature = "webgpu"))]
+    if options.backend == "auto" {
+        Ok(cpu("this bundle has no WebGPU: training on the CPU".into()))
+    } else {
+        Err("WebGPU requested from the CPU-only bundle".into())
     }
 }
 

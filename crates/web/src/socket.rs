@@ -68,10 +68,12 @@ impl Socket {
         }
     }
 
-    /// Sends one message.
+    /// Sends one message. The bytes are copied into a JavaScript buffer first: the threaded
+    /// bundle's memory is a SharedArrayBuffer, which `WebSocket.send` refuses to read from.
     pub fn send(&self, msg: &ClientMsg) -> Result<(), String> {
+        let frame = js_sys::Uint8Array::from(encode(msg).as_slice());
         self.ws
-            .send_with_u8_array(&encode(msg))
+            .send_with_array_buffer(&frame.buffer())
             .map_err(|e| format!("sending to the relay: {}", describe(e)))
     }
 

@@ -77,7 +77,14 @@ fn warm_mean(ms: &[f64]) -> f64 {
     w.iter().sum::<f64>() / w.len() as f64
 }
 
-fn in_tab(port: u16, backend: &str, steps: u32, batch: u32) -> (Vec<f32>, Vec<f64>, Value) {
+/// One unit in a tab; `threads` > 1 trains on the threaded CPU bundle with that many workers.
+fn in_tab(
+    port: u16,
+    backend: &str,
+    threads: usize,
+    steps: u32,
+    batch: u32,
+) -> (Vec<f32>, Vec<f64>, Value) {
     let dir = tempfile::tempdir().unwrap();
     let mut tab = Browser::open(
         &format!("http://127.0.0.1:{port}/?bench=1"),
@@ -89,7 +96,7 @@ fn in_tab(port: u16, backend: &str, steps: u32, batch: u32) -> (Vec<f32>, Vec<f6
         tab.eval("typeof window.tesseraBench") == "function"
     });
     let opts = json!({"backend": backend, "version": 0, "shard": SHARD, "steps": steps,
-        "batch": batch, "lr": LR});
+        "batch": batch, "lr": LR, "threads": threads});
     let r = tab.eval(&format!("window.tesseraBench({opts})"));
     let r: Value = serde_json::from_str(r.as_str().expect("bench result")).unwrap();
     let bytes = base64::engine::general_purpose::STANDARD
@@ -185,9 +192,23 @@ fn main() {
     let (d_wgpu, ms_wgpu, l_wgpu) = native(&wgpu, &run, &unit, &base, &corpus);
     let (d_cpu, ms_cpu, l_cpu) = native(&Device::flex(), &run, &unit, &base, &corpus);
     eprintln!("native done; tab on WebGPU…");
-    let (d_tab_gpu, ms_tab_gpu, r_gpu) = in_tab(port, "webgpu", steps, batch);
+    let (d_tab_gpu, ms_tab_gpu, r_gpu) = in_tab(port, "webgpu", 1, steps, batch);
     eprintln!("tab on the WASM CPU backend…");
-    let (d_tab_cpu, ms_tab_cpu, r_cpu) = in_tab(port, "cpu", steps, batch);
+    let (d_tab_cpu, ms_tab_cpu, r_cpu) = in_tab(port, "cpu", 1, steps, batch);
+    // As many workers as the native host's rayon threads (every core).
+    let threads = tessera_core::kernels::threads();
+    let threaded = bundle.join("threads/tessera_web_bg.wasm").exists();
+    let (d_tab_mt, ms_tab_mt, r_mt) = if threaded {
+        eprintln!("tab on the threaded WASM CPU bundle ({threads} workers)…");
+        in_tab(port, "cpu", threads, steps, batch)
+    } else {
+        eprintln!("no threaded bundle (web/pkg/threads): skipping that row");
+        (
+            d_tab_cpu.clone(),
+            vec![f64::NAN; ms_tab_cpu.len()],
+            Value::Null,
+        )
+    };
     eprintln!("page load to first step…");
     let (first_auto, t_auto) = first_step(port, "", Gpu::WebGpu);
     let (first_gpu, t_gpu) = first_step(port, "&backend=webgpu", Gpu::WebGpu);
@@ -199,6 +220,7 @@ fn main() {
         "tab_webgpu_adapter": r_gpu["device"],
         "cosine_tab_webgpu_vs_native_wgpu": work::cosine(&d_tab_gpu, &d_wgpu),
         "cosine_tab_cpu_vs_native_cpu": work::cosine(&d_tab_cpu, &d_cpu),
+        "cosine_tab_cpu_threads_vs_native_cpu": work::cosine(&d_tab_mt, &d_cpu),
         "cosine_native_wgpu_vs_native_cpu": work::cosine(&d_wgpu, &d_cpu),
         // What the relay's re-execution (flex on its CPU) sees of each backend's result of the
         // same unit: the spread its tolerance must allow.
@@ -210,12 +232,16 @@ fn main() {
         "ms_per_step_warm": {
             "tab_webgpu": warm_mean(&ms_tab_gpu), "native_wgpu": warm_mean(&ms_wgpu),
             "tab_wasm_cpu": warm_mean(&ms_tab_cpu), "native_cpu": warm_mean(&ms_cpu),
+            "tab_wasm_cpu_threads": warm_mean(&ms_tab_mt),
         },
+        "threads": threads,
         "first_step_ms": {"tab_webgpu": ms_tab_gpu[0], "native_wgpu": ms_wgpu[0]},
         "speed_ratio_tab_webgpu_over_native_wgpu": warm_mean(&ms_wgpu) / warm_mean(&ms_tab_gpu),
         "speed_ratio_tab_cpu_over_native_cpu": warm_mean(&ms_cpu) / warm_mean(&ms_tab_cpu),
+        "speed_ratio_tab_cpu_threads_over_native_cpu": warm_mean(&ms_cpu) / warm_mean(&ms_tab_mt),
         "losses": {"tab_webgpu": r_gpu["losses"], "native_wgpu": l_wgpu,
-                   "tab_cpu": r_cpu["losses"], "native_cpu": l_cpu},
+                   "tab_cpu": r_cpu["losses"], "tab_cpu_threads": r_mt["losses"],
+                   "native_cpu": l_cpu},
         "page_load_to_first_step_ms": {
             "auto": {"ms": first_auto, "backend": t_auto["backend"], "wasm_load_ms": t_auto["loadedMs"]},
             "webgpu": {"ms": first_gpu, "backend": t_gpu["backend"], "wasm_load_ms": t_gpu["loadedMs"]},

@@ -213,7 +213,7 @@ pub fn quantize(values: Tensor<1>, format: Format) -> Option<Quantized> {
     }
     #[cfg(not(feature = "wgpu"))]
     {
-        let _ = len;
+        let _ = (len, format);
         None
     }
 }
