@@ -299,8 +299,8 @@ async function refreshRevenue() {
 // pseudo-gradient (base64 of little-endian f32) and step times; see tests/src/bin.
 if (params.get('bench') === '1') {
   window.tesseraBench = async opts => {
-    // In a worker of its own, as a participant trains (opts.threads > 1: the threaded CPU
-    // bundle with a pool of that many workers).
+    // In a worker of its own, as a participant trains (opts.threaded: the threaded CPU
+    // bundle with a pool of opts.threads workers).
     const w = new Worker('/web/worker.js', { type: 'module' });
     const r = await new Promise((resolve, reject) => {
       w.onmessage = ({ data }) => {

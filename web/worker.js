@@ -30,9 +30,7 @@ function loadThreaded(threads) {
       return null;
     }
     try {
-      const m = await import('/pkg/threads/tessera_web.js');
-      await m.default();
-      await m.initThreadPool(threads);
+      const m = await startThreaded(threads);
       post({ type: 'threads', threads, reason: `${threads} CPU threads (Web Workers)` });
       return m;
     } catch (e) {
@@ -40,6 +38,14 @@ function loadThreaded(threads) {
       return null;
     }
   })());
+}
+
+// The threaded bundle with a rayon pool of `threads` workers.
+async function startThreaded(threads) {
+  const m = await import('/pkg/threads/tessera_web.js');
+  await m.default();
+  await m.initThreadPool(threads);
+  return m;
 }
 
 // Whether this join will train on the CPU (the same rule as the participant's own choice).
@@ -87,9 +93,9 @@ self.onmessage = async ({ data }) => {
       case 'bench': {
         // The bench hook's unit (see app.js), here so that a threaded run blocks a worker, as
         // a participant does, not the page's thread (which may only spin).
-        const threads = data.opts.threads ?? 1;
-        const wasm = threads > 1 ? await loadThreaded(threads) : await loadSingle();
-        if (!wasm) throw new Error('the threaded bundle did not start');
+        // opts.threaded: the threaded bundle with opts.threads workers (1 too: what the
+        // shared-memory build costs without a second worker).
+        const wasm = data.opts.threaded ? await startThreaded(data.opts.threads) : await loadSingle();
         post({ type: 'bench', result: await wasm.benchUnit(data.opts) });
         break;
       }

@@ -77,7 +77,8 @@ fn warm_mean(ms: &[f64]) -> f64 {
     w.iter().sum::<f64>() / w.len() as f64
 }
 
-/// One unit in a tab; `threads` > 1 trains on the threaded CPU bundle with that many workers.
+/// One unit in a tab; `threads` > 0 trains on the threaded CPU bundle with that many workers,
+/// 0 on the single-threaded bundle.
 fn in_tab(
     port: u16,
     backend: &str,
@@ -96,7 +97,7 @@ fn in_tab(
         tab.eval("typeof window.tesseraBench") == "function"
     });
     let opts = json!({"backend": backend, "version": 0, "shard": SHARD, "steps": steps,
-        "batch": batch, "lr": LR, "threads": threads});
+        "batch": batch, "lr": LR, "threads": threads, "threaded": threads > 0});
     let r = tab.eval(&format!("window.tesseraBench({opts})"));
     let r: Value = serde_json::from_str(r.as_str().expect("bench result")).unwrap();
     let bytes = base64::engine::general_purpose::STANDARD
@@ -192,9 +193,9 @@ fn main() {
     let (d_wgpu, ms_wgpu, l_wgpu) = native(&wgpu, &run, &unit, &base, &corpus);
     let (d_cpu, ms_cpu, l_cpu) = native(&Device::flex(), &run, &unit, &base, &corpus);
     eprintln!("native done; tab on WebGPU…");
-    let (d_tab_gpu, ms_tab_gpu, r_gpu) = in_tab(port, "webgpu", 1, steps, batch);
+    let (d_tab_gpu, ms_tab_gpu, r_gpu) = in_tab(port, "webgpu", 0, steps, batch);
     eprintln!("tab on the WASM CPU backend…");
-    let (d_tab_cpu, ms_tab_cpu, r_cpu) = in_tab(port, "cpu", 1, steps, batch);
+    let (d_tab_cpu, ms_tab_cpu, r_cpu) = in_tab(port, "cpu", 0, steps, batch);
     // As many workers as the native host's rayon threads (every core).
     let threads = tessera_core::kernels::threads();
     let threaded = bundle.join("threads/tessera_web_bg.wasm").exists();
@@ -208,6 +209,13 @@ fn main() {
             vec![f64::NAN; ms_tab_cpu.len()],
             Value::Null,
         )
+    };
+    // The same bundle with one worker: what shared memory and atomics cost on their own.
+    let ms_tab_mt1 = if threaded {
+        eprintln!("tab on the threaded WASM CPU bundle (1 worker)…");
+        in_tab(port, "cpu", 1, steps, batch).1
+    } else {
+        vec![f64::NAN; ms_tab_cpu.len()]
     };
     eprintln!("page load to first step…");
     let (first_auto, t_auto) = first_step(port, "", Gpu::WebGpu);
@@ -233,6 +241,7 @@ fn main() {
             "tab_webgpu": warm_mean(&ms_tab_gpu), "native_wgpu": warm_mean(&ms_wgpu),
             "tab_wasm_cpu": warm_mean(&ms_tab_cpu), "native_cpu": warm_mean(&ms_cpu),
             "tab_wasm_cpu_threads": warm_mean(&ms_tab_mt),
+            "tab_wasm_cpu_threaded_bundle_1_worker": warm_mean(&ms_tab_mt1),
         },
         "threads": threads,
         "first_step_ms": {"tab_webgpu": ms_tab_gpu[0], "native_wgpu": ms_wgpu[0]},
