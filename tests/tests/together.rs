@@ -187,3 +187,114 @@ fn the_guard_rolls_a_harmful_version_back_and_the_run_continues() {
         .unwrap();
     assert_eq!(kind, "rollback");
 }
+
+/// Model shards: with `--fragments 2 --fragment-schedule spread`, two native participants hold
+/// units on different fragments of the same version at once, each uploads its fragment only,
+/// each fragment takes its own outer steps and the model learns; a relay killed mid-run
+/// resumes with the same fragments, and a restart that asks for other fragments is refused.
+#[test]
+fn fragment_units_from_two_participants_advance_different_fragments() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let args = ["--fragments", "2", "--fragment-schedule", "spread"];
+    let mut relay = start_relay(dir.path(), port, &args);
+    let _hosts: Vec<Proc> = (0..2)
+        .map(|i| start_host(dir.path(), port, &format!("h{i}"), &[]))
+        .collect();
+    wait_until(
+        Duration::from_secs(120),
+        "two participants on different fragments of one version",
+        || {
+            let s = status(port);
+            let leases = s["leases"].as_array().unwrap().clone();
+            leases.iter().any(|a| {
+                leases.iter().any(|b| {
+                    a["participant"] != b["participant"]
+                        && a["base_version"] == b["base_version"]
+                        && a["fragment_offset"] != b["fragment_offset"]
+                })
+            })
+        },
+    );
+    wait_until(Duration::from_secs(120), "version 12", || {
+        u(&status(port)["model_version"]) >= 12
+    });
+    let s = status(port);
+    let frags = s["fragments"].as_array().unwrap();
+    assert_eq!(frags.len(), 2, "{s}");
+    let (len0, len1) = (u(&frags[0]["len"]), u(&frags[1]["len"]));
+    assert_eq!(u(&frags[0]["offset"]), 0);
+    assert_eq!(u(&frags[1]["offset"]), len0);
+    let tiny = tessera_core::config::ModelConfig::named("tiny").unwrap();
+    assert_eq!((len0 + len1) as usize, tiny.num_params(), "{s}");
+    for f in frags {
+        assert!(u(&f["outer_steps"]) >= 6, "a fragment fell behind: {s}");
+    }
+    for p in s["participants"].as_array().unwrap() {
+        assert!(u(&p["accepted_updates"]) >= 3, "{p}");
+    }
+    let h = history(&s);
+    let (first, last) = (h[0].1, h.last().unwrap().1);
+    assert!(last < first - 1.0, "did not learn: {first} -> {last}");
+
+    relay.kill9();
+    // Every accepted update covers one fragment, and both fragments came from both hosts.
+    let db = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
+    // (The relay drops a payload once its version is written: what is left is pending.)
+    let rows: Vec<(String, i64, i64, Option<i64>)> = db
+        .prepare("SELECT participant, frag_offset, frag_len, length(payload) FROM updates")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (_, offset, len, bytes) in &rows {
+        let want = if *offset == 0 { len0 } else { len1 } as i64;
+        assert_eq!(*len, want, "{rows:?}");
+        assert!(bytes.is_none_or(|b| b == 4 * want), "{rows:?}");
+    }
+    let hosts: std::collections::BTreeSet<&String> = rows.iter().map(|r| &r.0).collect();
+    for host in hosts {
+        let offsets: std::collections::BTreeSet<i64> =
+            rows.iter().filter(|r| &r.0 == host).map(|r| r.1).collect();
+        assert_eq!(
+            offsets.len(),
+            2,
+            "{host} trained one fragment only: {rows:?}"
+        );
+    }
+    let version: i64 = db
+        .query_row("SELECT MAX(version) FROM versions", [], |r| r.get(0))
+        .unwrap();
+    drop(db);
+
+    // Other fragments are another run: refused, with the reason.
+    let mut other = Proc::spawn(
+        &bin("tessera-relay"),
+        &[
+            "--listen".to_string(),
+            format!("127.0.0.1:{}", free_port()),
+            "--db".into(),
+            dir.path().join("relay.db").display().to_string(),
+            "--checkpoints".into(),
+            dir.path().join("checkpoints").display().to_string(),
+            "--fragments".into(),
+            "1".into(),
+        ],
+        dir.path().join("refused.log"),
+    );
+    let exit = other.wait_exit(Duration::from_secs(60));
+    assert!(
+        exit.is_some_and(|e| !e.success()) && other.output().contains("different run"),
+        "{exit:?}: {}",
+        other.output()
+    );
+
+    let _relay = start_relay(dir.path(), port, &args);
+    let s = status(port);
+    assert!(u(&s["model_version"]) >= version as u64, "{s}");
+    assert_eq!(s["fragments"].as_array().unwrap().len(), 2, "{s}");
+    wait_until(Duration::from_secs(120), "the run continues", || {
+        u(&status(port)["model_version"]) >= version as u64 + 3
+    });
+}

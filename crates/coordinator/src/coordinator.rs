@@ -65,8 +65,13 @@ pub struct Config {
     pub outer_momentum: f32,
     /// Updates whose L2 norm exceeds this are rejected as out of bounds.
     pub max_update_norm: f64,
-    /// The parameters each unit covers.
-    pub fragment: Fragment,
+    /// The fragments of the model that units train, disjoint (Streaming DiLoCo's groups of
+    /// blocks): a unit trains one of them with the rest frozen and uploads its pseudo-gradient
+    /// only. Each fragment has its own outer step: a round steps every fragment it holds
+    /// updates for, each averaged over its own updates. `[Fragment::ALL]`: whole-model units.
+    pub fragments: Vec<Fragment>,
+    /// Which fragment a new unit trains.
+    pub fragment_schedule: FragmentSchedule,
     /// How participants encode their updates (int8: 3.9x fewer bytes, no measurable loss
     /// penalty; see BENCHMARKS.md).
     pub codec: Codec,
@@ -114,7 +119,8 @@ impl Config {
             outer_lr: 0.7,
             outer_momentum: 0.9,
             max_update_norm: 1e4,
-            fragment: Fragment::ALL,
+            fragments: vec![Fragment::ALL],
+            fragment_schedule: FragmentSchedule::Rotate,
             codec: Codec::Int8,
             version_codec: None,
             max_version: None,
@@ -145,6 +151,29 @@ impl Config {
     /// Tokens of a unit of `steps` inner steps.
     pub fn unit_tokens(&self, steps: u32) -> u64 {
         steps as u64 * self.step_tokens()
+    }
+}
+
+/// Which fragment a new unit trains, when the model is split into several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FragmentSchedule {
+    /// Fragment `version mod F`: every unit based on one version trains the same fragment, so
+    /// a version changes one fragment (its download is that fragment's) and each fragment's
+    /// step averages all of the round's updates (Streaming DiLoCo's staggered syncs).
+    Rotate,
+    /// The fragment with the fewest units leased at the current version: participants train
+    /// different fragments side by side and each version changes all of them.
+    Spread,
+}
+
+impl FragmentSchedule {
+    /// `rotate` or `spread`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "rotate" => Some(Self::Rotate),
+            "spread" => Some(Self::Spread),
+            _ => None,
+        }
     }
 }
 
@@ -409,6 +438,8 @@ struct Member {
 #[derive(Debug, Default)]
 struct Round {
     sum: Vec<f32>,
+    /// What was folded into each fragment.
+    by_fragment: Vec<FragmentSum>,
     weight: f64,
     updates: usize,
     tokens: u64,
@@ -419,6 +450,14 @@ struct Round {
     /// Units accepted while it was open and held for re-execution: the round counts them and
     /// waits for their verdict.
     held: BTreeSet<u64>,
+}
+
+/// What the open round folded into one fragment.
+#[derive(Debug, Default, Clone, Copy)]
+struct FragmentSum {
+    weight: f64,
+    tokens: u64,
+    updates: usize,
 }
 
 /// The coordinator's state.
@@ -451,8 +490,12 @@ pub struct Coordinator {
     checks: Checks,
     /// The previous round's average pseudo-gradient: the center of the clipping.
     center: Vec<f32>,
-    /// Recent distances of updates from the center.
-    distances: VecDeque<f64>,
+    /// Recent distances of updates from the center, by fragment.
+    distances: Vec<VecDeque<f64>>,
+    /// Each fragment's `[start, end)` in the parameter vector.
+    ranges: Vec<std::ops::Range<usize>>,
+    /// Outer steps taken by each fragment.
+    fragment_steps: Vec<u64>,
     /// Ledger changes for the shell to persist.
     outbox: Vec<LedgerChange>,
     /// Rejections by reason.
@@ -509,6 +552,20 @@ impl Coordinator {
             "weights and momentum differ in length"
         );
         let n = params.len();
+        let ranges: Vec<_> = cfg
+            .fragments
+            .iter()
+            .map(|f| f.range(n).expect("every fragment lies in the model"))
+            .collect();
+        assert!(!ranges.is_empty(), "at least one fragment");
+        let mut sorted = ranges.clone();
+        sorted.sort_by_key(|r| r.start);
+        assert!(
+            sorted.windows(2).all(|w| w[0].end <= w[1].start)
+                && sorted.iter().all(|r| !r.is_empty()),
+            "fragments are disjoint and not empty"
+        );
+        let fragments = ranges.len();
         let guard = Guard::new(cfg.guard);
         Coordinator {
             cfg,
@@ -521,6 +578,7 @@ impl Coordinator {
             free: VecDeque::new(),
             round: Round {
                 sum: vec![0.0; n],
+                by_fragment: vec![FragmentSum::default(); fragments],
                 ..Round::default()
             },
             members: BTreeMap::new(),
@@ -535,7 +593,9 @@ impl Coordinator {
             held: BTreeMap::new(),
             checks: Checks::default(),
             center: vec![0.0; n],
-            distances: VecDeque::new(),
+            distances: vec![VecDeque::new(); fragments],
+            ranges,
+            fragment_steps: vec![0; fragments],
             outbox: Vec::new(),
             rejections: BTreeMap::new(),
             clipped_total: 0,
@@ -956,7 +1016,7 @@ impl Coordinator {
             lr: self.cfg.inner_lr_at(self.tokens_applied),
             warmup_steps: self.cfg.warmup_steps.min(steps / 2),
             seed: self.cfg.seed,
-            fragment: self.cfg.fragment,
+            fragment: self.cfg.fragments[self.next_fragment()],
             codec: self.cfg.codec,
             deadline_ms: now + self.cfg.lease_ms,
         };
@@ -1053,10 +1113,14 @@ impl Coordinator {
             }
         }
         let range = self
-            .cfg
-            .fragment
-            .range(self.params.len())
-            .map_err(|e| reject(RejectReason::Malformed, e.to_string()))?;
+            .fragment_index(&lease.unit.fragment)
+            .map(|f| self.ranges[f].clone())
+            .ok_or_else(|| {
+                reject(
+                    RejectReason::Malformed,
+                    "the unit's fragment is not one of this run's",
+                )
+            })?;
         if delta.len() != range.len() {
             return Err(reject(
                 RejectReason::Malformed,
@@ -1258,7 +1322,16 @@ impl Coordinator {
                     tokens: held.tokens,
                     weight: held.tokens as f32 / (1 + staleness) as f32,
                 };
-                self.fold(participant, unit_id, &held.delta, verdict, by_relay, now);
+                let fragment = self.fragment_of(&held.unit.fragment, held.delta.len());
+                self.fold(
+                    participant,
+                    unit_id,
+                    fragment,
+                    &held.delta,
+                    verdict,
+                    by_relay,
+                    now,
+                );
             }
             self.outbox.push(LedgerChange::Verified {
                 participant: participant.to_string(),
@@ -1287,17 +1360,17 @@ impl Coordinator {
     /// and out of the weights and momentum of closed rounds (which makes a new version at the
     /// next settlement). Returns their units.
     fn revert(&mut self, id: &str) -> Vec<u64> {
-        let range = self
-            .cfg
-            .fragment
-            .range(self.params.len())
-            .expect("checked fragment");
         let (open, closed) = self.parts.take(id);
         self.parts.reverted += (open.len() + closed.len()) as u64;
         let mut units = Vec::new();
         for p in open {
             let r = &mut self.round;
-            aggregate::fold(&mut r.sum[range.clone()], &p.values, -p.weight);
+            let range = self.ranges[p.fragment].clone();
+            aggregate::fold(&mut r.sum[range], &p.values, -p.weight);
+            let f = &mut r.by_fragment[p.fragment];
+            f.weight -= p.weight as f64;
+            f.tokens -= p.tokens;
+            f.updates -= 1;
             r.weight -= p.weight as f64;
             r.updates -= 1;
             r.tokens -= p.tokens;
@@ -1307,6 +1380,7 @@ impl Coordinator {
         let r = &mut self.round;
         if r.updates == 0 {
             r.sum.iter_mut().for_each(|s| *s = 0.0);
+            r.by_fragment.fill(FragmentSum::default());
             r.weight = 0.0;
             if r.held.is_empty() {
                 r.started_ms = None;
@@ -1316,10 +1390,8 @@ impl Coordinator {
             r.members.remove(id);
         }
         for p in closed {
-            p.undo(
-                &mut self.params[range.clone()],
-                &mut self.momentum[range.clone()],
-            );
+            let range = self.ranges[p.fragment].clone();
+            p.undo(&mut self.params[range.clone()], &mut self.momentum[range]);
             self.tokens_applied = self.tokens_applied.saturating_sub(p.tokens);
             self.revised = true;
             units.push(p.unit_id);
@@ -1806,16 +1878,83 @@ impl Coordinator {
                 self.round.held.insert(unit_id);
                 self.round.started_ms.get_or_insert(now);
             }
-            _ => self.fold(id, unit_id, delta, verdict, false, now),
+            lease => {
+                let fragment = match &lease {
+                    Some(l) => self.fragment_of(&l.unit.fragment, delta.len()),
+                    None => self.fragment_of(&Fragment::ALL, delta.len()),
+                };
+                self.fold(id, unit_id, fragment, delta, verdict, false, now)
+            }
         }
         let closed = self.round_full(now).then(|| self.close_round());
         Accepted { verdict, closed }
     }
 
-    /// Folds an already-accepted update into the open round without any check or counting
-    /// (restart: the ledger already counts it).
-    pub fn replay(&mut self, id: &str, unit_id: u64, delta: &[f32], verdict: Verdict, now: u64) {
-        self.fold(id, unit_id, delta, verdict, false, now);
+    /// Folds an already-accepted update of `fragment` into the open round without any check
+    /// or counting (restart: the ledger already counts it).
+    pub fn replay(
+        &mut self,
+        id: &str,
+        unit_id: u64,
+        fragment: &Fragment,
+        delta: &[f32],
+        verdict: Verdict,
+        now: u64,
+    ) {
+        let fragment = self.fragment_of(fragment, delta.len());
+        self.fold(id, unit_id, fragment, delta, verdict, false, now);
+    }
+
+    /// The index of `fragment` among the run's, if it is one of them.
+    fn fragment_index(&self, fragment: &Fragment) -> Option<usize> {
+        if self.cfg.fragments.len() == 1 && *fragment == Fragment::ALL {
+            return Some(0);
+        }
+        self.cfg.fragments.iter().position(|f| f == fragment)
+    }
+
+    /// The index of an accepted update's fragment: its unit's, or else the first of its length
+    /// (the update was checked against its lease, so one matches).
+    fn fragment_of(&self, fragment: &Fragment, len: usize) -> usize {
+        self.fragment_index(fragment)
+            .or_else(|| self.ranges.iter().position(|r| r.len() == len))
+            .expect("an accepted update fits one of the run's fragments")
+    }
+
+    /// The fragment a new unit trains (see [`FragmentSchedule`]).
+    fn next_fragment(&self) -> usize {
+        let n = self.ranges.len();
+        if n == 1 {
+            return 0;
+        }
+        match self.cfg.fragment_schedule {
+            FragmentSchedule::Rotate => (self.version % n as u64) as usize,
+            FragmentSchedule::Spread => {
+                let mut units: Vec<usize> =
+                    self.round.by_fragment.iter().map(|f| f.updates).collect();
+                for l in self.leases.values() {
+                    if l.unit.base_version == self.version
+                        && let Some(i) = self.fragment_index(&l.unit.fragment)
+                    {
+                        units[i] += 1;
+                    }
+                }
+                let v = self.version as usize;
+                (0..n)
+                    .min_by_key(|&i| (units[i], (i + n - v % n) % n))
+                    .expect("at least one fragment")
+            }
+        }
+    }
+
+    /// The run's fragments as `[start, end)` ranges of the parameter vector, and the outer
+    /// steps each has taken (its own version count).
+    pub fn fragments(&self) -> Vec<(std::ops::Range<usize>, u64)> {
+        self.ranges
+            .iter()
+            .cloned()
+            .zip(self.fragment_steps.iter().copied())
+            .collect()
     }
 
     /// Adds an update to the open round: its distance from the previous round's average is
@@ -1823,33 +1962,32 @@ impl Coordinator {
     /// recent distances, so that no single update moves the average far, whatever it holds.
     /// An update not `verified` yet is remembered ([`Parts`]) until its credit is granted, so
     /// that a ban can take it out of the model again.
+    #[allow(clippy::too_many_arguments)]
     fn fold(
         &mut self,
         id: &str,
         unit_id: u64,
+        fragment: usize,
         delta: &[f32],
         verdict: Verdict,
         verified: bool,
         now: u64,
     ) {
-        let range = self
-            .cfg
-            .fragment
-            .range(self.params.len())
-            .expect("checked fragment");
+        let range = self.ranges[fragment].clone();
         let center = &self.center[range.clone()];
         let clip = self.cfg.screen.clip;
         let clipped;
         let delta = if self.cfg.screen.enabled && clip > 0.0 {
             let distance = aggregate::distance(delta, center);
-            let tau = (self.distances.len() >= self.cfg.screen.norm_min_history).then(|| {
-                let mut d: Vec<f64> = self.distances.iter().copied().collect();
+            let distances = &mut self.distances[fragment];
+            let tau = (distances.len() >= self.cfg.screen.norm_min_history).then(|| {
+                let mut d: Vec<f64> = distances.iter().copied().collect();
                 d.sort_by(f64::total_cmp);
                 clip * d[d.len() / 2]
             });
-            self.distances.push_back(distance);
-            while self.distances.len() > self.cfg.screen.norm_window.max(1) {
-                self.distances.pop_front();
+            distances.push_back(distance);
+            while distances.len() > self.cfg.screen.norm_window.max(1) {
+                distances.pop_front();
             }
             match tau {
                 Some(tau) if distance > tau && distance > 0.0 => {
@@ -1864,9 +2002,19 @@ impl Coordinator {
         };
         aggregate::fold(&mut self.round.sum[range], delta, verdict.weight);
         if self.cfg.screen.enabled && self.cfg.screen.revert_memory > 0 && !verified {
-            self.parts
-                .fold(id, unit_id, verdict.tokens, verdict.weight, delta.to_vec());
+            self.parts.fold(
+                id,
+                unit_id,
+                fragment,
+                verdict.tokens,
+                verdict.weight,
+                delta.to_vec(),
+            );
         }
+        let f = &mut self.round.by_fragment[fragment];
+        f.weight += verdict.weight as f64;
+        f.tokens += verdict.tokens;
+        f.updates += 1;
         self.round.weight += verdict.weight as f64;
         self.round.updates += 1;
         self.round.tokens += verdict.tokens;
@@ -1882,48 +2030,79 @@ impl Coordinator {
     }
 
     fn close_round(&mut self) -> u64 {
-        let range = self
-            .cfg
-            .fragment
-            .range(self.params.len())
-            .expect("checked fragment");
-        let norm = if self.cfg.absolute_staleness_discount {
-            self.round.tokens as f64
+        // Each fragment with updates takes its own outer step on its own average.
+        let norms: Vec<Option<f64>> = self
+            .round
+            .by_fragment
+            .iter()
+            .map(|f| {
+                let norm = if self.cfg.absolute_staleness_discount {
+                    f.tokens as f64
+                } else {
+                    f.weight
+                };
+                (f.weight > 0.0 && norm > 0.0).then_some(norm)
+            })
+            .collect();
+        let stepped: Vec<usize> = (0..norms.len()).filter(|&f| norms[f].is_some()).collect();
+        if stepped.is_empty() {
+            self.parts.discard_open();
         } else {
-            self.round.weight
-        };
-        if self.round.weight > 0.0 && norm > 0.0 {
             let lr = self.outer_lr();
-            let inv = (1.0 / norm) as f32;
-            let g: Vec<f32> = self.round.sum[range.clone()]
-                .iter()
-                .map(|s| s * inv)
-                .collect();
-            self.center[range.clone()].copy_from_slice(&g);
+            let mu = self.cfg.outer_momentum;
+            let average = |f: usize| -> Vec<f32> {
+                let inv = (1.0 / norms[f].expect("a stepped fragment")) as f32;
+                self.round.sum[self.ranges[f].clone()]
+                    .iter()
+                    .map(|s| s * inv)
+                    .collect()
+            };
             match self.cfg.version_codec {
-                None => aggregate::nesterov_step(
-                    &mut self.params[range.clone()],
-                    &mut self.momentum[range.clone()],
-                    &g,
-                    lr,
-                    self.cfg.outer_momentum,
-                ),
+                None => {
+                    for &f in &stepped {
+                        let g = average(f);
+                        let range = self.ranges[f].clone();
+                        self.center[range.clone()].copy_from_slice(&g);
+                        aggregate::nesterov_step(
+                            &mut self.params[range.clone()],
+                            &mut self.momentum[range],
+                            &g,
+                            lr,
+                            mu,
+                        );
+                    }
+                }
                 Some(codec) => {
-                    let mut step = aggregate::nesterov_direction(
-                        &mut self.momentum[range.clone()],
-                        &g,
-                        lr,
-                        self.cfg.outer_momentum,
-                    );
-                    if self.step_residual.len() == step.len() {
-                        for (s, r) in step.iter_mut().zip(&self.step_residual) {
-                            *s += r;
-                        }
+                    // One encoded change over the span of the fragments that moved (what a
+                    // participant downloads), with the error feedback of every earlier step.
+                    let hull = stepped
+                        .iter()
+                        .map(|&f| self.ranges[f].clone())
+                        .reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
+                        .expect("a stepped fragment");
+                    let mut step = vec![0.0f32; hull.len()];
+                    for &f in &stepped {
+                        let g = average(f);
+                        let range = self.ranges[f].clone();
+                        self.center[range.clone()].copy_from_slice(&g);
+                        let d = aggregate::nesterov_direction(
+                            &mut self.momentum[range.clone()],
+                            &g,
+                            lr,
+                            mu,
+                        );
+                        step[range.start - hull.start..range.end - hull.start].copy_from_slice(&d);
+                    }
+                    if self.step_residual.len() != self.params.len() {
+                        self.step_residual = vec![0.0; self.params.len()];
+                    }
+                    for (s, r) in step.iter_mut().zip(&self.step_residual[hull.clone()]) {
+                        *s += r;
                     }
                     let payload = tessera_protocol::update::Payload::encode(codec, &step);
                     // The outer step is finite (its updates were checked), so it decodes.
                     let sent = payload.decode().expect("an encoded outer step decodes");
-                    for ((p, s), q) in self.params[range.clone()]
+                    for ((p, s), q) in self.params[hull.clone()]
                         .iter_mut()
                         .zip(&mut step)
                         .zip(&sent)
@@ -1931,23 +2110,24 @@ impl Coordinator {
                         *p -= q;
                         *s -= q;
                     }
-                    self.step_residual = step;
+                    self.step_residual[hull.clone()].copy_from_slice(&step);
                     self.change = Some(VersionChange {
                         version: self.version + 1,
-                        offset: range.start as u64,
+                        offset: hull.start as u64,
                         payload,
                     });
                 }
             }
+            for &f in &stepped {
+                self.fragment_steps[f] += 1;
+            }
             self.parts.close(
                 self.version + 1,
-                norm,
+                &norms,
                 lr,
-                self.cfg.outer_momentum,
+                mu,
                 self.cfg.screen.revert_memory,
             );
-        } else {
-            self.parts.discard_open();
         }
         self.revised = false;
         self.tokens_applied += self.round.tokens;
@@ -2001,6 +2181,7 @@ impl Coordinator {
 
     fn clear_round(&mut self) {
         self.round.sum.iter_mut().for_each(|s| *s = 0.0);
+        self.round.by_fragment.fill(FragmentSum::default());
         self.round.weight = 0.0;
         self.round.updates = 0;
         self.round.tokens = 0;
@@ -2272,6 +2453,163 @@ mod tests {
             exact.momentum(),
             "the momentum is never quantised"
         );
+    }
+
+    fn two_fragments(schedule: FragmentSchedule) -> Config {
+        Config {
+            fragments: vec![
+                Fragment { offset: 0, len: 2 },
+                Fragment { offset: 2, len: 4 },
+            ],
+            fragment_schedule: schedule,
+            ..cfg()
+        }
+    }
+
+    /// Fragment units from two participants advance different fragments: each fragment takes
+    /// its own step on the average of its own updates, a delta of the wrong fragment's length
+    /// is refused, and rotation gives every unit of a version the same fragment.
+    #[test]
+    fn fragment_units_from_two_participants_advance_different_fragments() {
+        let mut c = coord_with(two_fragments(FragmentSchedule::Spread), 6);
+        join(&mut c, "a");
+        join(&mut c, "b");
+        let ua = unit(&mut c, "a", 0);
+        let ub = unit(&mut c, "b", 0);
+        assert_eq!(ua.fragment, Fragment { offset: 0, len: 2 });
+        assert_eq!(ub.fragment, Fragment { offset: 2, len: 4 });
+        let wrong = submit(&mut c, "a", &ua, &[0.1; 6], 5).unwrap_err();
+        assert_eq!(wrong.reason, RejectReason::Malformed);
+        let ua = unit(&mut c, "a", 6);
+        submit(&mut c, "a", &ua, &[0.5, 0.5], 10).unwrap();
+        let closed = submit(&mut c, "b", &ub, &[0.1, 0.2, 0.3, 0.4], 20).unwrap();
+        assert_eq!(closed.closed, Some(1));
+        // outer lr 1, no momentum: each fragment minus its own average, not half of it.
+        let want = [0.5, 0.5, 0.9, 0.8, 0.7, 0.6];
+        for (p, w) in c.params().iter().zip(want) {
+            assert!((p - w).abs() < 1e-6, "{:?}", c.params());
+        }
+        assert_eq!(c.fragments(), vec![(0..2, 1), (2..6, 1)]);
+
+        // Rotation: version 1's units all train fragment 1; fragment 0 stays as it was.
+        let mut c = coord_with(two_fragments(FragmentSchedule::Rotate), 6);
+        join(&mut c, "a");
+        join(&mut c, "b");
+        for v in 0..3u64 {
+            let ua = unit(&mut c, "a", 100 * v);
+            let ub = unit(&mut c, "b", 100 * v);
+            let f = c.cfg.fragments[v as usize % 2];
+            assert_eq!((ua.fragment, ub.fragment), (f, f), "version {v}");
+            let before = c.params().to_vec();
+            let d = vec![0.25; f.len as usize];
+            submit(&mut c, "a", &ua, &d, 100 * v + 10).unwrap();
+            submit(&mut c, "b", &ub, &d, 100 * v + 20).unwrap();
+            assert_eq!(c.version(), v + 1);
+            let range = f.range(6).unwrap();
+            for (i, (now, was)) in c.params().iter().zip(&before).enumerate() {
+                assert_eq!(now != was, range.contains(&i), "version {v}, parameter {i}");
+            }
+        }
+        assert_eq!(c.fragments(), vec![(0..2, 2), (2..6, 1)]);
+    }
+
+    /// Under momentum, a fragment that takes no step keeps its momentum (its own outer state),
+    /// and a version's encoded change covers only the fragment that moved.
+    #[test]
+    fn each_fragment_keeps_its_own_momentum_and_its_change_covers_it_alone() {
+        let mut c = coord_with(
+            Config {
+                outer_lr: 0.7,
+                outer_momentum: 0.9,
+                version_codec: Some(Codec::Int8),
+                ..two_fragments(FragmentSchedule::Rotate)
+            },
+            6,
+        );
+        join(&mut c, "a");
+        join(&mut c, "b");
+        let mut momentum0 = Vec::new();
+        for v in 0..2u64 {
+            let ua = unit(&mut c, "a", 100 * v);
+            let ub = unit(&mut c, "b", 100 * v);
+            let d = vec![0.25; ua.fragment.len as usize];
+            let old = c.params().to_vec();
+            submit(&mut c, "a", &ua, &d, 100 * v + 10).unwrap();
+            submit(&mut c, "b", &ub, &d, 100 * v + 20).unwrap();
+            let change = c.change(v + 1).unwrap().clone();
+            assert_eq!(change.offset, ua.fragment.offset);
+            assert_eq!(change.payload.len, ua.fragment.len);
+            let decoded = change.payload.decode().unwrap();
+            let start = change.offset as usize;
+            for (i, d) in decoded.iter().enumerate() {
+                assert_eq!(old[start + i] - d, c.params()[start + i], "rebuilt exactly");
+            }
+            if v == 0 {
+                momentum0 = c.momentum()[0..2].to_vec();
+                assert!(momentum0.iter().all(|m| *m != 0.0));
+            }
+        }
+        assert_eq!(
+            c.momentum()[0..2],
+            momentum0[..],
+            "fragment 0 took no step at version 2"
+        );
+        assert!(c.momentum()[2..].iter().all(|m| *m != 0.0));
+    }
+
+    /// A ban takes a participant's fragment updates back out of the right fragment, under
+    /// momentum: the model ends as if its updates had been zero.
+    #[test]
+    fn a_ban_takes_fragment_updates_out_of_their_own_fragment() {
+        let run = |with_b: bool| {
+            let mut c = coord_with(
+                Config {
+                    screen: ScreenConfig {
+                        enabled: true,
+                        reexecute_first: 0,
+                        clip: 0.0,
+                        grant_after_rounds: 100,
+                        ..ScreenConfig::default()
+                    },
+                    outer_lr: 0.7,
+                    outer_momentum: 0.9,
+                    fragments: vec![
+                        Fragment { offset: 0, len: 2 },
+                        Fragment { offset: 2, len: 2 },
+                    ],
+                    fragment_schedule: FragmentSchedule::Spread,
+                    ..cfg()
+                },
+                4,
+            );
+            join(&mut c, "a");
+            join(&mut c, "b");
+            let mut last_b = None;
+            for r in 0..3u64 {
+                let t = 100 * r;
+                let ua = unit(&mut c, "a", t);
+                let ub = unit(&mut c, "b", t);
+                assert_ne!(ua.fragment, ub.fragment);
+                submit(&mut c, "a", &ua, &[0.2, -0.1], t + 10).unwrap();
+                let d = if with_b { [3.0, 2.0] } else { [0.0, 0.0] };
+                submit(&mut c, "b", &ub, &d, t + 20).unwrap();
+                last_b = Some(ub.unit_id);
+            }
+            (c, last_b.unwrap())
+        };
+        let (mut c, audited) = run(true);
+        assert_eq!(c.version(), 3);
+        c.reexecuted("b", audited, false, "cosine 0.2", 500);
+        let (clean, _) = run(false);
+        for i in 0..4 {
+            assert!(
+                (c.params()[i] - clean.params()[i]).abs() < 1e-5
+                    && (c.momentum()[i] - clean.momentum()[i]).abs() < 1e-5,
+                "{:?} vs {:?}",
+                c.params(),
+                clean.params()
+            );
+        }
     }
 
     #[test]

@@ -20,6 +20,9 @@
 //!   (the grace), so units start fresh; `lockstep` makes that wait unbounded (synchronous DiLoCo);
 //! - each unit starts a fresh AdamW with a short learning-rate warmup, so a unit is a pure
 //!   function of what the lease names and can be re-executed by anyone;
+//! - the model may be split into fragments (groups of blocks, Streaming DiLoCo's shards): a
+//!   unit then trains one fragment with the rest frozen and uploads that fragment only, and
+//!   each fragment takes its own outer step with its own momentum ([`FragmentSchedule`]);
 //! - the [`guard`] rolls back to the last good version when an evaluated version is clearly
 //!   worse than the recent best, and damps the next outer steps.
 //!
@@ -53,8 +56,8 @@ pub mod screen;
 
 pub use checks::RelayCheck;
 pub use coordinator::{
-    Accepted, Config, Coordinator, Event, Held, Lease, LedgerChange, ParticipantStats, Rejection,
-    Scrutiny, Verdict, VersionChange, Work,
+    Accepted, Config, Coordinator, Event, FragmentSchedule, Held, Lease, LedgerChange,
+    ParticipantStats, Rejection, Scrutiny, Verdict, VersionChange, Work,
 };
 pub use guard::{GuardConfig, Rollback};
 pub use screen::{Measured, Probe, ScreenConfig};

@@ -18,6 +18,8 @@ use std::collections::{BTreeSet, VecDeque};
 pub(crate) struct Part {
     pub participant: String,
     pub unit_id: u64,
+    /// The fragment it was folded into (its values cover that fragment's range).
+    pub fragment: usize,
     pub tokens: u64,
     /// Its weight in its round.
     pub weight: f32,
@@ -65,6 +67,7 @@ impl Parts {
         &mut self,
         participant: &str,
         unit_id: u64,
+        fragment: usize,
         tokens: u64,
         weight: f32,
         values: Vec<f32>,
@@ -72,6 +75,7 @@ impl Parts {
         self.open.push(Part {
             participant: participant.to_string(),
             unit_id,
+            fragment,
             tokens,
             weight,
             values,
@@ -82,15 +86,22 @@ impl Parts {
         });
     }
 
-    /// The open round closed into `version` with the outer step `lr`, momentum `mu`, its
-    /// accumulator divided by `norm`; `budget` bounds the bytes kept.
-    pub fn close(&mut self, version: u64, norm: f64, lr: f32, mu: f32, budget: usize) {
+    /// The open round closed into `version` with the outer step `lr`, momentum `mu`, the
+    /// accumulator of each fragment divided by its `norms` entry (`None`: that fragment took
+    /// no step, so its parts and momentum stay as they were); `budget` bounds the bytes kept.
+    pub fn close(&mut self, version: u64, norms: &[Option<f64>], lr: f32, mu: f32, budget: usize) {
         for p in &mut self.closed {
-            p.in_momentum *= mu;
-            p.in_params += lr * mu * p.in_momentum;
+            if norms.get(p.fragment).copied().flatten().is_some() {
+                p.in_momentum *= mu;
+                p.in_params += lr * mu * p.in_momentum;
+            }
             p.past.push(p.in_params);
         }
         for mut p in std::mem::take(&mut self.open) {
+            let Some(norm) = norms.get(p.fragment).copied().flatten() else {
+                // Its fragment's weights summed to nothing: it is not in the step.
+                continue;
+            };
             let share = (p.weight as f64 / norm) as f32;
             p.values.iter_mut().for_each(|v| *v *= share);
             p.in_momentum = 1.0;
@@ -184,8 +195,8 @@ mod tests {
         let mut parts = Parts::default();
         for r in 0..3 {
             let (wa, wb) = (2.0f32, 1.0f32);
-            parts.fold("a", 2 * r as u64, 10, wa, a[r].clone());
-            parts.fold("b", 2 * r as u64 + 1, 10, wb, b[r].clone());
+            parts.fold("a", 2 * r as u64, 0, 10, wa, a[r].clone());
+            parts.fold("b", 2 * r as u64 + 1, 0, 10, wb, b[r].clone());
             let norm = (wa + wb) as f64;
             let g: Vec<f32> = (0..3)
                 .map(|i| (wa * a[r][i] + wb * b[r][i]) / norm as f32)
@@ -193,7 +204,7 @@ mod tests {
             nesterov_step(&mut p, &mut m, &g, lrs[r], mu);
             let g0: Vec<f32> = (0..3).map(|i| wa * a[r][i] / norm as f32).collect();
             nesterov_step(&mut p0, &mut m0, &g0, lrs[r], mu);
-            parts.close(r as u64 + 1, norm, lrs[r], mu, usize::MAX);
+            parts.close(r as u64 + 1, &[Some(norm)], lrs[r], mu, usize::MAX);
         }
         // "a" is verified in round 2: it stays.
         parts.forget(&BTreeSet::from([2]));
@@ -214,8 +225,8 @@ mod tests {
     fn the_budget_drops_the_oldest_and_rollbacks_drop_later_rounds() {
         let mut parts = Parts::default();
         for r in 1..=3u64 {
-            parts.fold("x", r, 1, 1.0, vec![1.0; 4]);
-            parts.close(r, 1.0, 0.5, 0.9, 2 * 16);
+            parts.fold("x", r, 0, 1, 1.0, vec![1.0; 4]);
+            parts.close(r, &[Some(1.0)], 0.5, 0.9, 2 * 16);
         }
         assert_eq!(parts.kept(), (2, 32));
         assert_eq!(parts.dropped, 1);
@@ -242,13 +253,13 @@ mod tests {
                     m = vec![0.0; 2];
                     parts.roll_back(2);
                 }
-                parts.fold("a", 2 * v, 1, 1.0, a.to_vec());
-                parts.fold("b", 2 * v + 1, 1, 1.0, b.to_vec());
+                parts.fold("a", 2 * v, 0, 1, 1.0, a.to_vec());
+                parts.fold("b", 2 * v + 1, 0, 1, 1.0, b.to_vec());
                 let g: Vec<f32> = (0..2)
                     .map(|i| (a[i] + if with_b { b[i] } else { 0.0 }) / 2.0)
                     .collect();
                 nesterov_step(&mut p, &mut m, &g, lr, mu);
-                parts.close(v, 2.0, lr, mu, usize::MAX);
+                parts.close(v, &[Some(2.0)], lr, mu, usize::MAX);
                 if v == 2 {
                     saved = Some(p.clone());
                 }

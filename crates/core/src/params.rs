@@ -214,6 +214,78 @@ pub fn load_vec(model: Gpt, values: &[f32]) -> Result<Gpt, Error> {
     }))
 }
 
+struct Trainable<'a> {
+    trainable: &'a [bool],
+    index: usize,
+}
+
+impl ModuleMapper for Trainable<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let keep = self.trainable.get(self.index).copied().unwrap_or(true);
+        self.index += 1;
+        param.set_require_grad(keep)
+    }
+}
+
+/// Sets which parameters take gradients, by index in [`specs`] order (missing entries stay
+/// trainable).
+pub(crate) fn set_trainable(model: Gpt, trainable: &[bool]) -> Gpt {
+    model.map(&mut Trainable {
+        trainable,
+        index: 0,
+    })
+}
+
+/// Splits the flat parameter vector into `n` contiguous fragments of whole transformer blocks,
+/// as Streaming DiLoCo does: fragment `g` holds blocks `g·L/n … (g+1)·L/n − 1`, the first also
+/// the embeddings (and with them the tied LM head), the last the final LayerNorm. `n` must lie
+/// in `1..=n_layer`; the ranges cover the vector in order.
+pub fn fragments(
+    specs: &[ParamSpec],
+    n_layer: usize,
+    n: usize,
+) -> Result<Vec<std::ops::Range<usize>>, Error> {
+    if n == 0 || n > n_layer {
+        return Err(Error::Shape(format!(
+            "{n} fragments: the model has {n_layer} blocks, so 1 to {n_layer}"
+        )));
+    }
+    let group = |name: &str| -> usize {
+        match name
+            .strip_prefix("transformer.h.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+        {
+            Some(block) => block * n / n_layer,
+            None if name.starts_with("transformer.ln_f") => n - 1,
+            None => 0,
+        }
+    };
+    let mut ends = vec![0usize; n];
+    let mut last = 0;
+    for s in specs {
+        let g = group(&s.name);
+        if g < last {
+            return Err(Error::Shape(format!(
+                "{} comes after a later fragment's parameters",
+                s.name
+            )));
+        }
+        last = g;
+        ends[g] = s.offset + s.numel();
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    for end in ends {
+        if end <= start {
+            return Err(Error::Shape("a fragment holds no parameter".into()));
+        }
+        out.push(start..end);
+        start = end;
+    }
+    Ok(out)
+}
+
 /// Total number of parameters in a spec list.
 pub fn total_len(specs: &[ParamSpec]) -> usize {
     specs.iter().map(ParamSpec::numel).sum()

@@ -104,6 +104,29 @@ impl Trainer {
         }
     }
 
+    /// Trains only the parameters whose flat span (in [`crate::params::specs`] order) meets
+    /// `range`; the others are frozen: they take no gradient (their weight gradients are not
+    /// even computed), keep their values and weigh nothing in the gradient-norm clip. How a
+    /// work unit on one fragment of the model trains. Fails when no parameter meets `range`.
+    pub fn train_only(&mut self, range: std::ops::Range<usize>) -> Result<(), Error> {
+        let model = self.model.take().expect("model present between steps");
+        let specs = crate::params::specs(&model);
+        let trainable: Vec<bool> = specs
+            .iter()
+            .map(|s| s.offset < range.end && range.start < s.offset + s.numel())
+            .collect();
+        let any = trainable.iter().any(|t| *t);
+        self.model = Some(crate::params::set_trainable(model, &trainable));
+        if any {
+            Ok(())
+        } else {
+            Err(Error::Shape(format!(
+                "no parameter lies in {}..{}",
+                range.start, range.end
+            )))
+        }
+    }
+
     /// The model.
     pub fn model(&self) -> &Gpt {
         self.model.as_ref().expect("model present between steps")

@@ -172,3 +172,49 @@ fn corrupt_checkpoints_are_rejected_with_a_reason() {
     let e = checkpoint::weights_from_safetensors(&params::specs(&baby), &bytes).unwrap_err();
     assert!(e.to_string().contains("shape"), "{e}");
 }
+
+#[test]
+fn a_fragment_trains_alone_and_the_rest_stays_frozen() {
+    let device = Device::flex();
+    let model = Gpt::new(&tiny(), &device);
+    let specs = params::specs(&model);
+    let n = params::total_len(&specs);
+    // Two blocks: one fragment each, the embeddings with the first, ln_f with the last.
+    let frags = params::fragments(&specs, tiny().n_layer, 2).unwrap();
+    assert_eq!(frags.len(), 2);
+    assert_eq!((frags[0].start, frags[1].end), (0, n));
+    assert_eq!(frags[0].end, frags[1].start);
+    let first_of = |prefix: &str| specs.iter().find(|s| s.name.starts_with(prefix)).unwrap();
+    assert!(frags[0].contains(&first_of("transformer.wte").offset));
+    assert!(frags[0].contains(&first_of("transformer.h.0.").offset));
+    assert!(frags[1].contains(&first_of("transformer.h.1.").offset));
+    assert!(frags[1].contains(&first_of("transformer.ln_f").offset));
+    assert_eq!(params::fragments(&specs, 2, 1).unwrap(), vec![0..n]);
+    assert!(params::fragments(&specs, 2, 3).is_err());
+    assert!(params::fragments(&specs, 2, 0).is_err());
+
+    let init = params::to_vec(&model);
+    let corpus = Corpus::from_text(&default_corpus(), tiny().block_size).unwrap();
+    for (i, frag) in frags.iter().enumerate() {
+        let mut tr = Trainer::with_weights(tiny(), quick_config(5), &device, &init).unwrap();
+        tr.train_only(frag.clone()).unwrap();
+        for _ in 0..5 {
+            let b = corpus.batch(Split::Train, tr.batch_key(0), 8, tiny().block_size);
+            tr.step(&b);
+        }
+        let after = params::to_vec(tr.model());
+        let moved =
+            |r: std::ops::Range<usize>| r.into_iter().filter(|&j| after[j] != init[j]).count();
+        assert_eq!(
+            moved(0..frag.start) + moved(frag.end..n),
+            0,
+            "fragment {i}: frozen weights moved"
+        );
+        assert!(
+            moved(frag.clone()) > frag.len() / 2,
+            "fragment {i}: its weights did not train"
+        );
+    }
+    let mut tr = Trainer::with_weights(tiny(), quick_config(5), &device, &init).unwrap();
+    assert!(tr.train_only(n..n + 1).is_err());
+}

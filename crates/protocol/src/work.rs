@@ -16,7 +16,7 @@ use tessera_core::train::Trainer;
 use crate::Error;
 use crate::identity;
 use crate::messages::{ModelChange, Submission, WorkUnit};
-use crate::update::{Codec, Payload};
+use crate::update::{Codec, Fragment, Payload};
 
 /// A model version as a participant trains from it: the flat weights, and the SHA-256 of the
 /// bytes they were decoded from (what the submission signs as its base).
@@ -251,8 +251,7 @@ fn train_unit(
 ) -> Result<Trained, Error> {
     let mut train = train.clone();
     train.batch_size = unit.batch_size as usize;
-    let mut trainer = Trainer::with_weights(model, train, device, base)
-        .map_err(|e| Error::Training(e.to_string()))?;
+    let mut trainer = trainer_for(unit, model, train, device, base)?;
     trainer.set_optimizer(optimizer);
     // The weights as uploaded, kept on the device for the pseudo-gradient there.
     let before = (encode && encodes_on_device(unit.codec, device))
@@ -302,6 +301,30 @@ fn train_unit(
         loss_last,
         optimizer: trainer.take_optimizer(),
     })
+}
+
+/// A trainer holding the unit's base weights with a fresh AdamW, ready for the unit's steps:
+/// a unit on one fragment of the model trains that fragment alone, the rest frozen (no
+/// gradient, no optimizer state), so what it uploads is all it changed. Every participant and
+/// every re-execution starts a unit here.
+pub fn trainer_for(
+    unit: &WorkUnit,
+    model: ModelConfig,
+    train: TrainConfig,
+    device: &Device,
+    base: &[f32],
+) -> Result<Trainer, Error> {
+    let mut trainer = Trainer::with_weights(model, train, device, base)
+        .map_err(|e| Error::Training(e.to_string()))?;
+    if unit.fragment != Fragment::ALL {
+        let range = unit.fragment.range(base.len())?;
+        if range.len() < base.len() {
+            trainer
+                .train_only(range)
+                .map_err(|e| Error::BadUpdate(format!("the unit's fragment: {e}")))?;
+        }
+    }
+    Ok(trainer)
 }
 
 /// Tokens a unit trains on.

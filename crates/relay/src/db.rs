@@ -59,7 +59,10 @@ CREATE TABLE IF NOT EXISTS leases (
     deadline_ms INTEGER NOT NULL,
     inner_steps INTEGER NOT NULL,
     warmup_steps INTEGER NOT NULL,
-    lr REAL NOT NULL
+    lr REAL NOT NULL,
+    -- the unit's fragment: first parameter and length (-1: to the end)
+    frag_offset INTEGER NOT NULL DEFAULT 0,
+    frag_len INTEGER NOT NULL DEFAULT -1
 );
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -90,7 +93,9 @@ CREATE TABLE IF NOT EXISTS updates (
     payload BLOB,
     -- what the participant signed: the base's digest, and its signature
     base_sha256 BLOB,
-    signature BLOB
+    signature BLOB,
+    frag_offset INTEGER NOT NULL DEFAULT 0,
+    frag_len INTEGER NOT NULL DEFAULT -1
 );
 -- The contribution log: one leaf per granted unit, in grant order (see tessera_protocol::ledger).
 CREATE TABLE IF NOT EXISTS ledger (
@@ -176,10 +181,26 @@ fn grant_leaf(
     .with_context(|| format!("the accepted update of unit {unit_id} being granted"))
 }
 
+/// A fragment as two SQL integers: its offset and its length (-1: the rest of the vector).
+fn fragment_columns(f: &Fragment) -> (i64, i64) {
+    let len = if f.len == u64::MAX { -1 } else { f.len as i64 };
+    (f.offset as i64, len)
+}
+
+/// The fragment stored by [`fragment_columns`].
+fn fragment_from(offset: i64, len: i64) -> Fragment {
+    Fragment {
+        offset: offset as u64,
+        len: if len < 0 { u64::MAX } else { len as u64 },
+    }
+}
+
 /// An accepted update not yet folded into a version.
 pub struct PendingUpdate {
     /// The unit.
     pub unit_id: u64,
+    /// The fragment it covers.
+    pub fragment: Fragment,
     /// Its participant.
     pub participant: String,
     /// Its verdict (weight, tokens, staleness).
@@ -258,6 +279,10 @@ impl Db {
             ),
             ("updates", "base_sha256", "BLOB"),
             ("updates", "signature", "BLOB"),
+            ("updates", "frag_offset", "INTEGER NOT NULL DEFAULT 0"),
+            ("updates", "frag_len", "INTEGER NOT NULL DEFAULT -1"),
+            ("leases", "frag_offset", "INTEGER NOT NULL DEFAULT 0"),
+            ("leases", "frag_len", "INTEGER NOT NULL DEFAULT -1"),
         ] {
             let has: bool = conn
                 .prepare(&format!(
@@ -402,8 +427,8 @@ impl Db {
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT OR REPLACE INTO leases (unit_id, participant, base_version, shard, deadline_ms, inner_steps, warmup_steps, lr) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![unit.unit_id as i64, participant, unit.base_version as i64, unit.shard as i64, unit.deadline_ms as i64, unit.inner_steps as i64, unit.warmup_steps as i64, unit.lr],
+            "INSERT OR REPLACE INTO leases (unit_id, participant, base_version, shard, deadline_ms, inner_steps, warmup_steps, lr, frag_offset, frag_len) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![unit.unit_id as i64, participant, unit.base_version as i64, unit.shard as i64, unit.deadline_ms as i64, unit.inner_steps as i64, unit.warmup_steps as i64, unit.lr, fragment_columns(&unit.fragment).0, fragment_columns(&unit.fragment).1],
         )?;
         tx.execute(
             "INSERT OR REPLACE INTO counters (key, value) VALUES ('next_unit', ?1)",
@@ -430,7 +455,7 @@ impl Db {
     pub fn leases(&self, template: &WorkUnit) -> Result<Vec<Lease>> {
         let mut st = self
             .conn
-            .prepare("SELECT unit_id, participant, base_version, shard, deadline_ms, inner_steps, warmup_steps, lr FROM leases")?;
+            .prepare("SELECT unit_id, participant, base_version, shard, deadline_ms, inner_steps, warmup_steps, lr, frag_offset, frag_len FROM leases")?;
         let rows = st.query_map([], |r| {
             Ok(Lease {
                 participant: r.get(1)?,
@@ -443,7 +468,7 @@ impl Db {
                     inner_steps: r.get::<_, i64>(5)? as u32,
                     warmup_steps: r.get::<_, i64>(6)? as u32,
                     lr: r.get(7)?,
-                    fragment: Fragment::ALL,
+                    fragment: fragment_from(r.get(8)?, r.get(9)?),
                     ..template.clone()
                 },
             })
@@ -457,8 +482,8 @@ impl Db {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO updates (unit_id, participant, base_version, staleness, tokens, weight, loss_before, loss_after, received_ms, payload,
-                shard, inner_steps, warmup_steps, lr, sha256, own_gain, held_gain, held, base_sha256, signature)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+                shard, inner_steps, warmup_steps, lr, sha256, own_gain, held_gain, held, base_sha256, signature, frag_offset, frag_len)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
             params![
                 u.unit_id as i64,
                 u.participant,
@@ -479,7 +504,9 @@ impl Db {
                 u.probe.map(|p| p.1),
                 u.held as i64,
                 u.base_sha256.as_slice(),
-                u.signature
+                u.signature,
+                fragment_columns(&u.unit.fragment).0,
+                fragment_columns(&u.unit.fragment).1
             ],
         )?;
         tx.execute(
@@ -772,7 +799,7 @@ impl Db {
     /// Updates held for their re-execution (after a restart, they are re-queued).
     pub fn held_updates(&self, template: &WorkUnit) -> Result<Vec<HeldUpdate>> {
         let mut st = self.conn.prepare(
-            "SELECT participant, unit_id, base_version, shard, inner_steps, warmup_steps, lr, tokens, payload FROM updates WHERE held = 1 ORDER BY id",
+            "SELECT participant, unit_id, base_version, shard, inner_steps, warmup_steps, lr, tokens, payload, frag_offset, frag_len FROM updates WHERE held = 1 ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok(HeldUpdate {
@@ -784,6 +811,7 @@ impl Db {
                     inner_steps: r.get::<_, i64>(4)? as u32,
                     warmup_steps: r.get::<_, i64>(5)? as u32,
                     lr: r.get(6)?,
+                    fragment: fragment_from(r.get(9)?, r.get(10)?),
                     ..template.clone()
                 },
                 tokens: r.get::<_, i64>(7)? as u64,
@@ -912,11 +940,12 @@ impl Db {
     /// Accepted updates not yet folded into a recorded version, in arrival order.
     pub fn pending_updates(&self) -> Result<Vec<PendingUpdate>> {
         let mut st = self.conn.prepare(
-            "SELECT staleness, tokens, weight, payload, received_ms, participant, unit_id FROM updates WHERE applied_version IS NULL AND held = 0 ORDER BY id",
+            "SELECT staleness, tokens, weight, payload, received_ms, participant, unit_id, frag_offset, frag_len FROM updates WHERE applied_version IS NULL AND held = 0 ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok(PendingUpdate {
                 unit_id: r.get::<_, i64>(6)? as u64,
+                fragment: fragment_from(r.get(7)?, r.get(8)?),
                 participant: r.get(5)?,
                 verdict: Verdict {
                     staleness: r.get::<_, i64>(0)? as u64,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use tessera_coordinator::{Config as CoordConfig, GuardConfig, ScreenConfig};
+use tessera_coordinator::{Config as CoordConfig, FragmentSchedule, GuardConfig, ScreenConfig};
 use tessera_core::config::{CONFIG_NAMES, ModelConfig, TrainConfig};
 use tessera_protocol::update::Codec;
 use tessera_relay::run::{Relay, RunSpec, Tuning};
@@ -97,6 +97,17 @@ struct Args {
     /// `off` (the default): exact f32 steps, whole weights.
     #[arg(long, default_value = "off", value_parser = parse_version_codec)]
     version_codec: VersionCodec,
+    /// Split the model into this many fragments (groups of whole blocks, the first with the
+    /// embeddings, the last with the final LayerNorm; 1 to the number of blocks): each unit
+    /// then trains one fragment with the rest frozen and uploads that fragment only, and each
+    /// fragment takes its own outer step (Streaming DiLoCo's shards; BENCHMARKS.md measures
+    /// the loss and bytes). 1 (the default): every unit trains the whole model.
+    #[arg(long, default_value_t = 1)]
+    fragments: usize,
+    /// Which fragment a unit trains: `rotate` (fragment `version mod F`: a version changes one
+    /// fragment) or `spread` (the one with the fewest units at the current version).
+    #[arg(long, default_value = "rotate", value_parser = parse_schedule)]
+    fragment_schedule: FragmentSchedule,
     /// Seconds a lease lives without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
     lease_secs: f64,
@@ -168,6 +179,10 @@ struct Args {
 /// `--version-codec`: a codec, or `off`.
 #[derive(Debug, Clone, Copy)]
 struct VersionCodec(Option<Codec>);
+
+fn parse_schedule(name: &str) -> Result<FragmentSchedule, String> {
+    FragmentSchedule::parse(name).ok_or_else(|| format!("{name}: expected rotate or spread"))
+}
 
 fn parse_version_codec(name: &str) -> Result<VersionCodec, String> {
     match name {
@@ -268,6 +283,7 @@ async fn main() -> Result<()> {
         max_staleness: a.max_staleness,
         outer_lr: a.outer_lr,
         outer_momentum: a.outer_momentum,
+        fragments: a.fragments,
     };
     let tuning = Tuning {
         price_per_1k: a.price_per_1k,
@@ -305,6 +321,7 @@ async fn main() -> Result<()> {
         max_update_norm: tuning.max_update_norm,
         codec: a.codec,
         version_codec: a.version_codec.0,
+        fragment_schedule: a.fragment_schedule,
         max_version: tuning.max_version,
         max_tokens: a.max_tokens,
         guard: GuardConfig {

@@ -22,7 +22,7 @@ use tessera_protocol::ledger::{Checkpoint, Hash, Inclusion, Leaf, LedgerInfo, St
 use tessera_protocol::messages::{
     ModelChange, ParticipantKind, RejectReason, RunInfo, ServerMsg, Submission, WorkUnit,
 };
-use tessera_protocol::update::{Codec, Payload};
+use tessera_protocol::update::{Codec, Fragment, Payload};
 use tessera_protocol::{identity, work};
 use tokio::sync::{broadcast, watch};
 
@@ -74,6 +74,13 @@ pub struct RunSpec {
     pub outer_lr: f32,
     /// Outer momentum.
     pub outer_momentum: f32,
+    /// Fragments the model is split into (1: whole-model units).
+    #[serde(default = "one")]
+    pub fragments: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Settings that may change between restarts.
@@ -244,6 +251,8 @@ pub struct Status {
     /// How version changes are encoded for participants that hold an older version (`null`:
     /// they fetch whole weights).
     version_codec: Option<String>,
+    /// The fragments units train (one covering the whole model unless `--fragments`).
+    fragments: Vec<FragmentInfo>,
     /// The guard on the model.
     guard: GuardInfo,
     /// Verification of submissions.
@@ -301,6 +310,16 @@ pub struct VerificationInfo {
     recheck_dropped: u64,
 }
 
+/// A fragment of the model, as `/api/status` shows it.
+#[derive(Serialize)]
+pub struct FragmentInfo {
+    /// Its first parameter and its length.
+    offset: usize,
+    len: usize,
+    /// Outer steps it has taken (the versions that changed it).
+    outer_steps: u64,
+}
+
 /// The open round, as `/api/status` shows it.
 #[derive(Serialize)]
 pub struct RoundInfo {
@@ -335,6 +354,8 @@ pub struct LeaseInfo {
     participant: String,
     base_version: u64,
     deadline_ms: u64,
+    /// The first parameter of the fragment it trains (0 for whole-model units).
+    fragment_offset: u64,
 }
 
 /// Length of the text sample generated for each evaluated version.
@@ -364,6 +385,17 @@ impl Relay {
         let cpu = Device::flex();
         let specs = params::specs(&Gpt::new(&spec.model, &cpu));
         let num_params = params::total_len(&specs);
+        let mut coord_cfg = coord_cfg;
+        if spec.fragments > 1 {
+            coord_cfg.fragments = params::fragments(&specs, spec.model.n_layer, spec.fragments)
+                .context("--fragments")?
+                .into_iter()
+                .map(|r| Fragment {
+                    offset: r.start as u64,
+                    len: r.len() as u64,
+                })
+                .collect();
+        }
         let ckpt = Checkpoints::open(ckpt_dir, specs, spec.max_staleness + 3)?;
         let mut db = Db::open(db_path)?;
         let key_path = db_path.with_extension("key");
@@ -412,7 +444,7 @@ impl Relay {
                     lr: coord_cfg.inner_lr,
                     warmup_steps: 0,
                     seed: coord_cfg.seed,
-                    fragment: coord_cfg.fragment,
+                    fragment: Fragment::ALL,
                     codec: coord_cfg.codec,
                     deadline_ms: 0,
                 };
@@ -433,7 +465,14 @@ impl Relay {
                         data: u.payload.clone(),
                     }
                     .decode()?;
-                    coord.replay(&u.participant, u.unit_id, &delta, u.verdict, u.received_ms);
+                    coord.replay(
+                        &u.participant,
+                        u.unit_id,
+                        &u.fragment,
+                        &delta,
+                        u.verdict,
+                        u.received_ms,
+                    );
                 }
                 for (participant, unit_id, tokens, folded) in db.pending_credit()? {
                     coord.restore_credit(&participant, unit_id, tokens, folded);
@@ -1267,6 +1306,7 @@ impl Relay {
                     participant: l.participant.clone(),
                     base_version: l.unit.base_version,
                     deadline_ms: l.unit.deadline_ms,
+                    fragment_offset: l.unit.fragment.offset,
                 })
                 .collect(),
             participants: inner.coord.participants().cloned().collect(),
@@ -1279,6 +1319,16 @@ impl Relay {
             outer_lr: inner.coord.outer_lr(),
             codec: inner.coord.config().codec.name(),
             version_codec: inner.coord.config().version_codec.map(Codec::name),
+            fragments: inner
+                .coord
+                .fragments()
+                .into_iter()
+                .map(|(r, outer_steps)| FragmentInfo {
+                    offset: r.start,
+                    len: r.len(),
+                    outer_steps,
+                })
+                .collect(),
             guard: GuardInfo {
                 enabled: guard.config().enabled,
                 threshold: guard.threshold(),

@@ -10,7 +10,6 @@ use tessera_core::burn::prelude::Device;
 use tessera_core::config::ModelConfig;
 use tessera_core::data::Corpus;
 use tessera_core::params;
-use tessera_core::train::Trainer;
 use tessera_protocol::feedback::ErrorFeedback;
 use tessera_protocol::messages::{Hello, ParticipantKind, RunInfo, WorkUnit};
 use tessera_protocol::update::{Fragment, Payload};
@@ -610,7 +609,7 @@ async fn train_unit(
     let mut train = run.train.clone();
     train.batch_size = unit.batch_size as usize;
     let mut trainer =
-        Trainer::with_weights(run.model, train, device, base).map_err(|e| e.to_string())?;
+        work::trainer_for(unit, run.model, train, device, base).map_err(|e| e.to_string())?;
     // The weights as uploaded, kept on the GPU when the update is encoded there.
     let before =
         work::encodes_on_device(unit.codec, device).then(|| params::flat_tensor(trainer.model()));

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 use tessera_coordinator::aggregate::l2_norm;
-use tessera_coordinator::{Config, Coordinator, GuardConfig, Measured, Work};
+use tessera_coordinator::{Config, Coordinator, FragmentSchedule, GuardConfig, Measured, Work};
 use tessera_core::burn::prelude::Device;
 use tessera_core::config::{ModelConfig, TrainConfig};
 use tessera_core::data::Corpus;
@@ -27,7 +27,7 @@ use tessera_core::params;
 use tessera_core::train::{Trainer, eval_loss};
 use tessera_protocol::feedback::ErrorFeedback;
 use tessera_protocol::messages::{ParticipantKind, WorkUnit};
-use tessera_protocol::update::{Codec, Payload};
+use tessera_protocol::update::{Codec, Fragment, Payload};
 use tessera_protocol::work;
 
 struct Args {
@@ -47,6 +47,7 @@ struct Args {
     cfg: Config,
     seed: u64,
     ef_decay: f32,
+    fragments: usize,
 }
 
 fn parse() -> Result<Args> {
@@ -67,6 +68,7 @@ fn parse() -> Result<Args> {
         cfg: Config::new(0),
         seed: 1337,
         ef_decay: ErrorFeedback::DECAY,
+        fragments: 1,
     };
     a.cfg.guard = GuardConfig {
         enabled: false,
@@ -85,7 +87,7 @@ fn parse() -> Result<Args> {
                     "tessera-sim --tokens N [--participants N --speeds S1,S2,… --config C --data FILE \\\n    \
                      --inner-steps H --min-inner-steps M --warmup W --batch B --inner-lr LR --no-decay \\\n    \
                      --updates-per-round K --lockstep --grace G --max-staleness S --relative-staleness \\\n    \
-                     --outer-lr LR --outer-momentum MU --codec f32|int8|int4|sparseK --ef-decay B --version-codec C|off --keep-optimizer --keep-second-moment --guard --screen \\\n    \
+                     --outer-lr LR --outer-momentum MU --fragments F --fragment-schedule rotate|spread --codec f32|int8|int4|sparseK --ef-decay B --version-codec C|off --keep-optimizer --keep-second-moment --guard --screen \\\n    \
                      --step-ms MS --overhead-ms MS --eval-every V --eval-iters N --seed S --trace --json]\n\
                      Unset settings are the relay's defaults; see the top of tests/src/bin/tessera-sim.rs."
                 );
@@ -132,6 +134,12 @@ fn parse() -> Result<Args> {
             }
             "--outer-momentum" => a.cfg.outer_momentum = val()?.parse()?,
             "--guard" => a.cfg.guard.enabled = true,
+            "--fragments" => a.fragments = val()?.parse()?,
+            "--fragment-schedule" => {
+                let v = val()?;
+                a.cfg.fragment_schedule =
+                    FragmentSchedule::parse(&v).with_context(|| format!("{v}: rotate or spread"))?
+            }
             "--screen" => a.cfg.screen.enabled = true,
             other => bail!("unknown flag {other}"),
         }
@@ -205,7 +213,18 @@ fn main() -> Result<()> {
     let mut train = TrainConfig::nanogpt(cfg.inner_steps as usize);
     train.seed = a.seed;
     train.batch_size = cfg.batch_size as usize;
-    let init = params::to_vec(Trainer::new(model, train.clone(), &device)?.model());
+    let first = Trainer::new(model, train.clone(), &device)?;
+    if a.fragments > 1 {
+        let specs = params::specs(first.model());
+        cfg.fragments = params::fragments(&specs, model.n_layer, a.fragments)?
+            .into_iter()
+            .map(|r| Fragment {
+                offset: r.start as u64,
+                len: r.len() as u64,
+            })
+            .collect();
+    }
+    let init = params::to_vec(first.model());
     let n = init.len();
     let mut coord = Coordinator::new(cfg.clone(), 0, init.clone(), vec![0.0; n], 0, 0);
     coord.set_digest(0, digest(&init));
@@ -235,7 +254,7 @@ fn main() -> Result<()> {
         Ok(v_loss)
     };
     let (mut accepted, mut rejected, mut stale_sum, mut waits) = (0u64, 0u64, 0u64, 0u64);
-    let mut upload_bytes = 0u64;
+    let (mut upload_bytes, mut peak_upload) = (0u64, 0u64);
     // What participants download: a version's weights (4 bytes a parameter), or the chain of
     // encoded changes from the version they hold when every link exists and it is smaller.
     let mut download_bytes = 0u64;
@@ -308,6 +327,7 @@ fn main() -> Result<()> {
                 // the participant's error feedback).
                 let payload = feedback[p].encode(&unit, &delta);
                 upload_bytes += payload.data.len() as u64;
+                peak_upload = peak_upload.max(payload.data.len() as u64);
                 let sent = payload.decode()?;
                 if unit.codec.is_lossy() {
                     let reexec = Payload::encode(unit.codec, &delta).decode()?;
@@ -401,7 +421,9 @@ fn main() -> Result<()> {
         "keep_optimizer": a.keep_optimizer, "seed": a.seed,
         "versions": coord.version(), "accepted": accepted, "rejected": rejected,
         "mean_staleness": stale_sum as f64 / accepted.max(1) as f64, "waits": waits,
-        "codec": cfg.codec.name(), "upload_bytes": upload_bytes, "ef_decay": a.ef_decay,
+        "codec": cfg.codec.name(), "upload_bytes": upload_bytes, "peak_upload_bytes": peak_upload,
+        "fragments": coord.fragments().iter().map(|(r, steps)| json!([r.start, r.end, steps])).collect::<Vec<_>>(),
+        "ef_decay": a.ef_decay,
         "version_codec": cfg.version_codec.map(|c| c.name()), "download_bytes": download_bytes,
         "cosine_sent_vs_reexecution": stats(&mut cos_reexec),
         "cosine_sent_vs_delta": stats(&mut cos_delta),
