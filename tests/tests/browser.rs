@@ -480,3 +480,53 @@ fn demo_flow_a_tab_joining_the_demo_keeps_the_model_improving() {
     assert!(granted >= report["proven"].as_u64().unwrap(), "{out_text}");
     screenshot(&mut tab, "browser-demo.png");
 }
+
+/// Model shards in the tab: on `--fragments 2` a tab on the WASM CPU
+/// backend and a native host train fragments of the model (the rest frozen) and upload only
+/// those, and the tab's fragment updates are accepted.
+#[test]
+fn a_tab_and_a_native_host_train_fragments_of_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let args = [
+        "--inner-steps",
+        "10",
+        "--max-staleness",
+        "100",
+        "--fragments",
+        "2",
+    ];
+    let _relay = relay(dir.path(), port, &args);
+    let _host = start_host(dir.path(), port, "native", &[]);
+    let mut tab = Browser::open(
+        &format!("http://127.0.0.1:{port}/?autojoin=1&backend=cpu"),
+        Gpu::None,
+        dir.path().join("chromium.log"),
+    );
+    wait_for(
+        port,
+        &mut tab,
+        300,
+        "two accepted updates from the tab",
+        |s| browsers(s).iter().any(|p| accepted(p) >= 2),
+    );
+    let s = status(port);
+    assert_eq!(s["fragments"].as_array().unwrap().len(), 2, "{s}");
+    let tab_id = browsers(&s)[0]["id"].as_str().unwrap().to_string();
+    let db = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
+    let lens: Vec<i64> = db
+        .prepare("SELECT frag_len FROM updates WHERE participant = ?1")
+        .unwrap()
+        .query_map([&tab_id], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let model = tessera_core::config::ModelConfig::named("tiny").unwrap();
+    assert!(
+        lens.len() >= 2
+            && lens
+                .iter()
+                .all(|l| *l > 0 && (*l as usize) < model.num_params()),
+        "the tab's updates do not cover one fragment each: {lens:?}"
+    );
+}

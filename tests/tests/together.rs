@@ -188,7 +188,7 @@ fn the_guard_rolls_a_harmful_version_back_and_the_run_continues() {
     assert_eq!(kind, "rollback");
 }
 
-/// Model shards: with `--fragments 2 --fragment-schedule spread`, two native participants hold
+/// Model shards: with `--fragments 2` (and the default schedule), two native participants hold
 /// units on different fragments of the same version at once, each uploads its fragment only,
 /// each fragment takes its own outer steps and the model learns; a relay killed mid-run
 /// resumes with the same fragments, and a restart that asks for other fragments is refused.
@@ -196,7 +196,7 @@ fn the_guard_rolls_a_harmful_version_back_and_the_run_continues() {
 fn fragment_units_from_two_participants_advance_different_fragments() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let args = ["--fragments", "2", "--fragment-schedule", "spread"];
+    let args = ["--fragments", "2"];
     let mut relay = start_relay(dir.path(), port, &args);
     let _hosts: Vec<Proc> = (0..2)
         .map(|i| start_host(dir.path(), port, &format!("h{i}"), &[]))

@@ -120,7 +120,7 @@ impl Config {
             outer_momentum: 0.9,
             max_update_norm: 1e4,
             fragments: vec![Fragment::ALL],
-            fragment_schedule: FragmentSchedule::Rotate,
+            fragment_schedule: FragmentSchedule::Spread,
             codec: Codec::Int8,
             version_codec: None,
             max_version: None,

@@ -104,9 +104,10 @@ struct Args {
     /// the loss and bytes). 1 (the default): every unit trains the whole model.
     #[arg(long, default_value_t = 1)]
     fragments: usize,
-    /// Which fragment a unit trains: `rotate` (fragment `version mod F`: a version changes one
-    /// fragment) or `spread` (the one with the fewest units at the current version).
-    #[arg(long, default_value = "rotate", value_parser = parse_schedule)]
+    /// Which fragment a unit trains: `spread` (the one with the fewest units at the current
+    /// version, so every version steps every fragment) or `rotate` (fragment `version mod F`:
+    /// a version changes one fragment, half the loss at equal tokens is lost; BENCHMARKS.md).
+    #[arg(long, default_value = "spread", value_parser = parse_schedule)]
     fragment_schedule: FragmentSchedule,
     /// Seconds a lease lives without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
