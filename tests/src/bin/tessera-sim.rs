@@ -422,6 +422,7 @@ fn main() -> Result<()> {
         "versions": coord.version(), "accepted": accepted, "rejected": rejected,
         "mean_staleness": stale_sum as f64 / accepted.max(1) as f64, "waits": waits,
         "codec": cfg.codec.name(), "upload_bytes": upload_bytes, "peak_upload_bytes": peak_upload,
+        "fragment_schedule": format!("{:?}", cfg.fragment_schedule),
         "fragments": coord.fragments().iter().map(|(r, steps)| json!([r.start, r.end, steps])).collect::<Vec<_>>(),
         "ef_decay": a.ef_decay,
         "version_codec": cfg.version_codec.map(|c| c.name()), "download_bytes": download_bytes,
