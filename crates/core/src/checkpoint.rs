@@ -206,12 +206,23 @@ pub fn safetensors_metadata(bytes: &[u8]) -> Result<HashMap<String, String>, Err
 pub fn optimizer_to_safetensors(specs: &[ParamSpec], optim: &AdamW) -> Result<Vec<u8>, Error> {
     let mut entries = Vec::new();
     for (s, m) in specs.iter().zip(&optim.moments) {
-        for (suffix, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
-            let v: Vec<f32> = t
-                .clone()
-                .into_data()
-                .try_into_vec()
-                .map_err(|e| Error::Checkpoint(format!("{e:?}")))?;
+        for suffix in ["exp_avg", "exp_avg_sq"] {
+            // A parameter that never had a gradient has zero moments.
+            let v: Vec<f32> = match m {
+                Some(m) if suffix == "exp_avg" => m.exp_avg.clone(),
+                Some(m) => m.exp_avg_sq.clone(),
+                None => {
+                    entries.push((
+                        format!("{}.{suffix}", s.name),
+                        vec![s.numel()],
+                        f32_bytes(&vec![0.0; s.numel()]),
+                    ));
+                    continue;
+                }
+            }
+            .into_data()
+            .try_into_vec()
+            .map_err(|e| Error::Checkpoint(format!("{e:?}")))?;
             entries.push((format!("{}.{suffix}", s.name), vec![v.len()], f32_bytes(&v)));
         }
     }
@@ -248,10 +259,10 @@ pub fn optimizer_from_safetensors(
                     device,
                 ))
             };
-            moments.push(Moments {
+            moments.push(Some(Moments {
                 exp_avg: load("exp_avg")?,
                 exp_avg_sq: load("exp_avg_sq")?,
-            });
+            }));
         }
     }
     Ok(AdamW { step, moments })

@@ -29,8 +29,9 @@ pub struct Moments {
 pub struct AdamW {
     /// Number of steps taken.
     pub step: u64,
-    /// Moments, in parameter order.
-    pub moments: Vec<Moments>,
+    /// Moments, in parameter order; `None` for a parameter that never had a gradient (a frozen
+    /// one costs no optimizer memory).
+    pub moments: Vec<Option<Moments>>,
 }
 
 struct SquaredNorm<'a> {
@@ -65,14 +66,10 @@ impl ModuleMapper for Update<'_> {
         let index = self.index;
         self.index += 1;
         let Some(grad) = tensor.grad(self.grads) else {
-            // A parameter without a gradient keeps its value; zero moments keep the state aligned
-            // with the parameter order (zeros are what a first update starts from anyway).
+            // A parameter without a gradient (frozen) keeps its value and its moments, if any;
+            // `None` keeps the state aligned with the parameter order at no memory cost.
             if index >= self.state.moments.len() {
-                let zeros = tensor.clone().inner().reshape([-1]).zeros_like();
-                self.state.moments.push(Moments {
-                    exp_avg: zeros.clone(),
-                    exp_avg_sq: zeros,
-                });
+                self.state.moments.push(None);
             }
             return Param::from_mapped_value(id, tensor, mapper);
         };
@@ -82,11 +79,12 @@ impl ModuleMapper for Update<'_> {
             g = g * c.clone();
         }
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let m = match self.state.moments.get(index) {
+        let previous = self.state.moments.get(index).and_then(Option::as_ref);
+        let m = match previous {
             Some(s) => s.exp_avg.clone() * b1 + g.clone() * (1.0 - b1),
             None => g.clone() * (1.0 - b1),
         };
-        let v = match self.state.moments.get(index) {
+        let v = match previous {
             Some(s) => s.exp_avg_sq.clone() * b2 + g.square() * (1.0 - b2),
             None => g.square() * (1.0 - b2),
         };
@@ -105,9 +103,9 @@ impl ModuleMapper for Update<'_> {
             exp_avg_sq: v,
         };
         if index < self.state.moments.len() {
-            self.state.moments[index] = moments;
+            self.state.moments[index] = Some(moments);
         } else {
-            self.state.moments.push(moments);
+            self.state.moments.push(Some(moments));
         }
         Param::from_mapped_value(id, restore_tracking(p, &tensor), mapper)
     }

@@ -214,6 +214,11 @@ fn a_fragment_trains_alone_and_the_rest_stays_frozen() {
             moved(frag.clone()) > frag.len() / 2,
             "fragment {i}: its weights did not train"
         );
+        // Frozen parameters cost no optimizer memory.
+        for (s, m) in specs.iter().zip(&tr.optimizer().moments) {
+            let inside = frag.contains(&s.offset);
+            assert_eq!(m.is_some(), inside, "fragment {i}: moments of {}", s.name);
+        }
     }
     let mut tr = Trainer::with_weights(tiny(), quick_config(5), &device, &init).unwrap();
     assert!(tr.train_only(n..n + 1).is_err());

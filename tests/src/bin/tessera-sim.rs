@@ -289,7 +289,7 @@ fn main() -> Result<()> {
                         std::mem::take(&mut optims[p])
                     } else if a.keep_second_moment {
                         let mut o = std::mem::take(&mut optims[p]);
-                        for m in &mut o.moments {
+                        for m in o.moments.iter_mut().flatten() {
                             m.exp_avg = m.exp_avg.zeros_like();
                         }
                         o
