@@ -440,9 +440,6 @@ struct Round {
     sum: Vec<f32>,
     /// What was folded into each fragment.
     by_fragment: Vec<FragmentSum>,
-    weight: f64,
-    updates: usize,
-    tokens: u64,
     started_ms: Option<u64>,
     members: BTreeSet<String>,
     /// The units folded into it, and by whom.
@@ -450,6 +447,18 @@ struct Round {
     /// Units accepted while it was open and held for re-execution: the round counts them and
     /// waits for their verdict.
     held: BTreeSet<u64>,
+}
+
+impl Round {
+    /// Updates folded into it.
+    fn updates(&self) -> usize {
+        self.by_fragment.iter().map(|f| f.updates).sum()
+    }
+
+    /// Tokens folded into it.
+    fn tokens(&self) -> u64 {
+        self.by_fragment.iter().map(|f| f.tokens).sum()
+    }
 }
 
 /// What the open round folded into one fragment.
@@ -655,12 +664,12 @@ impl Coordinator {
     /// Updates the open round counts: folded into it, or held and waiting for their
     /// re-execution.
     pub fn round_updates(&self) -> usize {
-        self.round.updates + self.round.held.len()
+        self.round.updates() + self.round.held.len()
     }
     /// Accepted updates not in the model yet: those in the open round and those held for
     /// their re-execution.
     pub fn pending_updates(&self) -> usize {
-        self.round.updates + self.held.len()
+        self.round.updates() + self.held.len()
     }
     /// Totals: accepted updates, rejected updates, tokens trained.
     pub fn totals(&self) -> (u64, u64, u64) {
@@ -910,7 +919,7 @@ impl Coordinator {
             || self
                 .cfg
                 .max_tokens
-                .is_some_and(|m| self.tokens_applied + self.round.tokens + leased >= m)
+                .is_some_and(|m| self.tokens_applied + self.round.tokens() + leased >= m)
     }
 
     /// Inner steps the unit of `id` gets now.
@@ -938,7 +947,7 @@ impl Coordinator {
     /// duration (from the outstanding leases' start times and their holders' speeds), and for
     /// no longer than that in all.
     fn should_wait(&mut self, id: &str, now: u64) -> bool {
-        let counted = self.round.updates + self.round.held.len();
+        let counted = self.round.updates() + self.round.held.len();
         // A round that has all its updates and only waits for their re-execution closes as
         // soon as the verifier is done (or at its deadline): a unit started now would only
         // add a stale update to it.
@@ -1322,7 +1331,7 @@ impl Coordinator {
                     tokens: held.tokens,
                     weight: held.tokens as f32 / (1 + staleness) as f32,
                 };
-                let fragment = self.fragment_of(&held.unit.fragment, held.delta.len());
+                let fragment = self.fragment_of(&held.unit.fragment);
                 self.fold(
                     participant,
                     unit_id,
@@ -1371,17 +1380,13 @@ impl Coordinator {
             f.weight -= p.weight as f64;
             f.tokens -= p.tokens;
             f.updates -= 1;
-            r.weight -= p.weight as f64;
-            r.updates -= 1;
-            r.tokens -= p.tokens;
             r.units.retain(|(_, u)| *u != p.unit_id);
             units.push(p.unit_id);
         }
         let r = &mut self.round;
-        if r.updates == 0 {
+        if r.updates() == 0 {
             r.sum.iter_mut().for_each(|s| *s = 0.0);
             r.by_fragment.fill(FragmentSum::default());
-            r.weight = 0.0;
             if r.held.is_empty() {
                 r.started_ms = None;
             }
@@ -1542,9 +1547,9 @@ impl Coordinator {
     /// Whether the open round can close now: it holds as many updates as it needs, none of
     /// them still waiting for its re-execution, and the run has not made its last version.
     fn round_full(&self, now: u64) -> bool {
-        self.round.updates > 0
+        self.round.updates() > 0
             && self.round.held.is_empty()
-            && self.round.updates >= self.round_target(now)
+            && self.round.updates() >= self.round_target(now)
             && !self.at_max_version()
     }
 
@@ -1879,9 +1884,15 @@ impl Coordinator {
                 self.round.started_ms.get_or_insert(now);
             }
             lease => {
+                // Without its lease (the caller did not check it first) an update can only be
+                // placed by its length.
                 let fragment = match &lease {
-                    Some(l) => self.fragment_of(&l.unit.fragment, delta.len()),
-                    None => self.fragment_of(&Fragment::ALL, delta.len()),
+                    Some(l) => self.fragment_of(&l.unit.fragment),
+                    None => self
+                        .ranges
+                        .iter()
+                        .position(|r| r.len() == delta.len())
+                        .expect("an accepted update fits one of the run's fragments"),
                 };
                 self.fold(id, unit_id, fragment, delta, verdict, false, now)
             }
@@ -1901,24 +1912,20 @@ impl Coordinator {
         verdict: Verdict,
         now: u64,
     ) {
-        let fragment = self.fragment_of(fragment, delta.len());
+        let fragment = self.fragment_of(fragment);
         self.fold(id, unit_id, fragment, delta, verdict, false, now);
     }
 
     /// The index of `fragment` among the run's, if it is one of them.
     fn fragment_index(&self, fragment: &Fragment) -> Option<usize> {
-        if self.cfg.fragments.len() == 1 && *fragment == Fragment::ALL {
-            return Some(0);
-        }
         self.cfg.fragments.iter().position(|f| f == fragment)
     }
 
-    /// The index of an accepted update's fragment: its unit's, or else the first of its length
-    /// (the update was checked against its lease, so one matches).
-    fn fragment_of(&self, fragment: &Fragment, len: usize) -> usize {
+    /// The index of an accepted update's fragment (its unit was checked against its lease, or
+    /// stored with it).
+    fn fragment_of(&self, fragment: &Fragment) -> usize {
         self.fragment_index(fragment)
-            .or_else(|| self.ranges.iter().position(|r| r.len() == len))
-            .expect("an accepted update fits one of the run's fragments")
+            .expect("an accepted unit names one of the run's fragments")
     }
 
     /// The fragment a new unit trains (see [`FragmentSchedule`]).
@@ -2015,9 +2022,6 @@ impl Coordinator {
         f.weight += verdict.weight as f64;
         f.tokens += verdict.tokens;
         f.updates += 1;
-        self.round.weight += verdict.weight as f64;
-        self.round.updates += 1;
-        self.round.tokens += verdict.tokens;
         self.round.members.insert(id.to_string());
         self.round.units.push((id.to_string(), unit_id));
         self.round.started_ms.get_or_insert(now);
@@ -2130,7 +2134,7 @@ impl Coordinator {
             );
         }
         self.revised = false;
-        self.tokens_applied += self.round.tokens;
+        self.tokens_applied += self.round.tokens();
         let folded = std::mem::take(&mut self.round.units);
         self.clear_round();
         self.guard.round_closed();
@@ -2182,9 +2186,6 @@ impl Coordinator {
     fn clear_round(&mut self) {
         self.round.sum.iter_mut().for_each(|s| *s = 0.0);
         self.round.by_fragment.fill(FragmentSum::default());
-        self.round.weight = 0.0;
-        self.round.updates = 0;
-        self.round.tokens = 0;
         self.round.started_ms = None;
         self.round.members.clear();
         self.round.units.clear();
@@ -2213,14 +2214,14 @@ impl Coordinator {
             });
         }
         if let Some(start) = self.round.started_ms
-            && self.round.updates > 0
+            && self.round.updates() > 0
             && !self.at_max_version()
         {
             let late = now.saturating_sub(start) >= self.cfg.round_timeout_ms;
             let full = self.round_full(now);
             let last = self.finished() && self.leases.is_empty();
             if late || full || last {
-                let updates = self.round.updates;
+                let updates = self.round.updates();
                 let version = self.close_round();
                 events.push(Event::RoundClosed { version, updates });
             }

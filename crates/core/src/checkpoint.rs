@@ -207,22 +207,21 @@ pub fn optimizer_to_safetensors(specs: &[ParamSpec], optim: &AdamW) -> Result<Ve
     let mut entries = Vec::new();
     for (s, m) in specs.iter().zip(&optim.moments) {
         for suffix in ["exp_avg", "exp_avg_sq"] {
-            // A parameter that never had a gradient has zero moments.
             let v: Vec<f32> = match m {
-                Some(m) if suffix == "exp_avg" => m.exp_avg.clone(),
-                Some(m) => m.exp_avg_sq.clone(),
-                None => {
-                    entries.push((
-                        format!("{}.{suffix}", s.name),
-                        vec![s.numel()],
-                        f32_bytes(&vec![0.0; s.numel()]),
-                    ));
-                    continue;
+                // A parameter that never had a gradient has zero moments.
+                None => vec![0.0; s.numel()],
+                Some(m) => {
+                    let t = if suffix == "exp_avg" {
+                        &m.exp_avg
+                    } else {
+                        &m.exp_avg_sq
+                    };
+                    t.clone()
+                        .into_data()
+                        .try_into_vec()
+                        .map_err(|e| Error::Checkpoint(format!("{e:?}")))?
                 }
-            }
-            .into_data()
-            .try_into_vec()
-            .map_err(|e| Error::Checkpoint(format!("{e:?}")))?;
+            };
             entries.push((format!("{}.{suffix}", s.name), vec![v.len()], f32_bytes(&v)));
         }
     }
