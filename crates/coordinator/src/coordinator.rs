@@ -36,6 +36,10 @@ pub struct Config {
     /// `(tokens, final lr)`. Units leased after `t` tokens train at the decayed rate
     /// (`None`: constant).
     pub inner_lr_decay: Option<(u64, f64)>,
+    /// Linear warmup of the inner learning rate over the first tokens folded: units leased
+    /// before `t` tokens train at `lr × (1 + 19 t / W) / 20` (from a twentieth, as the
+    /// baselines' step warmup starts small); the cosine decay starts after it (0: none).
+    pub inner_lr_warmup_tokens: u64,
     /// The run seed.
     pub seed: u64,
     /// A round closes after this many accepted updates (K); 0: as many as there are active
@@ -108,6 +112,7 @@ impl Config {
             context,
             inner_lr: 1e-3,
             inner_lr_decay: None,
+            inner_lr_warmup_tokens: 0,
             seed: 1337,
             updates_per_round: 0,
             lockstep: false,
@@ -134,10 +139,14 @@ impl Config {
 
     /// Inner learning rate for a unit leased once `tokens` have been folded.
     pub fn inner_lr_at(&self, tokens: u64) -> f64 {
+        let w = self.inner_lr_warmup_tokens;
+        if tokens < w {
+            return self.inner_lr * (1.0 + 19.0 * tokens as f64 / w as f64) / 20.0;
+        }
         match self.inner_lr_decay {
             None => self.inner_lr,
             Some((total, min_lr)) => {
-                let t = (tokens as f64 / total.max(1) as f64).min(1.0);
+                let t = ((tokens - w) as f64 / total.saturating_sub(w).max(1) as f64).min(1.0);
                 min_lr + 0.5 * (1.0 + (std::f64::consts::PI * t).cos()) * (self.inner_lr - min_lr)
             }
         }
@@ -3393,6 +3402,7 @@ mod tests {
         assert_eq!(c.close_round_if_full(10_000), None);
         assert_eq!(c.version(), 1);
     }
+
     #[test]
     fn the_inner_learning_rate_decays_over_folded_tokens() {
         let c = Config {
@@ -3402,6 +3412,17 @@ mod tests {
         assert_eq!(c.inner_lr_at(0), 1e-3);
         assert!((c.inner_lr_at(500) - 5.5e-4).abs() < 1e-12);
         assert_eq!(c.inner_lr_at(5000), 1e-4);
+        // With a warmup over the first 200 tokens: from a twentieth up, then the decay over
+        // the remaining 800.
+        let c = Config {
+            inner_lr_warmup_tokens: 200,
+            ..c
+        };
+        assert!((c.inner_lr_at(0) - 5e-5).abs() < 1e-12);
+        assert!((c.inner_lr_at(100) - 5.25e-4).abs() < 1e-12);
+        assert_eq!(c.inner_lr_at(200), 1e-3);
+        assert!((c.inner_lr_at(600) - 5.5e-4).abs() < 1e-12);
+        assert_eq!(c.inner_lr_at(1000), 1e-4);
     }
 
     #[test]

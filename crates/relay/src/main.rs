@@ -64,6 +64,11 @@ struct Args {
     /// the model.
     #[arg(long)]
     inner_lr_decay_tokens: Option<u64>,
+    /// Warm the inner learning rate up linearly (from a twentieth) over this many tokens
+    /// folded into the model, as the single-node baselines warm up over their first steps; the
+    /// decay starts after it (0: none).
+    #[arg(long, default_value_t = 0)]
+    inner_lr_warmup_tokens: u64,
     /// Updates per round (K); 0: one per active participant.
     #[arg(long, default_value_t = 0)]
     updates_per_round: usize,
@@ -310,6 +315,7 @@ async fn main() -> Result<()> {
         batch_size: a.batch,
         inner_lr: a.inner_lr,
         inner_lr_decay: a.inner_lr_decay_tokens.map(|t| (t, a.inner_lr / 10.0)),
+        inner_lr_warmup_tokens: a.inner_lr_warmup_tokens,
         seed: a.seed,
         updates_per_round: a.updates_per_round,
         lockstep: a.lockstep,

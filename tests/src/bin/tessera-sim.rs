@@ -85,7 +85,7 @@ fn parse() -> Result<Args> {
             "--help" | "-h" => {
                 println!(
                     "tessera-sim --tokens N [--participants N --speeds S1,S2,… --config C --data FILE \\\n    \
-                     --inner-steps H --min-inner-steps M --warmup W --batch B --inner-lr LR --no-decay \\\n    \
+                     --inner-steps H --min-inner-steps M --warmup W --batch B --inner-lr LR --no-decay --lr-warmup-tokens T \\\n    \
                      --updates-per-round K --lockstep --grace G --max-staleness S --relative-staleness \\\n    \
                      --outer-lr LR --outer-momentum MU --fragments F --fragment-schedule rotate|spread --codec f32|int8|int4|sparseK --ef-decay B --version-codec C|off --keep-optimizer --keep-second-moment --guard --screen \\\n    \
                      --step-ms MS --overhead-ms MS --eval-every V --eval-iters N --seed S --trace --json]\n\
@@ -118,6 +118,7 @@ fn parse() -> Result<Args> {
             "--batch" => a.cfg.batch_size = val()?.parse()?,
             "--inner-lr" => a.cfg.inner_lr = val()?.parse()?,
             "--no-decay" => decay = false,
+            "--lr-warmup-tokens" => a.cfg.inner_lr_warmup_tokens = val()?.parse()?,
             "--updates-per-round" => a.cfg.updates_per_round = val()?.parse()?,
             "--lockstep" => a.cfg.lockstep = true,
             "--grace" => a.cfg.grace = val()?.parse()?,
