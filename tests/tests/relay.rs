@@ -387,6 +387,61 @@ fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
     assert!(bytes * 32 < 4 * n, "{bytes} bytes for {n} values");
 }
 
+/// `--codec sign` (one bit a value): refused with verification on (float noise between two
+/// honest executions flips the signs of values near zero, so a re-execution disagrees; this
+/// test failed on exactly that — cosine 0.93 — before the relay refused the combination);
+/// with `--no-verify` a native host's updates are accepted, each 21x smaller than f32.
+#[test]
+fn sign_codec_needs_no_verify_and_its_updates_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (ok, out) = run_cmd(
+        std::process::Command::new(bin("tessera-relay"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--codec", "sign"])
+            .arg("--db")
+            .arg(dir.path().join("refused.db"))
+            .arg("--checkpoints")
+            .arg(dir.path().join("refused")),
+    );
+    assert!(!ok && out.contains("--no-verify"), "{out}");
+    let _relay = start_relay(
+        dir.path(),
+        port,
+        &[
+            "--codec",
+            "sign",
+            "--no-verify",
+            "--inner-steps",
+            "10",
+            "--min-inner-steps",
+            "10",
+            "--updates-per-round",
+            "1",
+            "--max-versions",
+            "4",
+        ],
+    );
+    assert_eq!(status(port)["codec"], "sign");
+    let host = start_host(dir.path(), port, "h", &[]);
+    wait_until(Duration::from_secs(180), "4 units accepted", || {
+        host.lines_with("accepted, model now").len() >= 4
+    });
+    let s = status(port);
+    assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
+    let run: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/api/run"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    let n = u(&run["num_params"]) as usize;
+    let bytes = n.div_ceil(64) * 4 + n.div_ceil(8);
+    for l in host.lines_with("accepted, model now") {
+        assert!(l.contains(&format!("{bytes} bytes sign")), "{l}");
+    }
+    assert!(bytes * 21 < 4 * n, "{bytes} bytes for {n} values");
+}
+
 /// `--version-codec int8`: each version's change is encoded and applied as decoded; a host
 /// holding the previous version rebuilds the next from the encoded change, a quarter of the
 /// weights' bytes, bit for bit (its rebuilt file's digest is checked against the relay's, and

@@ -201,7 +201,7 @@ fn device_format(codec: Codec) -> Option<Format> {
     match codec {
         Codec::Int8 => Some(Format::INT8),
         Codec::Int4 => Some(Format::INT4),
-        Codec::F32 | Codec::Sparse { .. } => None,
+        Codec::F32 | Codec::Sign | Codec::Sparse { .. } => None,
     }
 }
 

@@ -89,7 +89,8 @@ struct Args {
     #[arg(long, default_value_t = CoordConfig::new(0).outer_momentum)]
     outer_momentum: f32,
     /// How participants encode their updates: `int8` (per-256 absmax scales, 3.9x fewer bytes
-    /// than f32), `int4` (per-64 scales, 7.1x), `f32`, or `sparse` / `sparseK` (the K largest
+    /// than f32), `int4` (per-64 scales, 7.1x), `sign` (one bit a value and a per-64 mean
+    /// magnitude, 21x; +8.5% loss at H = 50; needs --no-verify), `f32`, or `sparse` / `sparseK` (the K largest
     /// of every 4096 values, 2 bits each, with the participant's error feedback; K = 64 by
     /// default, 108x fewer bytes than f32; needs --no-verify, see BENCHMARKS.md).
     #[arg(long, default_value_t = CoordConfig::new(0).codec, value_parser = parse_codec)]
@@ -306,6 +307,15 @@ async fn main() -> Result<()> {
              so honest participants would fail their audits (measured: cosine 0.03–0.39 with the \
              re-execution, against the 0.99 required; BENCHMARKS.md). Use it with participants you trust, or --codec int8.",
             a.codec
+        );
+    }
+    if a.codec == Codec::Sign && !a.no_verify {
+        anyhow::bail!(
+            "--codec sign needs --no-verify: one bit a value turns the float noise between two \
+             honest executions of a unit into flipped signs of full magnitude wherever a value is \
+             near zero, so a re-execution cannot reproduce the update (measured: cosine 0.93 \
+             between a native host's update and the relay's re-execution of it, against the 0.99 \
+             required). Use it with participants you trust, or --codec int8 / int4."
         );
     }
     let coord = CoordConfig {
