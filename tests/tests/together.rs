@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tessera_coordinator::GuardConfig;
 use tessera_e2e::client::{self, joined, signed, submit, work};
 use tessera_e2e::*;
 use tessera_protocol::messages::ServerMsg;
@@ -119,8 +120,11 @@ fn the_guard_rolls_a_harmful_version_back_and_the_run_continues() {
         .collect();
     wait_until(
         Duration::from_secs(60),
-        "honest training below loss 3",
-        || history(&status(port)).last().is_some_and(|l| l.1 < 3.0),
+        "honest training below loss 3, past the guard's opening",
+        || {
+            let h = history(&status(port));
+            h.len() > GuardConfig::default().warmup && h.last().is_some_and(|l| l.1 < 3.0)
+        },
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let secret = [42u8; 32];

@@ -9,7 +9,10 @@
 //! honest run in BENCHMARKS.md, is below a fifth of the default margin — after the opening.
 //! In its first `warmup` evaluations a run moves fast and noisily (an honest run of the test
 //! suite went 3.71 → 5.26 at version 3, and on from there), so the best is taken to be the
-//! first evaluation then: only a version clearly worse than the untrained model is bad.
+//! first evaluation then: only a version clearly worse than the untrained model is bad. The
+//! opening is kept short (5 evaluations): it is also a window in which a harmful update that
+//! passed verification is only caught if it makes the model worse than untrained (10 let the
+//! test suite's noise attack, started once the loss was below 3, pass as good).
 
 use std::collections::VecDeque;
 
@@ -41,7 +44,7 @@ impl Default for GuardConfig {
             tolerance: 0.25,
             min_margin: 0.25,
             window: 20,
-            warmup: 10,
+            warmup: 5,
             damping: 0.25,
             recovery_rounds: 20,
         }
