@@ -317,6 +317,30 @@ fn a_gpu_host_encodes_its_updates_on_the_device_and_they_are_accepted() {
     }
 }
 
+/// The relay refuses `--codec codec` with verification on, naming `--no-verify`.
+fn refused_without_no_verify(dir: &std::path::Path, port: u16, codec: &str) {
+    let (ok, out) = run_cmd(
+        std::process::Command::new(bin("tessera-relay"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--codec", codec])
+            .arg("--db")
+            .arg(dir.join("refused.db"))
+            .arg("--checkpoints")
+            .arg(dir.join("refused")),
+    );
+    assert!(!ok && out.contains("--no-verify"), "{codec}: {out}");
+}
+
+/// The run's parameter count, from `/api/run`.
+fn num_params(port: u16) -> usize {
+    let run: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/api/run"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    u(&run["num_params"]) as usize
+}
+
 /// The sparse codec: refused with verification on (a re-execution cannot reproduce a
 /// participant's error feedback, so honest participants would fail their audits); with
 /// `--no-verify`, a native host's sparse updates are accepted and folded, and its residual is
@@ -325,20 +349,7 @@ fn a_gpu_host_encodes_its_updates_on_the_device_and_they_are_accepted() {
 fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let (ok, out) = run_cmd(
-        std::process::Command::new(bin("tessera-relay"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--codec",
-                "sparse64",
-            ])
-            .arg("--db")
-            .arg(dir.path().join("refused.db"))
-            .arg("--checkpoints")
-            .arg(dir.path().join("refused")),
-    );
-    assert!(!ok && out.contains("--no-verify"), "{out}");
+    refused_without_no_verify(dir.path(), port, "sparse64");
     let _relay = start_relay(
         dir.path(),
         port,
@@ -364,13 +375,7 @@ fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
     let s = status(port);
     assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
     let units = host.lines_with("accepted, model now");
-    let run: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/api/run"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap();
-    let n = u(&run["num_params"]) as usize;
+    let n = num_params(port);
     let bytes = tessera_protocol::sparse::sparse_bytes(n, 64).unwrap();
     for l in &units {
         assert!(l.contains(&format!("{bytes} bytes sparse64")), "{l}");
@@ -395,15 +400,7 @@ fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
 fn sign_codec_needs_no_verify_and_its_updates_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let (ok, out) = run_cmd(
-        std::process::Command::new(bin("tessera-relay"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--codec", "sign"])
-            .arg("--db")
-            .arg(dir.path().join("refused.db"))
-            .arg("--checkpoints")
-            .arg(dir.path().join("refused")),
-    );
-    assert!(!ok && out.contains("--no-verify"), "{out}");
+    refused_without_no_verify(dir.path(), port, "sign");
     let _relay = start_relay(
         dir.path(),
         port,
@@ -428,13 +425,7 @@ fn sign_codec_needs_no_verify_and_its_updates_are_accepted() {
     });
     let s = status(port);
     assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
-    let run: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/api/run"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap();
-    let n = u(&run["num_params"]) as usize;
+    let n = num_params(port);
     let bytes = n.div_ceil(64) * 4 + n.div_ceil(8);
     for l in host.lines_with("accepted, model now") {
         assert!(l.contains(&format!("{bytes} bytes sign")), "{l}");
