@@ -341,21 +341,15 @@ fn num_params(port: u16) -> usize {
     u(&run["num_params"]) as usize
 }
 
-/// The sparse codec: refused with verification on (a re-execution cannot reproduce a
-/// participant's error feedback, so honest participants would fail their audits); with
-/// `--no-verify`, a native host's sparse updates are accepted and folded, and its residual is
-/// carried from one unit to the next.
-#[test]
-fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    refused_without_no_verify(dir.path(), port, "sparse64");
+/// A relay on `codec` with `--no-verify` and one native host until 4 of its 10-step units are
+/// accepted, none refused: the host's "accepted" lines and the run's parameter count.
+fn four_unverified_units(dir: &std::path::Path, port: u16, codec: &str) -> (Vec<String>, usize) {
     let _relay = start_relay(
-        dir.path(),
+        dir,
         port,
         &[
             "--codec",
-            "sparse64",
+            codec,
             "--no-verify",
             "--inner-steps",
             "10",
@@ -367,15 +361,26 @@ fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
             "4",
         ],
     );
-    assert_eq!(status(port)["codec"], "sparse64");
-    let host = start_host(dir.path(), port, "h", &[]);
+    assert_eq!(status(port)["codec"], codec);
+    let host = start_host(dir, port, "h", &[]);
     wait_until(Duration::from_secs(180), "4 units accepted", || {
         host.lines_with("accepted, model now").len() >= 4
     });
     let s = status(port);
     assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
-    let units = host.lines_with("accepted, model now");
-    let n = num_params(port);
+    (host.lines_with("accepted, model now"), num_params(port))
+}
+
+/// The sparse codec: refused with verification on (a re-execution cannot reproduce a
+/// participant's error feedback, so honest participants would fail their audits); with
+/// `--no-verify`, a native host's sparse updates are accepted and folded, and its residual is
+/// carried from one unit to the next.
+#[test]
+fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    refused_without_no_verify(dir.path(), port, "sparse64");
+    let (units, n) = four_unverified_units(dir.path(), port, "sparse64");
     let bytes = tessera_protocol::sparse::sparse_bytes(n, 64).unwrap();
     for l in &units {
         assert!(l.contains(&format!("{bytes} bytes sparse64")), "{l}");
@@ -401,33 +406,9 @@ fn sign_codec_needs_no_verify_and_its_updates_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     refused_without_no_verify(dir.path(), port, "sign");
-    let _relay = start_relay(
-        dir.path(),
-        port,
-        &[
-            "--codec",
-            "sign",
-            "--no-verify",
-            "--inner-steps",
-            "10",
-            "--min-inner-steps",
-            "10",
-            "--updates-per-round",
-            "1",
-            "--max-versions",
-            "4",
-        ],
-    );
-    assert_eq!(status(port)["codec"], "sign");
-    let host = start_host(dir.path(), port, "h", &[]);
-    wait_until(Duration::from_secs(180), "4 units accepted", || {
-        host.lines_with("accepted, model now").len() >= 4
-    });
-    let s = status(port);
-    assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
-    let n = num_params(port);
+    let (units, n) = four_unverified_units(dir.path(), port, "sign");
     let bytes = n.div_ceil(64) * 4 + n.div_ceil(8);
-    for l in host.lines_with("accepted, model now") {
+    for l in &units {
         assert!(l.contains(&format!("{bytes} bytes sign")), "{l}");
     }
     assert!(bytes * 21 < 4 * n, "{bytes} bytes for {n} values");

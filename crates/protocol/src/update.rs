@@ -113,6 +113,25 @@ impl Codec {
     pub fn is_lossy(self) -> bool {
         !matches!(self, Codec::F32)
     }
+
+    /// Why a re-execution of an honest unit cannot reproduce an update in this codec (so it
+    /// cannot be verified), or `None` when it can.
+    pub fn unverifiable(self) -> Option<&'static str> {
+        match self {
+            Codec::Sparse { .. } => Some(
+                "a sparse update carries the participant's error feedback (what its earlier \
+                 updates left out), which a re-execution cannot reproduce (measured: cosine \
+                 0.03–0.39 with the re-execution, against the 0.99 required; BENCHMARKS.md)",
+            ),
+            Codec::Sign => Some(
+                "one bit a value turns the float noise between two honest executions of a unit \
+                 into flipped signs of full magnitude wherever a value is near zero (measured: \
+                 cosine 0.93 between a native host's update and the relay's re-execution of it, \
+                 against the 0.99 required)",
+            ),
+            Codec::F32 | Codec::Int8 | Codec::Int4 => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Codec {
@@ -311,9 +330,13 @@ pub fn encode_sign(values: &[f32]) -> Vec<u8> {
         bits.chunks_mut(SIGN_CHUNK / 8)
             .zip(scales.chunks_exact_mut(4)),
     ) {
-        let (_, finite) = absmax_finite(vals);
+        // The f64 sum of finite magnitudes is finite: a non-finite mean means a non-finite value.
         let mean = vals.iter().map(|v| f64::from(v.abs())).sum::<f64>() / vals.len() as f64;
-        let scale = if finite { mean as f32 } else { f32::NAN };
+        let scale = if mean.is_finite() {
+            mean as f32
+        } else {
+            f32::NAN
+        };
         scale_out.copy_from_slice(&scale.to_le_bytes());
         for (o, byte) in out.iter_mut().zip(vals.chunks(8)) {
             *o = byte

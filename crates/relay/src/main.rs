@@ -300,22 +300,13 @@ async fn main() -> Result<()> {
         max_version: a.max_versions,
         max_update_norm: 1e4,
     };
-    if matches!(a.codec, Codec::Sparse { .. }) && !a.no_verify {
+    if let Some(why) = a.codec.unverifiable()
+        && !a.no_verify
+    {
         anyhow::bail!(
-            "--codec {} needs --no-verify: a sparse update carries the participant's error \
-             feedback (what its earlier updates left out), which a re-execution cannot reproduce, \
-             so honest participants would fail their audits (measured: cosine 0.03–0.39 with the \
-             re-execution, against the 0.99 required; BENCHMARKS.md). Use it with participants you trust, or --codec int8.",
+            "--codec {} needs --no-verify: {why}, so honest participants would fail their \
+             audits. Use it with participants you trust, or --codec int8.",
             a.codec
-        );
-    }
-    if a.codec == Codec::Sign && !a.no_verify {
-        anyhow::bail!(
-            "--codec sign needs --no-verify: one bit a value turns the float noise between two \
-             honest executions of a unit into flipped signs of full magnitude wherever a value is \
-             near zero, so a re-execution cannot reproduce the update (measured: cosine 0.93 \
-             between a native host's update and the relay's re-execution of it, against the 0.99 \
-             required). Use it with participants you trust, or --codec int8 / int4."
         );
     }
     let coord = CoordConfig {
