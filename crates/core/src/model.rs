@@ -2,12 +2,13 @@
 //! multi-head self-attention and a GELU MLP, a final LayerNorm, and an LM head tied to the
 //! token embedding. Written once: the `Device` it is built on picks the backend.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
     Linear, LinearConfig,
 };
 use burn::prelude::*;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::config::ModelConfig;
 use crate::data::Batch;
@@ -23,6 +24,15 @@ fn linear(d_in: usize, d_out: usize, std: f64, device: &Device) -> Linear {
     // Biases start at zero, as in GPT-2.
     l.bias = l.bias.map(|b| Param::from_tensor(b.val().zeros_like()));
     l
+}
+
+/// The backends keep one random generator per process (flex's is a global), so seeding it and
+/// drawing a model's weights must not interleave with another thread's draws.
+static INIT: Mutex<()> = Mutex::new(());
+
+fn init_lock() -> MutexGuard<'static, ()> {
+    // The guarded data is (): a panic while building leaves nothing inconsistent behind.
+    INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Causal multi-head self-attention.
@@ -98,8 +108,35 @@ pub struct Gpt {
 
 impl Gpt {
     /// Builds a freshly initialised model on `device` (GPT-2 initialisation: N(0, 0.02), with
-    /// residual projections scaled by 1/sqrt(2 n_layer), zero biases, unit LayerNorms).
+    /// residual projections scaled by 1/sqrt(2 n_layer), zero biases, unit LayerNorms), drawing
+    /// from the backend's random generator wherever it stands.
     pub fn new(config: &ModelConfig, device: &Device) -> Self {
+        let _only_builder = init_lock();
+        Self::build(config, device).materialized()
+    }
+
+    /// The model `seed` names: the same seed and backend give the same weights, whatever other
+    /// threads of the process draw at the same time.
+    pub fn seeded(config: &ModelConfig, seed: u64, device: &Device) -> Self {
+        let _only_builder = init_lock();
+        device.seed(seed);
+        Self::build(config, device).materialized()
+    }
+
+    /// burn initialises parameters lazily, at their first use: draw them all now, in module
+    /// order (the order of the forward pass), while the caller holds the generator.
+    fn materialized(self) -> Self {
+        struct Touch;
+        impl ModuleVisitor for Touch {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                param.val();
+            }
+        }
+        self.visit(&mut Touch);
+        self
+    }
+
+    fn build(config: &ModelConfig, device: &Device) -> Self {
         let d = config.n_embd;
         let resid_std = INIT_STD / (2.0 * config.n_layer as f64).sqrt();
         let emb = |n| {

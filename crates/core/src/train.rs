@@ -48,8 +48,7 @@ impl Trainer {
     ) -> Result<Self, Error> {
         model_config.validate()?;
         let device = device.clone().autodiff();
-        device.seed(train_config.seed);
-        let model = Gpt::new(&model_config, &device);
+        let model = Gpt::seeded(&model_config, train_config.seed, &device);
         Ok(Self::from_parts(
             model,
             AdamW::new(),

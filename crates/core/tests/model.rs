@@ -223,3 +223,34 @@ fn a_fragment_trains_alone_and_the_rest_stays_frozen() {
     let mut tr = Trainer::with_weights(tiny(), quick_config(5), &device, &init).unwrap();
     assert!(tr.train_only(n..n + 1).is_err());
 }
+
+/// The backends' random generators are process-wide; a seeded model built while other threads
+/// build models (a test binary, the relay's verifier beside its trainer) must still be the one
+/// its seed names.
+#[test]
+fn the_same_seed_gives_the_same_model_while_other_threads_build_models() {
+    let device = Device::flex();
+    let seeded = || {
+        let mut t = TrainConfig::nanogpt(1);
+        t.seed = 7;
+        params::to_vec(Trainer::new(tiny(), t, &device).unwrap().model())
+    };
+    let expected = seeded();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let changed = std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    Gpt::new(&tiny(), &device);
+                }
+            });
+        }
+        let changed = (0..20).filter(|_| seeded() != expected).count();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        changed
+    });
+    assert_eq!(
+        changed, 0,
+        "of 20 seeded models built beside others, {changed} changed"
+    );
+}
