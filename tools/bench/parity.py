@@ -23,8 +23,10 @@ default unless --relay-args says otherwise. Its default is the recipe that won (
 (mean +- half the range over seeds)."""
 
 import argparse
+import collections
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -104,10 +106,14 @@ def relay_run(seed, h, throttles, relay_args):
         stale = db.execute("SELECT AVG(staleness), MAX(staleness) FROM updates").fetchone()
         steps = db.execute("SELECT tokens FROM updates").fetchall()
         db.close()
-        losses = [l for _, l in h_]
+        with open(os.path.join(work, "relay.log")) as f:
+            log = re.sub(r"\x1b\[[0-9;]*m", "", f.read())
+        reasons = collections.Counter(
+            m.group(1) for line in log.splitlines() if " rejected: " in line
+            for m in [re.search(r"reason=(\w+)", line)] if m)
         return {"val_loss": round(h_[-1][1], 4), "versions": s["model_version"],
                 "tokens_applied": s["tokens_applied"], "accepted": s["accepted_updates"],
-                "rejected": s["rejected_updates"], "rollbacks": len(s["guard"]["rollbacks"]),
+                "rejected": s["rejected_updates"], "rejected_for": dict(reasons), "rollbacks": len(s["guard"]["rollbacks"]),
                 "mean_staleness": round(stale[0] or 0, 3), "max_staleness": stale[1],
                 "min_unit_steps": min(t for (t,) in steps) // (12 * 64),
                 "max_val_after_v5": round(max(l for v, l in h_ if v >= 5), 4),

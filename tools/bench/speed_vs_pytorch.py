@@ -7,7 +7,8 @@ model, optimizer and batch shape with the same thread count, in one run.
 Both sides train for the same number of steps (batch 12, context 64, AdamW with global-norm
 clipping) on tinyshakespeare; both times exclude start-up and the first 10 steps. Prints one
 JSON line with both tokens/s figures and their ratio (Tessera / PyTorch), and Tessera with
-burn's composed ops instead of the fused kernels (`--no-fused-kernels`) for the before / after.
+burn's composed ops instead of the fused kernels (`--no-fused-kernels`) for the before / after;
+`--baseline BIN` adds another tessera-host build (before a change) to the same interleaved run.
 """
 
 import argparse
@@ -29,8 +30,8 @@ CFG = dict(vocab_size=256, n_layer=4, n_head=4, n_embd=128, block_size=64)
 TRAIN = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
 
 
-def tessera(threads, steps, warm, fused=True):
-    binary = os.environ.get("TESSERA_HOST", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "tessera-host"))
+def tessera(threads, steps, warm, fused=True, binary=None):
+    binary = binary or os.environ.get("TESSERA_HOST", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "tessera-host"))
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
 
     def run(n):
@@ -81,18 +82,23 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warm", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline", help="another tessera-host binary (a build before a change) to measure in the same run")
     a = ap.parse_args()
     # This machine's speed drifts by tens of percent over minutes: the three are interleaved
     # --repeat times and each figure is the median of its runs.
     runs = [(tessera(a.threads, a.steps, a.warm), tessera(a.threads, a.steps, a.warm, fused=False),
-             pytorch(a.threads, a.steps, a.warm)) for _ in range(a.repeat)]
-    ours, composed, theirs = (statistics.median(r[i] for r in runs) for i in range(3))
+             pytorch(a.threads, a.steps, a.warm),
+             tessera(a.threads, a.steps, a.warm, binary=a.baseline) if a.baseline else 0.0)
+            for _ in range(a.repeat)]
+    ours, composed, theirs, base = (statistics.median(r[i] for r in runs) for i in range(4))
+    baseline = {"baseline_tokens_per_s": round(base), "ratio_baseline": round(base / theirs, 3)} if a.baseline else {}
     print(json.dumps({
         "threads": a.threads, "steps": a.steps, "repeat": a.repeat,
         "tessera_tokens_per_s": round(ours), "pytorch_tokens_per_s": round(theirs),
         "ratio": round(ours / theirs, 3),
         "tessera_composed_ops_tokens_per_s": round(composed),
         "ratio_composed": round(composed / theirs, 3),
+        **baseline,
         "torch": torch.__version__,
     }))
 
