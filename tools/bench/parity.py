@@ -108,12 +108,13 @@ def relay_run(seed, h, throttles, relay_args):
         db.close()
         with open(os.path.join(work, "relay.log")) as f:
             log = re.sub(r"\x1b\[[0-9;]*m", "", f.read())
+        refusals = [line for line in log.splitlines() if " rejected: " in line]
         reasons = collections.Counter(
-            m.group(1) for line in log.splitlines() if " rejected: " in line
-            for m in [re.search(r"reason=(\w+)", line)] if m)
+            m.group(1) for line in refusals for m in [re.search(r"reason=(\w+)", line)] if m)
         return {"val_loss": round(h_[-1][1], 4), "versions": s["model_version"],
                 "tokens_applied": s["tokens_applied"], "accepted": s["accepted_updates"],
-                "rejected": s["rejected_updates"], "rejected_for": dict(reasons), "rollbacks": len(s["guard"]["rollbacks"]),
+                "rejected": s["rejected_updates"], "rejected_for": dict(reasons),
+                "rejections": [line.split(" rejected: ", 1)[1] for line in refusals[:5]], "rollbacks": len(s["guard"]["rollbacks"]),
                 "mean_staleness": round(stale[0] or 0, 3), "max_staleness": stale[1],
                 "min_unit_steps": min(t for (t,) in steps) // (12 * 64),
                 "max_val_after_v5": round(max(l for v, l in h_ if v >= 5), 4),
