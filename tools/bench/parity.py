@@ -123,7 +123,10 @@ def relay_run(seed, h, throttles, relay_args):
         for p in procs:
             p.kill()
             p.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("PARITY_KEEP"):
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def main():
