@@ -199,21 +199,33 @@ pub fn encode_int8(values: &[f32]) -> Vec<u8> {
     data
 }
 
+/// Splits the payload of a codec with one f32 scale per `chunk` values into its scales and its
+/// `value_bytes` bytes of values, refusing any other size.
+fn scales_and_values<'a>(
+    codec: &str,
+    data: &'a [u8],
+    len: usize,
+    chunk: usize,
+    value_bytes: usize,
+) -> Result<(&'a [u8], &'a [u8]), Error> {
+    let chunks = len.div_ceil(chunk);
+    let expected = chunks * 4 + value_bytes;
+    if data.len() != expected {
+        return Err(Error::BadUpdate(format!(
+            "{codec} payload has {} bytes for {len} values ({chunks} scales of 4 bytes + \
+             {value_bytes} bytes of values = {expected})",
+            data.len()
+        )));
+    }
+    Ok(data.split_at(chunks * 4))
+}
+
 /// Decodes int8 data of `len` values into `out` (replacing what it held, reusing its memory):
 /// `q * scale`, in f32, which is the update's value (the relay folds exactly this; a
 /// participant keeps `v - decoded` as its error). Every value is finite when every scale is in
 /// `0..=INT8_MAX_SCALE`, which is checked.
 fn decode_int8(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Error> {
-    let chunks = len.div_ceil(INT8_CHUNK);
-    if data.len() != chunks * 4 + len {
-        return Err(Error::BadUpdate(format!(
-            "int8 payload has {} bytes for {len} values ({chunks} scales of 4 bytes + 1 byte a \
-             value = {})",
-            data.len(),
-            chunks * 4 + len
-        )));
-    }
-    let (scales, q) = data.split_at(chunks * 4);
+    let (scales, q) = scales_and_values("int8", data, len, INT8_CHUNK, len)?;
     out.clear();
     out.reserve(len);
     for (c, (vals, s)) in q.chunks(INT8_CHUNK).zip(scales.chunks_exact(4)).enumerate() {
@@ -269,15 +281,7 @@ pub fn encode_int4(values: &[f32]) -> Vec<u8> {
 /// Decodes int4 data of `len` values into `out`: `q * scale`. Refuses a wrong size, a scale
 /// outside `0..=INT4_MAX_SCALE`, the nibble `-8` (never written) and a non-zero padding nibble.
 fn decode_int4(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Error> {
-    let chunks = len.div_ceil(INT4_CHUNK);
-    let expected = chunks * 4 + len.div_ceil(2);
-    if data.len() != expected {
-        return Err(Error::BadUpdate(format!(
-            "int4 payload has {} bytes for {len} values ({expected} expected)",
-            data.len()
-        )));
-    }
-    let (scales, q) = data.split_at(chunks * 4);
+    let (scales, q) = scales_and_values("int4", data, len, INT4_CHUNK, len.div_ceil(2))?;
     if len % 2 == 1 && q[q.len() - 1] >> 4 != 0 {
         return Err(Error::BadUpdate("int4 padding nibble is not zero".into()));
     }
@@ -354,15 +358,7 @@ pub const SIGN_MAX_SCALE: f32 = f32::MAX;
 /// Decodes sign data of `len` values into `out`: `±scale`. Refuses a wrong size, a scale that
 /// is negative or not finite, and non-zero padding bits.
 fn decode_sign(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Error> {
-    let chunks = len.div_ceil(SIGN_CHUNK);
-    let expected = chunks * 4 + len.div_ceil(8);
-    if data.len() != expected {
-        return Err(Error::BadUpdate(format!(
-            "sign payload has {} bytes for {len} values ({expected} expected)",
-            data.len()
-        )));
-    }
-    let (scales, bits) = data.split_at(chunks * 4);
+    let (scales, bits) = scales_and_values("sign", data, len, SIGN_CHUNK, len.div_ceil(8))?;
     if !len.is_multiple_of(8) && bits[bits.len() - 1] >> (len % 8) != 0 {
         return Err(Error::BadUpdate("sign padding bits are not zero".into()));
     }
