@@ -7,12 +7,15 @@
 //! be addressable by parameter order so that it can be checkpointed and reset per work unit.
 //! The state is kept per parameter, flat, in burn's layout and in the order of
 //! [`crate::params::specs`]; every update is a tensor op, so the step never waits on the device.
+//! On the CPU (flex) each parameter's step is one fused pass ([`crate::kernels::adamw`]), bit
+//! for bit the composed ops' result; other backends compose burn's ops.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::Gradients;
 
 use crate::config::TrainConfig;
+use crate::kernels;
 use crate::params::restore_tracking;
 
 /// First and second moments of one parameter, flat.
@@ -74,30 +77,36 @@ impl ModuleMapper for Update<'_> {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let dims = grad.dims();
-        let mut g = grad.reshape([-1]);
-        if let Some(c) = &self.clip {
-            g = g * c.clone();
-        }
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let previous = self.state.moments.get(index).and_then(Option::as_ref);
-        let m = match previous {
-            Some(s) => s.exp_avg.clone() * b1 + g.clone() * (1.0 - b1),
-            None => g.clone() * (1.0 - b1),
-        };
-        let v = match previous {
-            Some(s) => s.exp_avg_sq.clone() * b2 + g.square() * (1.0 - b2),
-            None => g.square() * (1.0 - b2),
-        };
         let t = self.state.step as i32;
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
-        let denom = (v.clone() / bc2).sqrt() + self.cfg.eps;
-        let update = (m.clone() / denom) * (self.lr / bc1);
-        let mut p = tensor.clone().inner().reshape([-1]);
-        if D >= 2 && self.cfg.weight_decay != 0.0 {
-            p = p * (1.0 - self.lr * self.cfg.weight_decay);
-        }
-        let p = (p - update).reshape(dims);
+        let decays = D >= 2 && self.cfg.weight_decay != 0.0;
+        let scalars = kernels::adamw::Scalars::new(
+            b1,
+            b2,
+            self.cfg.eps,
+            self.lr,
+            if decays { self.cfg.weight_decay } else { 0.0 },
+            t,
+        );
+        // Taken out of the state, so that the fused step updates them in place.
+        let previous = self
+            .state
+            .moments
+            .get_mut(index)
+            .and_then(Option::take)
+            .map(|s| (s.exp_avg, s.exp_avg_sq));
+        let param = tensor.clone().inner().reshape([-1]);
+        let (p, m, v) = match kernels::adamw_step(
+            param,
+            grad.reshape([-1]),
+            previous,
+            self.clip.clone(),
+            &scalars,
+        ) {
+            Ok(stepped) => stepped,
+            Err(inputs) => self.composed(inputs, decays),
+        };
+        let p = p.reshape(dims);
         let moments = Moments {
             exp_avg: m,
             exp_avg_sq: v,
@@ -108,6 +117,43 @@ impl ModuleMapper for Update<'_> {
             self.state.moments.push(Some(moments));
         }
         Param::from_mapped_value(id, restore_tracking(p, &tensor), mapper)
+    }
+}
+
+impl Update<'_> {
+    /// The step in burn's ops (any backend): the parameter and its two moments, flat.
+    fn composed(
+        &self,
+        inputs: Box<kernels::AdamWInputs>,
+        decays: bool,
+    ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+        let kernels::AdamWInputs {
+            param,
+            mut grad,
+            moments,
+            clip,
+        } = *inputs;
+        if let Some(c) = clip {
+            grad = grad * c;
+        }
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let (m, v) = match moments {
+            Some((m, v)) => (
+                m * b1 + grad.clone() * (1.0 - b1),
+                v * b2 + grad.square() * (1.0 - b2),
+            ),
+            None => (grad.clone() * (1.0 - b1), grad.square() * (1.0 - b2)),
+        };
+        let t = self.state.step as i32;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        let denom = (v.clone() / bc2).sqrt() + self.cfg.eps;
+        let update = (m.clone() / denom) * (self.lr / bc1);
+        let mut p = param;
+        if decays {
+            p = p * (1.0 - self.lr * self.cfg.weight_decay);
+        }
+        (p - update, m, v)
     }
 }
 

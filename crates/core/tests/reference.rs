@@ -134,6 +134,45 @@ fn fused_kernels_agree_with_burns_composed_ops() {
     );
 }
 
+#[test]
+fn the_fused_adamw_step_is_burns_composed_step_bit_for_bit() {
+    let cpu = Device::flex();
+    let ad = cpu.clone().autodiff();
+    let (f, _) = fixture(&cpu);
+    let model = params::load_vec(Gpt::new(&f.model, &ad), &f.weights).unwrap();
+    // Three steps (the first without moments, two that carry them), the gradients by the fused
+    // kernels in both runs; only the optimizer's step is fused or composed.
+    let steps = |mut model: Gpt, fused: bool| {
+        let mut opt = AdamW::new();
+        for _ in 0..3 {
+            let loss = model.loss(
+                ints(&f.input_ids, f.shape, &ad),
+                ints(&f.targets, f.shape, &ad),
+            );
+            let tape = loss.backward();
+            let step = || opt.step(model, &tape, f.train.lr, &f.train).0;
+            model = if fused {
+                step()
+            } else {
+                kernels::without_fusion(step)
+            };
+        }
+        let moments: Vec<f32> = opt
+            .moments
+            .iter()
+            .flatten()
+            .flat_map(|m| [read(m.exp_avg.clone()), read(m.exp_avg_sq.clone())])
+            .flatten()
+            .collect();
+        (params::to_vec(&model), moments)
+    };
+    let fused = steps(model.clone(), true);
+    let composed = steps(model, false);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&fused.0), bits(&composed.0), "parameters differ");
+    assert_eq!(bits(&fused.1), bits(&composed.1), "moments differ");
+}
+
 fn matches_pytorch() {
     let device = Device::flex();
     let (f, specs) = fixture(&device);

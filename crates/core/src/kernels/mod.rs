@@ -6,6 +6,7 @@
 //! - [`math`]: vectorisable `exp`, `erf` (each also with fused multiply-adds), `sum`, `max`, `dot` and the row-parallel drivers;
 //! - [`gelu`], [`layer_norm`], [`attention`], [`cross_entropy`]: the kernels on plain slices,
 //!   each tested against a float64 reference and finite differences;
+//! - [`adamw`]: the optimizer's step in one pass over a parameter, its moments and gradient;
 //! - `ops` (with the `flex` feature): the burn backend extension that runs them for `Flex` and
 //!   registers their backward for `Autodiff<Flex>`;
 //! - [`quantize`] (with the `wgpu` feature): absmax int8 / int4 quantization on a wgpu or
@@ -15,6 +16,7 @@
 //! the fused kernels; on any other device (wgpu / WebGPU) or when fusion is switched off with
 //! [`set_enabled`], they compose burn's own ops, so every backend computes the same function.
 
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod gelu;
@@ -147,6 +149,39 @@ pub fn causal_attention(qkv: Tensor<2>, batch: usize, heads: usize) -> Tensor<2>
     sdpa(part(0), part(1), part(2), None, None, opts)
         .swap_dims(1, 2)
         .reshape([n, c])
+}
+
+/// One AdamW step of the flat parameter `param` in one pass (see [`adamw`]), when its tensors
+/// take the fused path: the parameter and its two moments. `Err` hands the inputs back for
+/// burn's composed ops (another backend, or fusion off).
+#[allow(clippy::type_complexity)]
+pub fn adamw_step(
+    param: Tensor<1>,
+    grad: Tensor<1>,
+    moments: Option<(Tensor<1>, Tensor<1>)>,
+    clip: Option<Tensor<1>>,
+    scalars: &adamw::Scalars,
+) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>), Box<AdamWInputs>> {
+    #[cfg(feature = "flex")]
+    if fused(&grad.device(), grad.dtype()) {
+        let clip = clip.unwrap_or_else(|| Tensor::ones([1], &grad.device()));
+        return Ok(ops::adamw_step(param, grad, moments, clip, scalars));
+    }
+    let _ = scalars;
+    Err(Box::new(AdamWInputs {
+        param,
+        grad,
+        moments,
+        clip,
+    }))
+}
+
+/// What [`adamw_step`] hands back when the step is not fused.
+pub struct AdamWInputs {
+    pub param: Tensor<1>,
+    pub grad: Tensor<1>,
+    pub moments: Option<(Tensor<1>, Tensor<1>)>,
+    pub clip: Option<Tensor<1>>,
 }
 
 /// Mean softmax cross-entropy of `logits` `[n, vocab]` against `targets` `[n]`.

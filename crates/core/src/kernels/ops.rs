@@ -9,11 +9,13 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::backend::{
+    Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension,
+};
 use burn::prelude::*;
 use burn::tensor::{DType, Shape};
 
-use super::{attention, cross_entropy as ce, gelu as gelu_k, layer_norm as ln_k};
+use super::{adamw, attention, cross_entropy as ce, gelu as gelu_k, layer_norm as ln_k};
 
 /// The fused operations. `Flex` runs them; `Autodiff` (over `Flex`) records their backward.
 #[backend_extension(Flex, Autodiff)]
@@ -34,6 +36,24 @@ pub trait FusedOps: Backend {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// One AdamW step of a flat parameter from its gradient times `clip` (`[1]`) and its two
+    /// moments (zeros before the first step). Returns the three updated. Not differentiable.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        clip: FloatTensor<Self>,
+        beta1: f32,
+        one_minus_beta1: f32,
+        beta2: f32,
+        one_minus_beta2: f32,
+        bias_correction2: f32,
+        eps: f32,
+        step_size: f32,
+        decay: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 pub(super) fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
@@ -62,6 +82,54 @@ pub(super) fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tenso
         logits.into_dispatch(),
         targets.into_dispatch(),
     ))
+}
+
+/// A flat parameter, its gradient and moments after one AdamW step (see [`adamw`]).
+pub(super) fn adamw_step(
+    param: Tensor<1>,
+    grad: Tensor<1>,
+    moments: Option<(Tensor<1>, Tensor<1>)>,
+    clip: Tensor<1>,
+    s: &adamw::Scalars,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let (m, v) = moments.unwrap_or_else(|| {
+        let zeros = || Tensor::zeros(param.dims(), &param.device());
+        (zeros(), zeros())
+    });
+    let (p, m, v) = <Dispatch as FusedOps>::fused_adamw(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        m.into_dispatch(),
+        v.into_dispatch(),
+        clip.into_dispatch(),
+        s.beta1,
+        s.one_minus_beta1,
+        s.beta2,
+        s.one_minus_beta2,
+        s.bias_correction2,
+        s.eps,
+        s.step_size,
+        s.decay,
+    );
+    (
+        Tensor::from_dispatch(p),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
+}
+
+/// `t` as a contiguous f32 tensor that owns exactly its values, to update in place (copied
+/// only when shared or laid out otherwise).
+fn owned(t: FlexTensor) -> FlexTensor {
+    let n = t.shape().num_elements();
+    let plain = t.layout().contiguous_offsets() == Some((0, n))
+        && t.storage::<f32>().len() == n
+        && t.dtype() == DType::F32;
+    if plain {
+        t
+    } else {
+        tensor(values(&t).into_owned(), t.shape())
+    }
 }
 
 /// A flex tensor's f32 values in row-major order (borrowed when already laid out so).
@@ -161,6 +229,45 @@ impl FusedOps for Flex {
 
     fn fused_cross_entropy(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
         cross_entropy_forward(&logits, &indices(&targets)).0
+    }
+
+    fn fused_adamw(
+        param: FlexTensor,
+        grad: FlexTensor,
+        exp_avg: FlexTensor,
+        exp_avg_sq: FlexTensor,
+        clip: FlexTensor,
+        beta1: f32,
+        one_minus_beta1: f32,
+        beta2: f32,
+        one_minus_beta2: f32,
+        bias_correction2: f32,
+        eps: f32,
+        step_size: f32,
+        decay: f32,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let mut p = owned(param);
+        let mut m = owned(exp_avg);
+        let mut v = owned(exp_avg_sq);
+        let s = adamw::Scalars {
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            bias_correction2,
+            eps,
+            step_size,
+            decay,
+        };
+        adamw::step(
+            p.storage_mut(),
+            m.storage_mut(),
+            v.storage_mut(),
+            &values(&grad),
+            values(&clip)[0],
+            &s,
+        );
+        (p, m, v)
     }
 }
 
@@ -316,5 +423,43 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish(cross_entropy_forward(&logits.into_primitive(), &targets).0)
             }
         }
+    }
+
+    /// An optimizer step is never recorded: it runs on the inner tensors, untracked.
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        clip: FloatTensor<Self>,
+        beta1: f32,
+        one_minus_beta1: f32,
+        beta2: f32,
+        one_minus_beta2: f32,
+        bias_correction2: f32,
+        eps: f32,
+        step_size: f32,
+        decay: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (p, m, v) = Flex::fused_adamw(
+            Self::inner(param),
+            Self::inner(grad),
+            Self::inner(exp_avg),
+            Self::inner(exp_avg_sq),
+            Self::inner(clip),
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            bias_correction2,
+            eps,
+            step_size,
+            decay,
+        );
+        (
+            Self::from_inner(p),
+            Self::from_inner(m),
+            Self::from_inner(v),
+        )
     }
 }
