@@ -49,8 +49,8 @@ pub struct Attention {
 impl Attention {
     /// `x` holds the rows of `batch` sequences, `[batch·t, d]`.
     fn forward(&self, x: Tensor<2>, batch: usize) -> Tensor<2> {
-        let y = kernels::causal_attention(self.qkv.forward(x), batch, self.n_head);
-        self.dropout.forward(self.proj.forward(y))
+        let y = kernels::causal_attention(kernels::linear(x, &self.qkv), batch, self.n_head);
+        self.dropout.forward(kernels::linear(y, &self.proj))
     }
 }
 
@@ -81,14 +81,11 @@ impl Block {
     /// `x`: the rows of `batch` sequences, `[batch·t, d]` (every linear sees one matrix).
     fn forward(&self, x: Tensor<2>, batch: usize) -> Tensor<2> {
         let x = x.clone() + self.attn.forward(kernels::layer_norm(x, &self.ln_1), batch);
-        let h = self
-            .mlp
-            .fc
-            .forward(kernels::layer_norm(x.clone(), &self.ln_2));
+        let h = kernels::linear(kernels::layer_norm(x.clone(), &self.ln_2), &self.mlp.fc);
         x + self
             .mlp
             .dropout
-            .forward(self.mlp.proj.forward(kernels::gelu(h)))
+            .forward(kernels::linear(kernels::gelu(h), &self.mlp.proj))
     }
 }
 

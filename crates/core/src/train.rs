@@ -7,6 +7,7 @@ use burn::prelude::*;
 use crate::Error;
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::{Batch, BatchKey, Corpus, Split};
+use crate::kernels;
 use crate::model::Gpt;
 use crate::optim::AdamW;
 
@@ -174,9 +175,13 @@ impl Trainer {
     /// One step at an explicit learning rate.
     pub fn step_with_lr(&mut self, batch: &Batch, lr: f64) -> StepOutput {
         let model = self.model.take().expect("model present between steps");
-        let loss = model.batch_loss(batch, &self.device);
-        let grads = loss.backward();
-        let (model, grad_norm) = self.optim.step(model, &grads, lr, &self.train_config);
+        let (device, optim, cfg) = (&self.device, &mut self.optim, &self.train_config);
+        let (model, loss, grad_norm) = kernels::on_cpu_pool(device, || {
+            let loss = model.batch_loss(batch, device);
+            let grads = loss.backward();
+            let (model, grad_norm) = optim.step(model, &grads, lr, cfg);
+            (model, loss, grad_norm)
+        });
         self.model = Some(model);
         self.step += 1;
         self.tokens += (batch.batch_size * batch.context) as u64;

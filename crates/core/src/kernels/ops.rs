@@ -15,11 +15,19 @@ use burn::backend::{
 use burn::prelude::*;
 use burn::tensor::{DType, Shape};
 
-use super::{adamw, attention, cross_entropy as ce, gelu as gelu_k, layer_norm as ln_k};
+use super::{
+    adamw, attention, cross_entropy as ce, gelu as gelu_k, layer_norm as ln_k, linear as lin,
+};
 
 /// The fused operations. `Flex` runs them; `Autodiff` (over `Flex`) records their backward.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
+    /// `x·W + b` on rows: `x` `[n, k]`, `W` `[k, m]`, `b` `[m]`.
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// Exact GELU.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// LayerNorm over the last dimension.
@@ -54,6 +62,14 @@ pub trait FusedOps: Backend {
         step_size: f32,
         decay: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+pub(super) fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ))
 }
 
 pub(super) fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
@@ -187,6 +203,25 @@ fn attention_shape(qkv: &FlexTensor, batch: usize, heads: usize) -> attention::S
     }
 }
 
+fn linear_dims(x: &FlexTensor, weight: &FlexTensor) -> lin::Dims {
+    let (xs, ws) = (x.shape(), weight.shape());
+    assert!(
+        xs.num_dims() == 2 && ws.num_dims() == 2 && xs[1] == ws[0],
+        "linear: rows {xs:?} do not meet a weight {ws:?}"
+    );
+    lin::Dims {
+        n: xs[0],
+        k: xs[1],
+        m: ws[1],
+    }
+}
+
+fn linear_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> FlexTensor {
+    let d = linear_dims(x, weight);
+    let y = lin::forward(&values(x), &values(weight), Some(&values(bias)), d);
+    tensor(y, [d.n, d.m])
+}
+
 fn layer_norm_forward(
     x: &FlexTensor,
     gamma: &FlexTensor,
@@ -210,6 +245,10 @@ fn cross_entropy_forward(logits: &FlexTensor, targets: &[usize]) -> (FlexTensor,
 }
 
 impl FusedOps for Flex {
+    fn fused_linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        linear_forward(&x, &weight, &bias)
+    }
+
     fn fused_gelu(x: FlexTensor) -> FlexTensor {
         tensor(gelu_k::forward(&values(&x)), x.shape())
     }
@@ -268,6 +307,34 @@ impl FusedOps for Flex {
             &s,
         );
         (p, m, v)
+    }
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<Flex, 3> for LinearBackward {
+    /// Input and weight.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (x, weight) = ops.state;
+        let d = linear_dims(&x, &weight);
+        let dy = values(&grad);
+        let [px, pw, pb] = ops.parents;
+        // A frozen weight or bias (a fragment unit's) has no node: its product is skipped.
+        if let Some(node) = px {
+            let dx = lin::input_grad(&dy, &values(&weight), d);
+            grads.register::<Flex>(node.id, tensor(dx, [d.n, d.k]));
+        }
+        if let Some(node) = pw {
+            let dw = lin::weight_grad(&values(&x), &dy, d);
+            grads.register::<Flex>(node.id, tensor(dw, [d.k, d.m]));
+        }
+        if let Some(node) = pb {
+            grads.register::<Flex>(node.id, tensor(lin::bias_grad(&dy, d), [d.m]));
+        }
     }
 }
 
@@ -346,6 +413,29 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match LinearBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w, b) = (x.primitive(), weight.primitive(), bias.primitive());
+                let y = linear_forward(x, w, b);
+                prep.finish((x.clone(), w.clone()), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::fused_linear(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+            )),
+        }
+    }
+
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         match GeluBackward
             .prepare::<C>([x.node()])
