@@ -37,6 +37,12 @@ enum Command {
     Export(export::ExportArgs),
 }
 
+/// mimalloc keeps freed pages for the next allocation. With glibc's defaults every large tensor
+/// of a training step was a fresh mapping whose pages faulted in one by one (a baby step at 2
+/// threads: ~42-52 ms with glibc, ~35 ms with mimalloc; BENCHMARKS.md, "Speed").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -254,6 +254,12 @@ fn create_api_key(db: &std::path::Path, name: &str, quota: u64) -> Result<()> {
     Ok(())
 }
 
+/// mimalloc keeps freed pages for the next allocation. With glibc's defaults every large tensor
+/// of a training step was a fresh mapping whose pages faulted in one by one (a baby step at 2
+/// threads: ~42-52 ms with glibc, ~35 ms with mimalloc; BENCHMARKS.md, "Speed").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
