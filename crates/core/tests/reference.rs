@@ -135,6 +135,27 @@ fn fused_kernels_agree_with_burns_composed_ops() {
 }
 
 #[test]
+fn the_fused_linear_is_burns_linear_bit_for_bit() {
+    use tessera_core::burn::nn::LinearConfig;
+    use tessera_core::burn::tensor::Distribution;
+    let cpu = Device::flex();
+    // Large enough for gemm's threads and several of its blocks along every dimension.
+    let l = LinearConfig::new(200, 390).init(&cpu);
+    let x = Tensor::<2>::random([300, 200], Distribution::Normal(0.0, 1.0), &cpu);
+    let before = kernels::fused_calls();
+    let fused = kernels::linear(x.clone(), &l);
+    assert!(kernels::fused_calls() > before, "the linear was not fused");
+    let composed = kernels::without_fusion(|| kernels::linear(x, &l));
+    let bits = |t: Tensor<2>| {
+        read(t.reshape([-1]))
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(fused), bits(composed));
+}
+
+#[test]
 fn the_fused_adamw_step_is_burns_composed_step_bit_for_bit() {
     let cpu = Device::flex();
     let ad = cpu.clone().autodiff();
