@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, d, n_head):
+    def __init__(self, d, n_head, dropout=0.0):
         super().__init__()
         self.n_head = n_head
+        # Tessera's dropout: on each residual branch's output (none on attention weights).
+        self.drop = nn.Dropout(dropout)
         self.ln_1 = nn.LayerNorm(d)
         self.attn = nn.Module()
         self.attn.c_attn = nn.Linear(d, 3 * d)
@@ -28,8 +30,8 @@ class Block(nn.Module):
         heads = lambda z: z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
         y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
         y = y.transpose(1, 2).contiguous().view(b, t, d)
-        x = x + self.attn.c_proj(y)
-        return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x))))
+        x = x + self.drop(self.attn.c_proj(y))
+        return x + self.drop(self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)))))
 
 
 class GPT(nn.Module):
@@ -40,10 +42,14 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(cfg["vocab_size"], d),
                 wpe=nn.Embedding(cfg["block_size"], d),
-                h=nn.ModuleList([Block(d, cfg["n_head"]) for _ in range(cfg["n_layer"])]),
+                h=nn.ModuleList(
+                    [Block(d, cfg["n_head"], cfg.get("dropout", 0.0)) for _ in range(cfg["n_layer"])]
+                ),
                 ln_f=nn.LayerNorm(d),
             )
         )
+        # And on the embeddings' sum (cfg "dropout", 0 unless given: the fixtures use none).
+        self.drop = nn.Dropout(cfg.get("dropout", 0.0))
         # GPT-2 initialisation, as in Tessera.
         for name, p in self.named_parameters():
             if name.endswith("bias"):
@@ -58,7 +64,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         b, t = idx.shape
         tr = self.transformer
-        x = tr.wte(idx) + tr.wpe(torch.arange(t, device=idx.device))
+        x = self.drop(tr.wte(idx) + tr.wpe(torch.arange(t, device=idx.device)))
         for block in tr.h:
             x = block(x)
         logits = tr.ln_f(x) @ tr.wte.weight.T  # tied LM head

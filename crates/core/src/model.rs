@@ -50,7 +50,7 @@ impl Attention {
     /// `x` holds the rows of `batch` sequences, `[batch·t, d]`.
     fn forward(&self, x: Tensor<2>, batch: usize) -> Tensor<2> {
         let y = kernels::causal_attention(kernels::linear(x, &self.qkv), batch, self.n_head);
-        self.dropout.forward(kernels::linear(y, &self.proj))
+        kernels::dropout(kernels::linear(y, &self.proj), &self.dropout)
     }
 }
 
@@ -82,10 +82,8 @@ impl Block {
     fn forward(&self, x: Tensor<2>, batch: usize) -> Tensor<2> {
         let x = x.clone() + self.attn.forward(kernels::layer_norm(x, &self.ln_1), batch);
         let h = kernels::linear(kernels::layer_norm(x.clone(), &self.ln_2), &self.mlp.fc);
-        x + self
-            .mlp
-            .dropout
-            .forward(kernels::linear(kernels::gelu(h), &self.mlp.proj))
+        let out = kernels::linear(kernels::gelu(h), &self.mlp.proj);
+        x + kernels::dropout(out, &self.mlp.dropout)
     }
 }
 
@@ -190,7 +188,7 @@ impl Gpt {
         let pos = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, t]);
         let x = self.wte.forward(tokens) + self.wpe.forward(pos);
         let d = x.dims()[2];
-        let mut x = self.drop.forward(x).reshape([b * t, d]);
+        let mut x = kernels::dropout(x, &self.drop).reshape([b * t, d]);
         for block in &self.h {
             x = block.forward(x, b);
         }

@@ -156,6 +156,38 @@ fn the_fused_linear_is_burns_linear_bit_for_bit() {
 }
 
 #[test]
+fn the_fused_dropout_drops_what_its_backward_drops() {
+    use tessera_core::burn::nn::DropoutConfig;
+    use tessera_core::burn::tensor::Distribution;
+    let ad = Device::flex().autodiff();
+    let d = DropoutConfig::new(0.3).init();
+    let x = Tensor::<2>::random([64, 300], Distribution::Uniform(1.0, 2.0), &ad).require_grad();
+    let before = kernels::fused_calls();
+    let y = kernels::dropout(x.clone(), &d);
+    assert!(kernels::fused_calls() > before, "the dropout was not fused");
+    let grads = y.clone().sum().backward();
+    let (xs, ys) = (read(x.clone().inner().reshape([-1])), read(y.inner().reshape([-1])));
+    let dx = read(x.grad(&grads).unwrap().reshape([-1]));
+    let scale = 1.0 / 0.7f32;
+    let mut dropped = 0;
+    for i in 0..xs.len() {
+        if ys[i] == 0.0 {
+            dropped += 1;
+            assert_eq!(dx[i], 0.0, "element {i} dropped forward, not backward");
+        } else {
+            assert_eq!(ys[i], xs[i] * scale, "element {i}");
+            assert_eq!(dx[i], scale, "element {i} kept forward, not backward");
+        }
+    }
+    let share = dropped as f64 / xs.len() as f64;
+    assert!((share - 0.3).abs() < 0.02, "dropped {share}");
+    // Outside training (no autodiff) it is the identity, as burn's.
+    let plain = Tensor::<2>::random([4, 8], Distribution::Default, &Device::flex());
+    let same = kernels::dropout(plain.clone(), &d);
+    assert_eq!(read(same.reshape([-1])), read(plain.reshape([-1])));
+}
+
+#[test]
 fn the_fused_adamw_step_is_burns_composed_step_bit_for_bit() {
     let cpu = Device::flex();
     let ad = cpu.clone().autodiff();

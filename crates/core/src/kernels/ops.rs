@@ -16,7 +16,8 @@ use burn::prelude::*;
 use burn::tensor::{DType, Shape};
 
 use super::{
-    adamw, attention, cross_entropy as ce, gelu as gelu_k, layer_norm as ln_k, linear as lin,
+    adamw, attention, cross_entropy as ce, dropout as drop, gelu as gelu_k, layer_norm as ln_k,
+    linear as lin,
 };
 
 /// The fused operations. `Flex` runs them; `Autodiff` (over `Flex`) records their backward.
@@ -28,6 +29,8 @@ pub trait FusedOps: Backend {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// Dropout with the mask of keys `key0`, `key1` and drop probability `prob`.
+    fn fused_dropout(x: FloatTensor<Self>, key0: u32, key1: u32, prob: f64) -> FloatTensor<Self>;
     /// Exact GELU.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// LayerNorm over the last dimension.
@@ -69,6 +72,15 @@ pub(super) fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),
+    ))
+}
+
+pub(super) fn dropout<const D: usize>(x: Tensor<D>, mask: &drop::Mask) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dropout(
+        x.into_dispatch(),
+        mask.keys[0],
+        mask.keys[1],
+        mask.prob,
     ))
 }
 
@@ -245,6 +257,11 @@ fn cross_entropy_forward(logits: &FlexTensor, targets: &[usize]) -> (FlexTensor,
 }
 
 impl FusedOps for Flex {
+    fn fused_dropout(x: FlexTensor, key0: u32, key1: u32, prob: f64) -> FlexTensor {
+        let mask = drop::Mask::new([key0, key1], prob);
+        tensor(drop::apply(&values(&x), &mask), x.shape())
+    }
+
     fn fused_linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
         linear_forward(&x, &weight, &bias)
     }
@@ -339,6 +356,22 @@ impl Backward<Flex, 3> for LinearBackward {
 }
 
 #[derive(Debug)]
+struct DropoutBackward;
+
+impl Backward<Flex, 1> for DropoutBackward {
+    type State = drop::Mask;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            // The same mask, regenerated from its keys.
+            let dx = drop::apply(&values(&grad), &ops.state);
+            grads.register::<Flex>(node.id, tensor(dx, grad.shape()));
+        }
+    }
+}
+
+#[derive(Debug)]
 struct GeluBackward;
 
 impl Backward<Flex, 1> for GeluBackward {
@@ -413,6 +446,22 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_dropout(x: FloatTensor<Self>, key0: u32, key1: u32, prob: f64) -> FloatTensor<Self> {
+        match DropoutBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = Flex::fused_dropout(x.primitive().clone(), key0, key1, prob);
+                prep.finish(drop::Mask::new([key0, key1], prob), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::fused_dropout(x.into_primitive(), key0, key1, prob))
+            }
+        }
+    }
+
     fn fused_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
