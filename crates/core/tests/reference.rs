@@ -166,7 +166,10 @@ fn the_fused_dropout_drops_what_its_backward_drops() {
     let y = kernels::dropout(x.clone(), &d);
     assert!(kernels::fused_calls() > before, "the dropout was not fused");
     let grads = y.clone().sum().backward();
-    let (xs, ys) = (read(x.clone().inner().reshape([-1])), read(y.inner().reshape([-1])));
+    let (xs, ys) = (
+        read(x.clone().inner().reshape([-1])),
+        read(y.inner().reshape([-1])),
+    );
     let dx = read(x.grad(&grads).unwrap().reshape([-1]));
     let scale = 1.0 / 0.7f32;
     let mut dropped = 0;

@@ -7,9 +7,13 @@
 //! (into memory gemm alone initialises) or by the bias pass. The forward's order of operations
 //! is the composed one's (the product, then `+ b`), so its result is the same bit for bit.
 //!
+//! [`matmul_into`] is the same product for other kernels (attention's), into a strided
+//! destination on the calling thread.
+//!
 //! The one module of the workspace that allows `unsafe`: gemm's entry point is an `unsafe fn`
 //! over raw pointers and strides (as burn's flex calls it). Its uses are the private
-//! [`product`] and its three callers, each stating why its pointers cover its shapes.
+//! [`product`] and its three callers, each stating why its pointers cover its shapes, and
+//! [`matmul_into`], which checks its slices' bounds first.
 #![allow(unsafe_code)]
 
 /// The dimensions: `n` rows of `k` inputs to `m` outputs.
@@ -102,6 +106,77 @@ pub fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, d: Dims) -> Vec<f32> {
         });
     }
     y
+}
+
+/// A matrix inside a slice: element `(r, c)` at `r·rs + c·cs`.
+#[derive(Clone, Copy, Debug)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Strided<'_> {
+    fn check(&self, what: &str) {
+        let last = (self.rows.max(1) - 1) * self.rs + (self.cols.max(1) - 1) * self.cs;
+        assert!(
+            self.rows == 0 || self.cols == 0 || last < self.data.len(),
+            "matmul: {what} [{}, {}] with strides ({}, {}) overruns its {} values",
+            self.rows,
+            self.cols,
+            self.rs,
+            self.cs,
+            self.data.len()
+        );
+    }
+}
+
+/// `dst = a·b` on the calling thread, `dst` row-major with row stride `dst_rs` (its columns
+/// contiguous): for kernels that already run one task per core, such as attention's per
+/// sequence.
+pub fn matmul_into(dst: &mut [f32], dst_rs: usize, a: Strided<'_>, b: Strided<'_>) {
+    assert_eq!(
+        a.cols, b.rows,
+        "matmul: [{}, {}]·[{}, {}]",
+        a.rows, a.cols, b.rows, b.cols
+    );
+    a.check("lhs");
+    b.check("rhs");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len() && n <= dst_rs,
+        "matmul: [{m}, {n}] does not fit its destination"
+    );
+    // SAFETY: every element gemm reads lies inside `a.data` or `b.data` and every element it
+    // writes inside `dst` (checked above); `dst` is borrowed mutably, so it overlaps neither.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// Rows per parallel task of the bias passes.
