@@ -7,8 +7,9 @@
 //! - [`tokenizer`]: the byte-level tokenizer (vocabulary 256);
 //! - [`data`]: corpora, the train/validation split and batches that are a pure function of
 //!   `(run seed, shard, step)`; [`corpus`]: the generated default corpus;
-//! - [`model`]: the GPT decoder; [`kernels`]: its fused CPU kernels (GELU, LayerNorm,
-//!   causal attention, cross-entropy) with their backward passes; [`params`]: its parameters as one named flat vector;
+//! - [`model`]: the GPT decoder; [`kernels`]: its fused CPU kernels (linear, GELU, LayerNorm,
+//!   causal attention, dropout, cross-entropy) with their backward passes, and AdamW's step;
+//!   [`params`]: its parameters as one named flat vector;
 //! - [`optim`]: AdamW with PyTorch semantics; [`train`]: the inner loop and evaluation;
 //! - [`checkpoint`]: safetensors encoding of weights and optimizer state; [`hf`]: the model as
 //!   a Hugging Face `GPT2LMHeadModel` folder's files.
