@@ -205,6 +205,37 @@ mod tests {
         y
     }
 
+    /// Deterministic `qkv` (values in ±48 / `spread`) and upstream gradient for a call.
+    fn inputs(s: Shape, spread: f32) -> (Vec<f32>, Vec<f32>) {
+        let qkv = (0..s.batch * s.t * 3 * s.c())
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / spread)
+            .collect();
+        let dy = (0..s.batch * s.t * s.c())
+            .map(|i| ((i * 17 % 31) as f32 - 15.0) / 10.0)
+            .collect();
+        (qkv, dy)
+    }
+
+    /// `Σ y·dy` in f64: the loss whose gradient the backward computes.
+    fn weighted(qkv: &[f64], dy: &[f32], s: Shape) -> f64 {
+        reference(qkv, s)
+            .iter()
+            .zip(dy)
+            .map(|(y, &d)| y * d as f64)
+            .sum()
+    }
+
+    /// Runs the forward (checked against the reference) and the backward: `dqkv` and `qkv` in
+    /// f64.
+    fn forward_checked_then_backward(qkv: &[f32], dy: &[f32], s: Shape) -> (Vec<f32>, Vec<f64>) {
+        let (y, lse) = forward(qkv, s);
+        let qd: Vec<f64> = qkv.iter().map(|&v| v as f64).collect();
+        for (a, w) in y.iter().zip(&reference(&qd, s)) {
+            assert!((*a as f64 - w).abs() < 1e-5, "{a} vs {w}");
+        }
+        (backward(qkv, &y, &lse, dy, s), qd)
+    }
+
     #[test]
     fn a_longer_sequence_matches_the_reference_along_a_direction() {
         // Long enough for gemm's blocking; the gradient checked along one direction.
@@ -214,29 +245,13 @@ mod tests {
             heads: 2,
             dh: 24,
         };
-        let n = s.batch * s.t * 3 * s.c();
-        let qkv: Vec<f32> = (0..n)
-            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 60.0)
-            .collect();
-        let dy: Vec<f32> = (0..s.batch * s.t * s.c())
-            .map(|i| ((i * 17 % 31) as f32 - 15.0) / 10.0)
-            .collect();
+        let (qkv, dy) = inputs(s, 60.0);
+        let n = qkv.len();
         let u: Vec<f64> = (0..n)
             .map(|i| ((i * 29 % 41) as f64 - 20.0) / 20.0)
             .collect();
-        let (y, lse) = forward(&qkv, s);
-        let qd: Vec<f64> = qkv.iter().map(|&v| v as f64).collect();
-        for (a, w) in y.iter().zip(&reference(&qd, s)) {
-            assert!((*a as f64 - w).abs() < 1e-5, "{a} vs {w}");
-        }
-        let dqkv = backward(&qkv, &y, &lse, &dy, s);
-        let loss = |q: &[f64]| -> f64 {
-            reference(q, s)
-                .iter()
-                .zip(&dy)
-                .map(|(y, &d)| y * d as f64)
-                .sum()
-        };
+        let (dqkv, qd) = forward_checked_then_backward(&qkv, &dy, s);
+        let loss = |q: &[f64]| weighted(q, &dy, s);
         let h = 1e-5;
         let step =
             |sign: f64| -> Vec<f64> { qd.iter().zip(&u).map(|(q, u)| q + sign * h * u).collect() };
@@ -256,27 +271,10 @@ mod tests {
             heads: 3,
             dh: 4,
         };
-        let n = s.batch * s.t * 3 * s.c();
-        let qkv: Vec<f32> = (0..n)
-            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
-            .collect();
-        let dy: Vec<f32> = (0..s.batch * s.t * s.c())
-            .map(|i| ((i * 17 % 31) as f32 - 15.0) / 10.0)
-            .collect();
-        let (y, lse) = forward(&qkv, s);
-        let qd: Vec<f64> = qkv.iter().map(|&v| v as f64).collect();
-        let want = reference(&qd, s);
-        for (a, w) in y.iter().zip(&want) {
-            assert!((*a as f64 - w).abs() < 1e-5, "{a} vs {w}");
-        }
-        let dqkv = backward(&qkv, &y, &lse, &dy, s);
-        let loss = |q: &[f64]| -> f64 {
-            reference(q, s)
-                .iter()
-                .zip(&dy)
-                .map(|(y, &d)| y * d as f64)
-                .sum()
-        };
+        let (qkv, dy) = inputs(s, 30.0);
+        let n = qkv.len();
+        let (dqkv, qd) = forward_checked_then_backward(&qkv, &dy, s);
+        let loss = |q: &[f64]| weighted(q, &dy, s);
         let h = 1e-6;
         for i in 0..n {
             let (mut p, mut m) = (qd.clone(), qd.clone());
