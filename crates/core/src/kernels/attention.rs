@@ -53,37 +53,8 @@ pub fn forward(qkv: &[f32], s: Shape) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// One head's `[t, dh]` block of a sequence's rows of width `stride`, at column `col`.
-fn head<'a>(rows: &'a [f32], stride: usize, col: usize, t: usize, dh: usize) -> Strided<'a> {
-    Strided {
-        data: &rows[col..],
-        rows: t,
-        cols: dh,
-        rs: stride,
-        cs: 1,
-    }
-}
-
-/// The same block transposed, `[dh, t]`.
-fn head_t<'a>(rows: &'a [f32], stride: usize, col: usize, t: usize, dh: usize) -> Strided<'a> {
-    Strided {
-        data: &rows[col..],
-        rows: dh,
-        cols: t,
-        rs: 1,
-        cs: stride,
-    }
-}
-
-/// A square `[t, t]` matrix, or its transpose.
-fn square(m: &[f32], t: usize, transposed: bool) -> Strided<'_> {
-    let (rs, cs) = if transposed { (1, t) } else { (t, 1) };
-    Strided {
-        data: m,
-        rows: t,
-        cols: t,
-        rs,
-        cs,
-    }
+fn head(rows: &[f32], stride: usize, col: usize, t: usize, dh: usize) -> Strided<'_> {
+    Strided::rows(&rows[col..], t, dh, stride)
 }
 
 /// One sequence's heads in turn: `S = Q·Kᵀ`, the causal softmax row by row, `Y = P·V`.
@@ -94,7 +65,7 @@ fn forward_sequence(rows: &[f32], s: Shape, y: &mut [f32], lse: &mut [f32]) {
     let mut p = vec![0.0; t * t];
     for h in 0..s.heads {
         let q = head(rows, 3 * c, h * dh, t, dh);
-        matmul_into(&mut p, t, q, head_t(rows, 3 * c, c + h * dh, t, dh));
+        matmul_into(&mut p, t, q, head(rows, 3 * c, c + h * dh, t, dh).t());
         for i in 0..t {
             let row = &mut p[i * t..(i + 1) * t];
             let (live, masked) = row.split_at_mut(i + 1);
@@ -111,7 +82,7 @@ fn forward_sequence(rows: &[f32], s: Shape, y: &mut [f32], lse: &mut [f32]) {
             lse[h * t + i] = m + total.ln();
         }
         let v = head(rows, 3 * c, 2 * c + h * dh, t, dh);
-        matmul_into(&mut y[h * dh..], c, square(&p, t, false), v);
+        matmul_into(&mut y[h * dh..], c, Strided::rows(&p, t, t, t), v);
     }
 }
 
@@ -151,8 +122,13 @@ fn backward_sequence(rows: &[f32], y: &[f32], lse: &[f32], dy: &[f32], s: Shape,
         );
         let d_o = head(dy, c, h * dh, t, dh);
         // P, recomputed from the scores and the forward's log-sum-exp; dP = dO·Vᵀ.
-        matmul_into(&mut p, t, q, head_t(rows, 3 * c, c + h * dh, t, dh));
-        matmul_into(&mut ds, t, d_o, head_t(rows, 3 * c, 2 * c + h * dh, t, dh));
+        matmul_into(&mut p, t, q, head(rows, 3 * c, c + h * dh, t, dh).t());
+        matmul_into(
+            &mut ds,
+            t,
+            d_o,
+            head(rows, 3 * c, 2 * c + h * dh, t, dh).t(),
+        );
         for i in 0..t {
             let l = lse[h * t + i];
             let di = dot(&dy[i * c + h * dh..][..dh], &y[i * c + h * dh..][..dh]);
@@ -166,9 +142,19 @@ fn backward_sequence(rows: &[f32], y: &[f32], lse: &[f32], dy: &[f32], s: Shape,
             dsi[i + 1..].fill(0.0);
         }
         // dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO, written into their columns of the rows.
-        matmul_into(&mut dqkv[h * dh..], 3 * c, square(&ds, t, false), k);
-        matmul_into(&mut dqkv[c + h * dh..], 3 * c, square(&ds, t, true), q);
-        matmul_into(&mut dqkv[2 * c + h * dh..], 3 * c, square(&p, t, true), d_o);
+        matmul_into(&mut dqkv[h * dh..], 3 * c, Strided::rows(&ds, t, t, t), k);
+        matmul_into(
+            &mut dqkv[c + h * dh..],
+            3 * c,
+            Strided::rows(&ds, t, t, t).t(),
+            q,
+        );
+        matmul_into(
+            &mut dqkv[2 * c + h * dh..],
+            3 * c,
+            Strided::rows(&p, t, t, t).t(),
+            d_o,
+        );
     }
 }
 

@@ -19,8 +19,6 @@ pub struct Mask {
     pub threshold: u32,
     /// `1 / P(keep)`, as f32.
     pub scale: f32,
-    /// The drop probability it was made with.
-    pub prob: f64,
 }
 
 impl Mask {
@@ -35,7 +33,6 @@ impl Mask {
             keys,
             threshold: (keep * 4_294_967_296.0).min(u32::MAX as f64) as u32,
             scale: (1.0 / keep) as f32,
-            prob,
         }
     }
 

@@ -11,9 +11,9 @@
 //! destination on the calling thread.
 //!
 //! The one module of the workspace that allows `unsafe`: gemm's entry point is an `unsafe fn`
-//! over raw pointers and strides (as burn's flex calls it). Its uses are the private
-//! [`product`] and its three callers, each stating why its pointers cover its shapes, and
-//! [`matmul_into`], which checks its slices' bounds first.
+//! over raw pointers and strides (as burn's flex calls it). It is called in one place,
+//! `gemm_to`, which checks that both operands stay inside their slices; its two callers
+//! ([`matmul_into`] and the private `product`) each say why their destination fits.
 #![allow(unsafe_code)]
 
 /// The dimensions: `n` rows of `k` inputs to `m` outputs.
@@ -27,87 +27,6 @@ pub struct Dims {
 /// Products smaller than this (multiply-adds) run on one thread (burn flex's threshold).
 const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
 
-/// `out[rows, cols] = lhs[rows, inner] · rhs[inner, cols]`, each operand given by its pointer
-/// and its (row, column) strides in elements, into a fresh row-major buffer.
-///
-/// # Safety
-/// `lhs` and `rhs` must address every element their shape and strides name.
-unsafe fn product(
-    (rows, inner, cols): (usize, usize, usize),
-    lhs: (*const f32, isize, isize),
-    rhs: (*const f32, isize, isize),
-) -> Vec<f32> {
-    let len = rows * cols;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    let parallelism = parallelism(rows * inner * cols);
-    // SAFETY: `out` has room for `rows × cols` values, which gemm writes (row stride `cols`,
-    // column stride 1) without reading them (`read_dst` false), before the length is set.
-    unsafe {
-        gemm::gemm(
-            rows,
-            cols,
-            inner,
-            out.as_mut_ptr(),
-            1,
-            cols as isize,
-            false,
-            lhs.0,
-            lhs.2,
-            lhs.1,
-            rhs.0,
-            rhs.2,
-            rhs.1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-        out.set_len(len);
-    }
-    out
-}
-
-fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
-    #[cfg(feature = "threads")]
-    if multiply_adds >= PARALLEL_THRESHOLD {
-        return gemm::Parallelism::Rayon(0);
-    }
-    let _ = (multiply_adds, PARALLEL_THRESHOLD);
-    gemm::Parallelism::None
-}
-
-fn check(d: Dims, x: usize, w: usize) {
-    assert!(
-        x == d.n * d.k && w == d.k * d.m,
-        "linear: x has {x} values and W {w} for [{}, {}]·[{}, {}]",
-        d.n,
-        d.k,
-        d.k,
-        d.m
-    );
-}
-
-/// `y = x·W + b`, `[n, m]`.
-pub fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, d: Dims) -> Vec<f32> {
-    check(d, x.len(), w.len());
-    let (k, m) = (d.k as isize, d.m as isize);
-    // SAFETY: `x` is `[n, k]` and `w` `[k, m]`, both row-major (checked above).
-    let mut y = unsafe { product((d.n, d.k, d.m), (x.as_ptr(), k, 1), (w.as_ptr(), m, 1)) };
-    if let Some(b) = b {
-        assert_eq!(b.len(), d.m, "linear: the bias has {} values", b.len());
-        super::math::for_each_chunk(&mut y, ROWS_PER_TASK * d.m, |_, rows| {
-            for row in rows.chunks_exact_mut(d.m) {
-                for (y, b) in row.iter_mut().zip(b) {
-                    *y += b;
-                }
-            }
-        });
-    }
-    y
-}
-
 /// A matrix inside a slice: element `(r, c)` at `r·rs + c·cs`.
 #[derive(Clone, Copy, Debug)]
 pub struct Strided<'a> {
@@ -118,7 +37,29 @@ pub struct Strided<'a> {
     pub cs: usize,
 }
 
-impl Strided<'_> {
+impl<'a> Strided<'a> {
+    /// `[rows, cols]` row-major from the start of `data`, rows `rs` apart.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
+
+    /// The same values read as the transposed matrix.
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
     fn check(&self, what: &str) {
         let last = (self.rows.max(1) - 1) * self.rs + (self.cols.max(1) - 1) * self.cs;
         assert!(
@@ -133,10 +74,19 @@ impl Strided<'_> {
     }
 }
 
-/// `dst = a·b` on the calling thread, `dst` row-major with row stride `dst_rs` (its columns
-/// contiguous): for kernels that already run one task per core, such as attention's per
-/// sequence.
-pub fn matmul_into(dst: &mut [f32], dst_rs: usize, a: Strided<'_>, b: Strided<'_>) {
+/// `dst = a·b` into the `rows(a) × cols(b)` values at `dst`, rows `dst_rs` apart and columns
+/// contiguous, without reading them. Checks that `a` and `b` stay inside their slices.
+///
+/// # Safety
+/// `dst` must be valid for writes of `(rows(a) − 1)·dst_rs + cols(b)` values and overlap
+/// neither operand.
+unsafe fn gemm_to(
+    dst: *mut f32,
+    dst_rs: usize,
+    a: Strided<'_>,
+    b: Strided<'_>,
+    parallelism: gemm::Parallelism,
+) {
     assert_eq!(
         a.cols, b.rows,
         "matmul: [{}, {}]·[{}, {}]",
@@ -144,22 +94,17 @@ pub fn matmul_into(dst: &mut [f32], dst_rs: usize, a: Strided<'_>, b: Strided<'_
     );
     a.check("lhs");
     b.check("rhs");
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    if m == 0 || n == 0 {
+    if a.rows == 0 || b.cols == 0 {
         return;
     }
-    assert!(
-        (m - 1) * dst_rs + n <= dst.len() && n <= dst_rs,
-        "matmul: [{m}, {n}] does not fit its destination"
-    );
-    // SAFETY: every element gemm reads lies inside `a.data` or `b.data` and every element it
-    // writes inside `dst` (checked above); `dst` is borrowed mutably, so it overlaps neither.
+    // SAFETY: gemm reads only elements of `a.data` and `b.data` (checked above) and writes
+    // only the destination the caller vouches for.
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
+            a.rows,
+            b.cols,
+            a.cols,
+            dst,
             1,
             dst_rs as isize,
             false,
@@ -174,9 +119,76 @@ pub fn matmul_into(dst: &mut [f32], dst_rs: usize, a: Strided<'_>, b: Strided<'_
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
+}
+
+/// `a·b` into a fresh row-major buffer that only gemm writes (no zero-fill first), on
+/// rayon's threads when large.
+fn product(a: Strided<'_>, b: Strided<'_>) -> Vec<f32> {
+    let len = a.rows * b.cols;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let parallelism = parallelism(a.rows * a.cols * b.cols);
+    // SAFETY: `out` has room for `rows(a) × cols(b)` values, rows `cols(b)` apart, which
+    // gemm writes before the length is set; a fresh buffer overlaps nothing.
+    unsafe {
+        gemm_to(out.as_mut_ptr(), b.cols, a, b, parallelism);
+        out.set_len(len);
+    }
+    out
+}
+
+fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
+    #[cfg(feature = "threads")]
+    if multiply_adds >= PARALLEL_THRESHOLD {
+        return gemm::Parallelism::Rayon(0);
+    }
+    let _ = (multiply_adds, PARALLEL_THRESHOLD);
+    gemm::Parallelism::None
+}
+
+fn check(d: Dims, x: usize, w: usize, dy: Option<usize>) {
+    assert!(
+        x == d.n * d.k && w == d.k * d.m && dy.is_none_or(|dy| dy == d.n * d.m),
+        "linear: x has {x} values, W {w} and dy {dy:?} for [{}, {}]·[{}, {}]",
+        d.n,
+        d.k,
+        d.k,
+        d.m
+    );
+}
+
+/// `y = x·W + b`, `[n, m]`.
+pub fn forward(x: &[f32], w: &[f32], b: &[f32], d: Dims) -> Vec<f32> {
+    check(d, x.len(), w.len(), None);
+    assert_eq!(b.len(), d.m, "linear: the bias has {} values", b.len());
+    let mut y = product(
+        Strided::rows(x, d.n, d.k, d.k),
+        Strided::rows(w, d.k, d.m, d.m),
+    );
+    super::math::for_each_chunk(&mut y, ROWS_PER_TASK * d.m, |_, rows| {
+        for row in rows.chunks_exact_mut(d.m) {
+            for (y, b) in row.iter_mut().zip(b) {
+                *y += b;
+            }
+        }
+    });
+    y
+}
+
+/// `dst = a·b` on the calling thread, `dst` row-major with row stride `dst_rs` (its columns
+/// contiguous): for kernels that already run one task per core, such as attention's per
+/// sequence.
+pub fn matmul_into(dst: &mut [f32], dst_rs: usize, a: Strided<'_>, b: Strided<'_>) {
+    let (m, n) = (a.rows, b.cols);
+    assert!(
+        m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && n <= dst_rs),
+        "matmul: [{m}, {n}] does not fit its destination"
+    );
+    // SAFETY: the destination fits in `dst` (checked above), which is borrowed mutably and so
+    // overlaps neither operand.
+    unsafe { gemm_to(dst.as_mut_ptr(), dst_rs, a, b, gemm::Parallelism::None) }
 }
 
 /// Rows per parallel task of the bias passes.
@@ -184,20 +196,20 @@ const ROWS_PER_TASK: usize = 64;
 
 /// `dx = dy·Wᵀ`, `[n, k]`.
 pub fn input_grad(dy: &[f32], w: &[f32], d: Dims) -> Vec<f32> {
-    check(d, d.n * d.k, w.len());
-    assert_eq!(dy.len(), d.n * d.m, "linear: dy has {} values", dy.len());
-    let m = d.m as isize;
-    // SAFETY: `dy` is `[n, m]` row-major; `Wᵀ` `[m, k]` is `w` read with strides (1, m).
-    unsafe { product((d.n, d.m, d.k), (dy.as_ptr(), m, 1), (w.as_ptr(), 1, m)) }
+    check(d, d.n * d.k, w.len(), Some(dy.len()));
+    product(
+        Strided::rows(dy, d.n, d.m, d.m),
+        Strided::rows(w, d.k, d.m, d.m).t(),
+    )
 }
 
 /// `dW = xᵀ·dy`, `[k, m]`.
 pub fn weight_grad(x: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
-    check(d, x.len(), d.k * d.m);
-    assert_eq!(dy.len(), d.n * d.m, "linear: dy has {} values", dy.len());
-    let (k, m) = (d.k as isize, d.m as isize);
-    // SAFETY: `xᵀ` `[k, n]` is `x` read with strides (1, k); `dy` is `[n, m]` row-major.
-    unsafe { product((d.k, d.n, d.m), (x.as_ptr(), 1, k), (dy.as_ptr(), m, 1)) }
+    check(d, x.len(), d.k * d.m, Some(dy.len()));
+    product(
+        Strided::rows(x, d.n, d.k, d.k).t(),
+        Strided::rows(dy, d.n, d.m, d.m),
+    )
 }
 
 /// `db = Σ_rows dy`, `[m]`: per-task sums of fixed row blocks, added in task order, so the
@@ -248,7 +260,7 @@ mod tests {
             values(d.m, 3),
             values(d.n * d.m, 4),
         );
-        let y = forward(&x, &w, Some(&b), d);
+        let y = forward(&x, &w, &b, d);
         let dx = input_grad(&dy, &w, d);
         let dw = weight_grad(&x, &dy, d);
         let db = bias_grad(&dy, d);
@@ -285,6 +297,5 @@ mod tests {
             let want: f64 = (0..d.n).map(|r| dy[r * d.m + j] as f64).sum();
             close(db[j], want, "db");
         }
-        assert_eq!(forward(&x, &w, None, d).len(), d.n * d.m);
     }
 }

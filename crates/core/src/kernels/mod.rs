@@ -151,8 +151,7 @@ pub fn dropout<const D: usize>(x: Tensor<D>, d: &Dropout) -> Tensor<D> {
             .try_to_vec::<f32>()
             .expect("two f32 keys");
         let key = |u: f32| (u as f64 * 4_294_967_296.0) as u32;
-        let mask = dropout::Mask::new([key(keys[0]), key(keys[1])], d.prob);
-        return ops::dropout(x, &mask);
+        return ops::dropout(x, [key(keys[0]), key(keys[1])], d.prob);
     }
     d.forward(x)
 }

@@ -75,12 +75,12 @@ pub(super) fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor
     ))
 }
 
-pub(super) fn dropout<const D: usize>(x: Tensor<D>, mask: &drop::Mask) -> Tensor<D> {
+pub(super) fn dropout<const D: usize>(x: Tensor<D>, keys: [u32; 2], prob: f64) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dropout(
         x.into_dispatch(),
-        mask.keys[0],
-        mask.keys[1],
-        mask.prob,
+        keys[0],
+        keys[1],
+        prob,
     ))
 }
 
@@ -150,9 +150,9 @@ pub(super) fn adamw_step(
 /// only when shared or laid out otherwise).
 fn owned(t: FlexTensor) -> FlexTensor {
     let n = t.shape().num_elements();
-    let plain = t.layout().contiguous_offsets() == Some((0, n))
-        && t.storage::<f32>().len() == n
-        && t.dtype() == DType::F32;
+    let plain = t.dtype() == DType::F32
+        && t.layout().contiguous_offsets() == Some((0, n))
+        && t.storage::<f32>().len() == n;
     if plain {
         t
     } else {
@@ -230,7 +230,7 @@ fn linear_dims(x: &FlexTensor, weight: &FlexTensor) -> lin::Dims {
 
 fn linear_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> FlexTensor {
     let d = linear_dims(x, weight);
-    let y = lin::forward(&values(x), &values(weight), Some(&values(bias)), d);
+    let y = lin::forward(&values(x), &values(weight), &values(bias), d);
     tensor(y, [d.n, d.m])
 }
 
