@@ -397,21 +397,75 @@ fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
     assert!(bytes * 32 < 4 * n, "{bytes} bytes for {n} values");
 }
 
-/// `--codec sign` (one bit a value): refused with verification on (float noise between two
-/// honest executions flips the signs of values near zero, so a re-execution disagrees; this
-/// test failed on exactly that — cosine 0.93 — before the relay refused the combination);
-/// with `--no-verify` a native host's updates are accepted, each 21x smaller than f32.
+/// A relay on `codec` at the defaults (verification on) and one native host until two of its
+/// units were re-executed by the relay and found honest: nothing refused, nobody banned. The
+/// host's "accepted" lines and the run's parameter count.
+fn verified_units(dir: &std::path::Path, port: u16, codec: &str) -> (Vec<String>, usize) {
+    let _relay = start_relay(
+        dir,
+        port,
+        &[
+            "--codec",
+            codec,
+            "--inner-steps",
+            "10",
+            "--min-inner-steps",
+            "10",
+            "--updates-per-round",
+            "1",
+        ],
+    );
+    assert_eq!(status(port)["codec"], codec);
+    let host = start_host(dir, port, "h", &[]);
+    wait_until(Duration::from_secs(180), "2 units verified", || {
+        let s = status(port);
+        assert_eq!(u(&s["verification"]["banned"]), 0, "{codec}: {s}");
+        s["participants"]
+            .as_array()
+            .and_then(|ps| ps.first().map(|p| u(&p["verified_units"]) >= 2))
+            .unwrap_or(false)
+    });
+    let s = status(port);
+    assert_eq!(u(&s["rejected_updates"]), 0, "{codec}: {s}");
+    assert_eq!(u(&s["verification"]["banned"]), 0, "{codec}: {s}");
+    assert!(u(&s["verification"]["reexecutions"]) >= 2, "{codec}: {s}");
+    (host.lines_with("accepted, model now"), num_params(port))
+}
+
+/// `--codec sign` (one bit a value) and `--codec ternary` (three levels, five a byte) are
+/// verified like int8: the relay compares its re-execution, encoded as the participant had to
+/// send it, with the submission. A native host's units at the relay's defaults are
+/// re-executed, found honest and folded, each 21× (sign) or 18× (ternary) smaller than f32.
+/// Before the relay encoded its re-execution it compared the submission with the raw
+/// pseudo-gradient, which a coarse codec's own rounding is far from: the honest host's sign
+/// updates disagreed at cosine 0.93 and it was banned.
 #[test]
-fn sign_codec_needs_no_verify_and_its_updates_are_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    refused_without_no_verify(dir.path(), port, "sign");
-    let (units, n) = four_unverified_units(dir.path(), port, "sign");
-    let bytes = n.div_ceil(64) * 4 + n.div_ceil(8);
-    for l in &units {
-        assert!(l.contains(&format!("{bytes} bytes sign")), "{l}");
+fn sign_and_ternary_updates_are_verified_by_re_execution() {
+    for (codec, bytes, fewer) in [
+        (
+            "sign",
+            (|n: usize| n.div_ceil(64) * 4 + n.div_ceil(8)) as fn(usize) -> usize,
+            21,
+        ),
+        (
+            "ternary",
+            |n: usize| n.div_ceil(256) * 4 + n.div_ceil(5),
+            18,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let (units, n) = verified_units(dir.path(), port, codec);
+        assert!(!units.is_empty(), "{codec}");
+        for l in &units {
+            assert!(l.contains(&format!("{} bytes {codec}", bytes(n))), "{l}");
+        }
+        assert!(
+            bytes(n) * fewer < 4 * n,
+            "{codec}: {} bytes for {n} values",
+            bytes(n)
+        );
     }
-    assert!(bytes * 21 < 4 * n, "{bytes} bytes for {n} values");
 }
 
 /// `--version-codec int8`: each version's change is encoded and applied as decoded; a host

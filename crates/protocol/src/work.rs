@@ -201,7 +201,7 @@ fn device_format(codec: Codec) -> Option<Format> {
     match codec {
         Codec::Int8 => Some(Format::INT8),
         Codec::Int4 => Some(Format::INT4),
-        Codec::F32 | Codec::Sign | Codec::Sparse { .. } => None,
+        Codec::F32 | Codec::Sign | Codec::Ternary | Codec::Sparse { .. } => None,
     }
 }
 
@@ -419,6 +419,19 @@ fn signed(
         loss_before,
         loss_after,
         signature,
+    }
+}
+
+/// What an honest participant sends for a unit whose pseudo-gradient is `delta`: `delta` as
+/// the unit's codec decodes it (itself for f32). A re-execution is compared with a submission
+/// in this form: against the raw pseudo-gradient, a coarse codec's own rounding (one bit or
+/// three levels a value) would read as a disagreement. The participant's error feedback is not
+/// included (a re-execution cannot know it: why the sparse codec is not verifiable).
+pub fn as_sent(codec: Codec, delta: Vec<f32>) -> Result<Vec<f32>, Error> {
+    if codec.is_lossy() {
+        Payload::encode(codec, &delta).decode()
+    } else {
+        Ok(delta)
     }
 }
 

@@ -1106,7 +1106,8 @@ impl Relay {
         let unit_id = job.unit.unit_id;
         let outcome = match self.verifier.base(&self.ckpt, job.unit.base_version) {
             Ok(base) => {
-                let reference = self.verifier.reexecute(&job.unit, &base)?;
+                let reference =
+                    work::as_sent(job.unit.codec, self.verifier.reexecute(&job.unit, &base)?)?;
                 let cfg = self.lock().coord.config().screen;
                 let (cos, rel, ok) = screen::compare(&cfg, &job.delta, &reference);
                 Some((
