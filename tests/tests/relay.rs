@@ -341,33 +341,49 @@ fn num_params(port: u16) -> usize {
     u(&run["num_params"]) as usize
 }
 
-/// A relay on `codec` with `--no-verify` and one native host until 4 of its 10-step units are
-/// accepted, none refused: the host's "accepted" lines and the run's parameter count.
-fn four_unverified_units(dir: &std::path::Path, port: u16, codec: &str) -> (Vec<String>, usize) {
-    let _relay = start_relay(
-        dir,
-        port,
-        &[
-            "--codec",
-            codec,
-            "--no-verify",
-            "--inner-steps",
-            "10",
-            "--min-inner-steps",
-            "10",
-            "--updates-per-round",
-            "1",
-            "--max-versions",
-            "4",
-        ],
-    );
+/// A relay on `codec` and one native host (10-step units, one update a round): with
+/// `verify`, at the relay's verification defaults until two of the host's units were
+/// re-executed and found honest, nobody banned; without, `--no-verify` until 4 units are
+/// accepted. Nothing refused either way. The host's "accepted" lines and the run's parameter
+/// count.
+fn units_with_codec(
+    dir: &std::path::Path,
+    port: u16,
+    codec: &str,
+    verify: bool,
+) -> (Vec<String>, usize) {
+    let mut args = vec![
+        "--codec",
+        codec,
+        "--inner-steps",
+        "10",
+        "--min-inner-steps",
+        "10",
+        "--updates-per-round",
+        "1",
+    ];
+    if !verify {
+        args.extend(["--no-verify", "--max-versions", "4"]);
+    }
+    let _relay = start_relay(dir, port, &args);
     assert_eq!(status(port)["codec"], codec);
     let host = start_host(dir, port, "h", &[]);
-    wait_until(Duration::from_secs(180), "4 units accepted", || {
-        host.lines_with("accepted, model now").len() >= 4
-    });
+    if verify {
+        wait_until(Duration::from_secs(180), "2 units verified", || {
+            let s = status(port);
+            assert_eq!(u(&s["verification"]["banned"]), 0, "{codec}: {s}");
+            s["participants"]
+                .as_array()
+                .and_then(|ps| ps.first().map(|p| u(&p["verified_units"]) >= 2))
+                .unwrap_or(false)
+        });
+    } else {
+        wait_until(Duration::from_secs(180), "4 units accepted", || {
+            host.lines_with("accepted, model now").len() >= 4
+        });
+    }
     let s = status(port);
-    assert_eq!(u(&s["rejected_updates"]), 0, "{s}");
+    assert_eq!(u(&s["rejected_updates"]), 0, "{codec}: {s}");
     (host.lines_with("accepted, model now"), num_params(port))
 }
 
@@ -380,7 +396,7 @@ fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     refused_without_no_verify(dir.path(), port, "sparse64");
-    let (units, n) = four_unverified_units(dir.path(), port, "sparse64");
+    let (units, n) = units_with_codec(dir.path(), port, "sparse64", false);
     let bytes = tessera_protocol::sparse::sparse_bytes(n, 64).unwrap();
     for l in &units {
         assert!(l.contains(&format!("{bytes} bytes sparse64")), "{l}");
@@ -395,41 +411,6 @@ fn a_sparse_codec_needs_no_verify_and_carries_error_feedback() {
     }
     // 32× fewer bytes than f32 at least.
     assert!(bytes * 32 < 4 * n, "{bytes} bytes for {n} values");
-}
-
-/// A relay on `codec` at the defaults (verification on) and one native host until two of its
-/// units were re-executed by the relay and found honest: nothing refused, nobody banned. The
-/// host's "accepted" lines and the run's parameter count.
-fn verified_units(dir: &std::path::Path, port: u16, codec: &str) -> (Vec<String>, usize) {
-    let _relay = start_relay(
-        dir,
-        port,
-        &[
-            "--codec",
-            codec,
-            "--inner-steps",
-            "10",
-            "--min-inner-steps",
-            "10",
-            "--updates-per-round",
-            "1",
-        ],
-    );
-    assert_eq!(status(port)["codec"], codec);
-    let host = start_host(dir, port, "h", &[]);
-    wait_until(Duration::from_secs(180), "2 units verified", || {
-        let s = status(port);
-        assert_eq!(u(&s["verification"]["banned"]), 0, "{codec}: {s}");
-        s["participants"]
-            .as_array()
-            .and_then(|ps| ps.first().map(|p| u(&p["verified_units"]) >= 2))
-            .unwrap_or(false)
-    });
-    let s = status(port);
-    assert_eq!(u(&s["rejected_updates"]), 0, "{codec}: {s}");
-    assert_eq!(u(&s["verification"]["banned"]), 0, "{codec}: {s}");
-    assert!(u(&s["verification"]["reexecutions"]) >= 2, "{codec}: {s}");
-    (host.lines_with("accepted, model now"), num_params(port))
 }
 
 /// `--codec sign` (one bit a value) and `--codec ternary` (three levels, five a byte) are
@@ -455,7 +436,7 @@ fn sign_and_ternary_updates_are_verified_by_re_execution() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let (units, n) = verified_units(dir.path(), port, codec);
+        let (units, n) = units_with_codec(dir.path(), port, codec, true);
         assert!(!units.is_empty(), "{codec}");
         for l in &units {
             assert!(l.contains(&format!("{} bytes {codec}", bytes(n))), "{l}");
