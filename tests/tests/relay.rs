@@ -341,6 +341,16 @@ fn num_params(port: u16) -> usize {
     u(&run["num_params"]) as usize
 }
 
+/// Units of exactly 10 steps, a round closed by each update: one host advances the model.
+const ONE_HOST_TEN_STEP_UNITS: [&str; 6] = [
+    "--inner-steps",
+    "10",
+    "--min-inner-steps",
+    "10",
+    "--updates-per-round",
+    "1",
+];
+
 /// A relay on `codec` and one native host (10-step units, one update a round): with
 /// `verify`, at the relay's verification defaults until two of the host's units were
 /// re-executed and found honest, nobody banned; without, `--no-verify` until 4 units are
@@ -352,16 +362,8 @@ fn units_with_codec(
     codec: &str,
     verify: bool,
 ) -> (Vec<String>, usize) {
-    let mut args = vec![
-        "--codec",
-        codec,
-        "--inner-steps",
-        "10",
-        "--min-inner-steps",
-        "10",
-        "--updates-per-round",
-        "1",
-    ];
+    let mut args = vec!["--codec", codec];
+    args.extend(ONE_HOST_TEN_STEP_UNITS);
     if !verify {
         args.extend(["--no-verify", "--max-versions", "4"]);
     }
@@ -461,17 +463,10 @@ fn a_host_rebuilds_versions_from_encoded_changes() {
         dir.path(),
         port,
         &[
-            "--version-codec",
-            "int8",
-            "--inner-steps",
-            "10",
-            "--min-inner-steps",
-            "10",
-            "--updates-per-round",
-            "1",
-            "--max-versions",
-            "5",
-        ],
+            &["--version-codec", "int8", "--max-versions", "5"][..],
+            &ONE_HOST_TEN_STEP_UNITS,
+        ]
+        .concat(),
     );
     assert_eq!(status(port)["version_codec"], "int8");
     let host = start_host(dir.path(), port, "h", &[]);

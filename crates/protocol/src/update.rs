@@ -488,7 +488,7 @@ fn decode_ternary(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Err
         ));
     }
     out.clear();
-    out.reserve(len);
+    out.reserve(packed.len() * TRITS_PER_BYTE);
     for &b in packed {
         out.extend_from_slice(&TRIT_TABLE[usize::from(b)]);
     }
@@ -766,6 +766,21 @@ mod tests {
         assert!(huge.decode().is_err());
     }
 
+    /// Why the decoder refuses `p` with `change` made to its bytes (panics if it accepts).
+    fn refusal(p: &Payload, change: impl FnOnce(&mut Vec<u8>)) -> String {
+        let mut bad = p.clone();
+        change(&mut bad.data);
+        bad.decode().unwrap_err().to_string()
+    }
+
+    /// A codec with f32 scales first: its first scale made negative, or a byte short, refused.
+    fn refuses_a_negative_scale_and_a_short_payload(p: &Payload) {
+        assert!(refusal(p, |d| d[..4].copy_from_slice(&(-1f32).to_le_bytes())).contains("scale"));
+        refusal(p, |d| {
+            d.pop();
+        });
+    }
+
     #[test]
     fn sign_keeps_every_sign_and_each_chunk_s_mean_magnitude() {
         // 150 values: two full chunks and a partial one of 22 (padding bits in the last byte).
@@ -799,15 +814,8 @@ mod tests {
                 .is_err()
         );
         // Padding bits, a negative scale, a wrong size: refused.
-        let mut bad = p.clone();
-        *bad.data.last_mut().unwrap() |= 0x80;
-        assert!(bad.decode().is_err());
-        let mut bad = p.clone();
-        bad.data[..4].copy_from_slice(&(-1f32).to_le_bytes());
-        assert!(bad.decode().is_err());
-        let mut bad = p.clone();
-        bad.data.pop();
-        assert!(bad.decode().is_err());
+        refusal(&p, |d| *d.last_mut().unwrap() |= 0x80);
+        refuses_a_negative_scale_and_a_short_payload(&p);
         assert_eq!(Codec::parse("sign").unwrap(), Codec::Sign);
     }
 
@@ -829,7 +837,7 @@ mod tests {
             let mean = v.iter().map(|a| f64::from(a.abs())).sum::<f64>() / v.len() as f64;
             let kept: Vec<f32> = v
                 .iter()
-                .filter(|a| f64::from(a.abs()) > 0.7 * mean)
+                .filter(|a| f64::from(a.abs()) > TERNARY_DEAD_ZONE * mean)
                 .map(|a| a.abs())
                 .collect();
             let squares: f32 = v.iter().map(|a| a * a).sum();
@@ -841,7 +849,7 @@ mod tests {
                 "{dot} vs {squares}"
             );
             for (a, b) in v.iter().zip(d) {
-                if f64::from(a.abs()) > 0.7 * mean {
+                if f64::from(a.abs()) > TERNARY_DEAD_ZONE * mean {
                     assert!((b.abs() - scale).abs() <= 1e-5 * scale, "{a} -> {b}");
                     assert_eq!(a.is_sign_negative(), b.is_sign_negative(), "{a} -> {b}");
                 } else {
@@ -859,18 +867,10 @@ mod tests {
                 .is_err()
         );
         // Padding digits, a byte beyond 242, a negative scale, a wrong size: refused.
-        let mut bad = p.clone();
-        *bad.data.last_mut().unwrap() = 81; // a fifth digit where the last byte holds four
-        assert!(bad.decode().unwrap_err().to_string().contains("padding"));
-        let mut bad = p.clone();
-        bad.data[20] = 243;
-        assert!(bad.decode().unwrap_err().to_string().contains("243"));
-        let mut bad = p.clone();
-        bad.data[..4].copy_from_slice(&(-1f32).to_le_bytes());
-        assert!(bad.decode().is_err());
-        let mut bad = p.clone();
-        bad.data.pop();
-        assert!(bad.decode().is_err());
+        // A fifth digit where the last byte holds four.
+        assert!(refusal(&p, |d| *d.last_mut().unwrap() = 81).contains("padding"));
+        assert!(refusal(&p, |d| d[20] = 243).contains("243"));
+        refuses_a_negative_scale_and_a_short_payload(&p);
         assert_eq!(Codec::parse("ternary").unwrap(), Codec::Ternary);
     }
 
