@@ -484,8 +484,11 @@ fn demo_flow_a_tab_joining_the_demo_keeps_the_model_improving() {
 /// Model shards in the tab: on `--fragments 2` a tab on the WASM CPU
 /// backend and a native host train fragments of the model (the rest frozen) and upload only
 /// those, and the tab's fragment updates are accepted.
+/// A WASM CPU tab and a native host train fragments of the model, both sending their
+/// updates in the ternary codec (a unit names its codec and the relay refuses any other):
+/// the tab's are accepted, each covering one fragment.
 #[test]
-fn a_tab_and_a_native_host_train_fragments_of_the_model() {
+fn a_tab_and_a_native_host_train_fragments_of_the_model_in_ternary() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let args = [
@@ -495,6 +498,8 @@ fn a_tab_and_a_native_host_train_fragments_of_the_model() {
         "100",
         "--fragments",
         "2",
+        "--codec",
+        "ternary",
     ];
     let _relay = relay(dir.path(), port, &args);
     let _host = start_host(dir.path(), port, "native", &[]);
@@ -512,6 +517,15 @@ fn a_tab_and_a_native_host_train_fragments_of_the_model() {
     );
     let s = status(port);
     assert_eq!(s["fragments"].as_array().unwrap().len(), 2, "{s}");
+    assert_eq!(s["codec"], "ternary", "{s}");
+    assert!(
+        s["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["kind"] == "native" && accepted(p) >= 1),
+        "no accepted native update: {s}"
+    );
     let tab_id = browsers(&s)[0]["id"].as_str().unwrap().to_string();
     let db = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
     let lens: Vec<i64> = db

@@ -1,8 +1,8 @@
 //! Aggregation throughput: MB/s of f32 pseudo-gradient of the `small` config folded into a
 //! round's average, against memcpy bandwidth measured in the same run; and the int8 codec's
 //! encode (a participant's CPU), decode, and decode + fold (the relay: into a fresh vector, and
-//! into a reused buffer as the relay does now), and the sparse codec's, in MB/s of the f32
-//! values they stand for.
+//! into a reused buffer as the relay does now), and the sparse, int4 and ternary codecs', in
+//! MB/s of the f32 values they stand for.
 //!
 //!     cargo run --release -p tessera-coordinator --example aggregate_bench
 
@@ -115,9 +115,20 @@ fn main() {
         fold(&mut sum, &buf, 0.25);
         black_box(&sum);
     });
+    let ternary = Payload::encode(Codec::Ternary, &delta);
+    let ternary_encode = best_of(reps, || {
+        black_box(Payload::encode(Codec::Ternary, black_box(&delta)));
+    });
+    let ternary_reused = best_of(reps, || {
+        black_box(&ternary)
+            .decode_into(&mut buf)
+            .expect("ternary decodes");
+        fold(&mut sum, &buf, 0.25);
+        black_box(&sum);
+    });
     let mbs = |t: f64| bytes / t / 1e6;
     println!(
-        "{{\"params\": {n}, \"memcpy_mb_s\": {:.0}, \"fold_f32_mb_s\": {:.0}, \"fold_wire_mb_s\": {:.0}, \"ratio_fold_wire_vs_memcpy\": {:.2}, \"ratio_fold_f32_vs_memcpy\": {:.2}, \"outer_step_ms\": {:.2}, \"fresh_vector_first_touch_mb_s\": {:.0}, \"f32_decode_fold_mb_s\": {:.0}, \"int8_bytes\": {}, \"int8_encode_mb_s\": {:.0}, \"int8_decode_mb_s\": {:.0}, \"int8_decode_fold_mb_s\": {:.0}, \"ratio_int8_decode_fold_vs_memcpy\": {:.2}, \"int8_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_int8_reused_vs_memcpy\": {:.2}, \"f32_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_f32_reused_vs_memcpy\": {:.2}, \"sparse64_bytes\": {}, \"sparse64_encode_mb_s\": {:.0}, \"sparse64_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_sparse64_reused_vs_memcpy\": {:.2}, \"int4_bytes\": {}, \"int4_encode_mb_s\": {:.0}, \"int4_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_int4_reused_vs_memcpy\": {:.2}}}",
+        "{{\"params\": {n}, \"memcpy_mb_s\": {:.0}, \"fold_f32_mb_s\": {:.0}, \"fold_wire_mb_s\": {:.0}, \"ratio_fold_wire_vs_memcpy\": {:.2}, \"ratio_fold_f32_vs_memcpy\": {:.2}, \"outer_step_ms\": {:.2}, \"fresh_vector_first_touch_mb_s\": {:.0}, \"f32_decode_fold_mb_s\": {:.0}, \"int8_bytes\": {}, \"int8_encode_mb_s\": {:.0}, \"int8_decode_mb_s\": {:.0}, \"int8_decode_fold_mb_s\": {:.0}, \"ratio_int8_decode_fold_vs_memcpy\": {:.2}, \"int8_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_int8_reused_vs_memcpy\": {:.2}, \"f32_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_f32_reused_vs_memcpy\": {:.2}, \"sparse64_bytes\": {}, \"sparse64_encode_mb_s\": {:.0}, \"sparse64_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_sparse64_reused_vs_memcpy\": {:.2}, \"int4_bytes\": {}, \"int4_encode_mb_s\": {:.0}, \"int4_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_int4_reused_vs_memcpy\": {:.2}, \"ternary_bytes\": {}, \"ternary_encode_mb_s\": {:.0}, \"ternary_decode_into_reused_fold_mb_s\": {:.0}, \"ratio_ternary_reused_vs_memcpy\": {:.2}}}",
         mbs(memcpy),
         mbs(fold_f32),
         mbs(fold_wire),
@@ -143,5 +154,9 @@ fn main() {
         mbs(int4_encode),
         mbs(int4_reused),
         memcpy / int4_reused,
+        ternary.data.len(),
+        mbs(ternary_encode),
+        mbs(ternary_reused),
+        memcpy / ternary_reused,
     );
 }

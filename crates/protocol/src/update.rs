@@ -384,55 +384,41 @@ fn decode_sign(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Error>
     Ok(())
 }
 
-/// Values per ternary chunk: each chunk of this many values shares one f32 scale.
-pub const TERNARY_CHUNK: usize = 256;
+/// Values per ternary chunk: each chunk of this many values shares one f32 scale (a multiple
+/// of 8, so a chunk's mask bits are whole bytes).
+pub const TERNARY_CHUNK: usize = 1024;
 
 /// The ternary dead zone, as a fraction of the chunk's mean magnitude: a value at most this far
-/// from zero is sent as 0 (Ternary Weight Networks' 0.7, the threshold that minimises the
-/// squared error for values of a bell-shaped distribution).
-pub const TERNARY_DEAD_ZONE: f64 = 0.7;
+/// from zero is sent as 0. Measured at H = 50 (BENCHMARKS.md): Ternary Weight Networks' 0.7
+/// and 1.0 lose the same, 1.0 sends ~60% of the values as 0 where 0.7 sends ~45%, and 1.3
+/// costs +1.3% of loss.
+pub const TERNARY_DEAD_ZONE: f64 = 1.0;
 
-/// Three-level values packed in a byte: `3^5 = 243 ≤ 256`.
-const TRITS_PER_BYTE: usize = 5;
-
-/// Every byte `0..243` as its five trits, the first value in the lowest base-3 digit, each as
-/// the level's sign: `0`, `1` (`+scale`) or `-1` (`-scale`).
-const TRIT_TABLE: [[f32; TRITS_PER_BYTE]; 243] = {
-    let mut table = [[0f32; TRITS_PER_BYTE]; 243];
-    let mut b = 0;
-    while b < 243 {
-        let mut rest = b;
-        let mut i = 0;
-        while i < TRITS_PER_BYTE {
-            table[b][i] = [0.0, 1.0, -1.0][rest % 3];
-            rest /= 3;
-            i += 1;
-        }
-        b += 1;
-    }
-    table
-};
-
-/// Encodes `values` in three levels with one scale per [`TERNARY_CHUNK`] values: every
-/// chunk's scale (f32 LE), then the values five a byte as base-3 digits (the first value the
-/// lowest digit: 0 for 0, 1 for `+scale`, 2 for `-scale`; a last, incomplete byte has fewer
-/// digits). A value is sent as 0 when its magnitude is at most [`TERNARY_DEAD_ZONE`] × the
-/// chunk's mean magnitude; the scale is `Σ v² / Σ |v|` over the kept values' magnitudes in the
-/// denominator and the whole chunk's in the numerator, so that the decoded chunk's projection
-/// on the true one has the true one's length (`⟨q, v⟩ = ‖v‖²`): the coarse levels do not
-/// shrink the step the relay takes along the participant's direction (measured: the least-
-/// squares scale, `Σ |v| / kept`, shrinks it to ~0.8 and costs +4.8% of loss at H = 50, this
-/// one +0.2%; BENCHMARKS.md). A chunk with a non-finite value gets a NaN scale,
-/// which every decoder rejects. Sums are in f64, in order: the same bytes on every platform.
+/// Encodes `values` in three levels, `-scale`, `0`, `+scale`, with one scale per
+/// [`TERNARY_CHUNK`] values. The data is every chunk's scale (f32 LE); then one bit a value,
+/// set when it is not 0 (the mask); then one bit per value not 0, in order, set when it is
+/// negative (the signs). Bits fill each byte from the lowest; bits after the last are 0. So a
+/// value costs 1 bit, and 2 when it is sent: ~1.4 bits at the measured share of zeros.
+///
+/// A value is sent as 0 when its magnitude is at most [`TERNARY_DEAD_ZONE`] × the chunk's mean
+/// magnitude. The scale is `Σ v² / Σ |v|`, the whole chunk's squares over the kept values'
+/// magnitudes, so that the decoded chunk's projection on the true one has the true one's
+/// length (`⟨q, v⟩ = ‖v‖²`): the coarse levels do not shrink the step the relay takes along
+/// the participant's direction (the least-squares scale, `Σ |v| / kept`, shrinks it to ~0.8
+/// and cost +4.8% of loss at H = 50; BENCHMARKS.md). A chunk with a non-finite value gets a
+/// NaN scale, which every decoder rejects. Sums are in f64, in order: the same bytes on every
+/// platform.
 pub fn encode_ternary(values: &[f32]) -> Vec<u8> {
-    let chunks = values.len().div_ceil(TERNARY_CHUNK);
-    let mut data = vec![0u8; chunks * 4 + values.len().div_ceil(TRITS_PER_BYTE)];
-    let (scales, packed) = data.split_at_mut(chunks * 4);
-    let mut trits = vec![0u8; values.len()];
-    for ((vals, trits), scale_out) in values
+    let n = values.len();
+    let chunks = n.div_ceil(TERNARY_CHUNK);
+    let mut data = vec![0u8; chunks * 4 + n.div_ceil(8)];
+    let (scales, mask) = data.split_at_mut(chunks * 4);
+    let mut signs = Vec::with_capacity(n / 16);
+    let (mut sign_byte, mut sign_bits) = (0u8, 0u32);
+    for (c, (vals, scale_out)) in values
         .chunks(TERNARY_CHUNK)
-        .zip(trits.chunks_mut(TERNARY_CHUNK))
         .zip(scales.chunks_exact_mut(4))
+        .enumerate()
     {
         // The f64 sum of finite magnitudes is finite: a non-finite mean means a non-finite value.
         let mean = vals.iter().map(|v| f64::from(v.abs())).sum::<f64>() / vals.len() as f64;
@@ -442,73 +428,140 @@ pub fn encode_ternary(values: &[f32]) -> Vec<u8> {
         }
         let dead = mean * TERNARY_DEAD_ZONE;
         let (mut kept, mut squares) = (0f64, 0f64);
-        for (t, &v) in trits.iter_mut().zip(vals) {
+        for (i, &v) in vals.iter().enumerate() {
             let a = f64::from(v.abs());
             squares += a * a;
             if a > dead {
                 kept += a;
-                *t = if v < 0.0 { 2 } else { 1 };
+                let at = c * TERNARY_CHUNK + i;
+                mask[at / 8] |= 1 << (at % 8);
+                sign_byte |= u8::from(v < 0.0) << sign_bits;
+                sign_bits += 1;
+                if sign_bits == 8 {
+                    signs.push(sign_byte);
+                    (sign_byte, sign_bits) = (0, 0);
+                }
             }
         }
         let scale = if kept > 0.0 {
-            // At most 2.63 × the chunk's largest magnitude: clamped for inputs near f32::MAX.
+            // At most ~2 × the chunk's largest magnitude: clamped for inputs near f32::MAX.
             (squares / kept).min(f64::from(f32::MAX)) as f32
         } else {
             0.0
         };
         scale_out.copy_from_slice(&scale.to_le_bytes());
     }
-    for (o, five) in packed.iter_mut().zip(trits.chunks(TRITS_PER_BYTE)) {
-        *o = five.iter().rev().fold(0u8, |b, &t| b * 3 + t);
+    if sign_bits > 0 {
+        signs.push(sign_byte);
     }
+    data.extend_from_slice(&signs);
     data
 }
 
-/// Decodes ternary data of `len` values into `out`: `level × scale`. Refuses a wrong size, a
-/// byte of 243 or more, digits beyond the last value that are not zero, and a scale that is
-/// negative or not finite.
+/// `DEPOSIT[m][w]`: the low bits of `w` moved, in order, to the places of `m`'s set bits
+/// (x86's `pdep` on a byte): a mask byte's sign bits at their values' places.
+static DEPOSIT: [[u8; 256]; 256] = {
+    let mut table = [[0u8; 256]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let mut w = 0;
+        while w < 256 {
+            let (mut out, mut next, mut i) = (0u8, 0, 0);
+            while i < 8 {
+                if m >> i & 1 == 1 {
+                    out |= ((w >> next & 1) as u8) << i;
+                    next += 1;
+                }
+                i += 1;
+            }
+            table[m][w] = out;
+            w += 1;
+        }
+        m += 1;
+    }
+    table
+};
+
+/// `BIT_BLOCKS[b][i]`: all ones when bit `i` of the byte `b` is set, else 0 (eight lanes that
+/// select a value's bits without a branch).
+static BIT_BLOCKS: [[u32; 8]; 256] = {
+    let mut table = [[0u32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut i = 0;
+        while i < 8 {
+            table[b][i] = if b >> i & 1 == 1 { u32::MAX } else { 0 };
+            i += 1;
+        }
+        b += 1;
+    }
+    table
+};
+
+/// Decodes ternary data of `len` values into `out`: `level × scale`. Refuses a payload shorter
+/// than its scales and mask, sign bytes that do not match the mask's count of values sent,
+/// mask or sign bits after the last that are not 0, and a scale that is negative or not
+/// finite.
 fn decode_ternary(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Error> {
-    let (scales, packed) = scales_and_values(
-        "ternary",
-        data,
-        len,
-        TERNARY_CHUNK,
-        len.div_ceil(TRITS_PER_BYTE),
-    )?;
-    if let Some(i) = packed.iter().position(|&b| b >= 243) {
+    let (chunks, mask_bytes) = (len.div_ceil(TERNARY_CHUNK), len.div_ceil(8));
+    if data.len() < chunks * 4 + mask_bytes {
         return Err(Error::BadUpdate(format!(
-            "ternary byte {i} is {} (five levels fit in 0..243)",
-            packed[i]
+            "ternary payload has {} bytes for {len} values (at least {chunks} scales of 4 bytes \
+             + {mask_bytes} mask bytes)",
+            data.len()
         )));
     }
-    let tail = len % TRITS_PER_BYTE;
-    if tail != 0 && u32::from(packed[packed.len() - 1]) >= 3u32.pow(tail as u32) {
+    let (scales, rest) = data.split_at(chunks * 4);
+    let (mask, signs) = rest.split_at(mask_bytes);
+    if !len.is_multiple_of(8) && mask[mask_bytes - 1] >> (len % 8) != 0 {
         return Err(Error::BadUpdate(
-            "ternary padding digits are not zero".into(),
+            "ternary mask bits after the last value are not 0".into(),
+        ));
+    }
+    let sent: usize = mask.iter().map(|b| b.count_ones() as usize).sum();
+    if signs.len() != sent.div_ceil(8) {
+        return Err(Error::BadUpdate(format!(
+            "ternary payload sends {sent} values and has {} sign bytes (needs {})",
+            signs.len(),
+            sent.div_ceil(8)
+        )));
+    }
+    if !sent.is_multiple_of(8) && signs[signs.len() - 1] >> (sent % 8) != 0 {
+        return Err(Error::BadUpdate(
+            "ternary sign bits after the last value sent are not 0".into(),
         ));
     }
     out.clear();
-    out.reserve(packed.len() * TRITS_PER_BYTE);
-    for &b in packed {
-        out.extend_from_slice(&TRIT_TABLE[usize::from(b)]);
-    }
-    out.truncate(len);
-    for (c, (vals, s)) in out
-        .chunks_mut(TERNARY_CHUNK)
+    out.reserve(mask_bytes * 8);
+    let mut s = 0usize; // signs read so far
+    for (c, (mask, sc)) in mask
+        .chunks(TERNARY_CHUNK / 8)
         .zip(scales.chunks_exact(4))
         .enumerate()
     {
-        let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        let scale = f32::from_le_bytes([sc[0], sc[1], sc[2], sc[3]]);
         if !(0.0..=f32::MAX).contains(&scale) {
             out.clear();
             return Err(Error::BadUpdate(format!(
                 "ternary chunk {c} has scale {scale} (must be finite and not negative)"
             )));
         }
-        for v in vals {
-            *v *= scale;
+        for &m in mask {
+            // The next (up to 8) sign bits, each moved to its value's place in the byte.
+            let window = (u16::from(signs.get(s / 8).copied().unwrap_or(0))
+                | u16::from(signs.get(s / 8 + 1).copied().unwrap_or(0)) << 8)
+                >> (s % 8);
+            s += m.count_ones() as usize;
+            let neg = DEPOSIT[usize::from(m)][usize::from(window as u8)];
+            // 1.0 or 0.0 by the mask bit, its sign bit by the sign: no branch, vectorised.
+            let (ones, negs) = (&BIT_BLOCKS[usize::from(m)], &BIT_BLOCKS[usize::from(neg)]);
+            let eight: [f32; 8] = std::array::from_fn(|i| {
+                f32::from_bits(ones[i] & 0x3f80_0000 | negs[i] & 1 << 31) * scale
+            });
+            out.extend_from_slice(&eight);
         }
     }
+    out.truncate(len);
     Ok(())
 }
 
@@ -821,18 +874,18 @@ mod tests {
 
     #[test]
     fn ternary_keeps_the_large_values_signs_and_drops_the_dead_zone() {
-        // 599 values: two full chunks and a partial one of 87 (the last byte holds 4 digits).
-        let values: Vec<f32> = (0..599)
+        // 2,500 values: two full chunks and a partial one of 452 (mask padding bits).
+        let values: Vec<f32> = (0..2500)
             .map(|i| {
-                let m = [0.5f32, 3.0, 0.0][i / 256];
+                let m = [0.5f32, 3.0, 0.0][i / TERNARY_CHUNK];
                 let v = m * ((i * 7919) % 97) as f32 / 97.0;
                 if i % 3 == 0 { -v } else { v }
             })
             .collect();
         let p = Payload::encode(Codec::Ternary, &values);
-        assert_eq!(p.data.len(), 3 * 4 + 599usize.div_ceil(5));
+        let mut sent = 0;
         let d = p.decode().unwrap();
-        assert_eq!(d.len(), 599);
+        assert_eq!(d.len(), 2500);
         for (v, d) in values.chunks(TERNARY_CHUNK).zip(d.chunks(TERNARY_CHUNK)) {
             let mean = v.iter().map(|a| f64::from(a.abs())).sum::<f64>() / v.len() as f64;
             let kept: Vec<f32> = v
@@ -840,6 +893,7 @@ mod tests {
                 .filter(|a| f64::from(a.abs()) > TERNARY_DEAD_ZONE * mean)
                 .map(|a| a.abs())
                 .collect();
+            sent += kept.len();
             let squares: f32 = v.iter().map(|a| a * a).sum();
             let scale = squares / kept.iter().sum::<f32>().max(f32::MIN_POSITIVE);
             // The decoded chunk's projection on the true one has the true one's length.
@@ -857,8 +911,14 @@ mod tests {
                 }
             }
         }
+        // Scales, one mask bit a value, one sign bit a value sent (here not a multiple of 8).
+        assert_ne!(sent % 8, 0, "the test covers sign padding bits");
+        assert_eq!(
+            p.data.len(),
+            3 * 4 + 2500usize.div_ceil(8) + sent.div_ceil(8)
+        );
         // The all-zero chunk decodes to zeros; the same values encode to the same bytes.
-        assert!(d[512..].iter().all(|&x| x == 0.0));
+        assert!(d[2 * TERNARY_CHUNK..].iter().all(|&x| x == 0.0));
         assert_eq!(Payload::encode(Codec::Ternary, &values), p);
         // A non-finite value poisons its chunk's scale: refused.
         assert!(
@@ -866,10 +926,24 @@ mod tests {
                 .decode()
                 .is_err()
         );
-        // Padding digits, a byte beyond 242, a negative scale, a wrong size: refused.
-        // A fifth digit where the last byte holds four.
-        assert!(refusal(&p, |d| *d.last_mut().unwrap() = 81).contains("padding"));
-        assert!(refusal(&p, |d| d[20] = 243).contains("243"));
+        // Padding bits set in the mask or the signs, a mask bit more or less than the sign
+        // bytes hold, a negative scale, a wrong size: refused.
+        let mask_end = 12 + 2500usize.div_ceil(8);
+        assert!(refusal(&p, |d| d[mask_end - 1] |= 0x80).contains("mask bits after"));
+        assert!(refusal(&p, |d| *d.last_mut().unwrap() |= 0x80).contains("sign bits after"));
+        let mut fewer = p.clone();
+        let i = (12..mask_end).find(|&i| fewer.data[i] != 0).unwrap();
+        fewer.data[i] &= fewer.data[i] - 1;
+        fewer.data.truncate(fewer.data.len() - 1);
+        assert!(
+            fewer
+                .decode()
+                .unwrap_err()
+                .to_string()
+                .contains("sign bytes")
+        );
+        assert!(refusal(&p, |d| d[12..16].fill(!0)).contains("sign"));
+        assert!(refusal(&p, |d| d.truncate(mask_end - 1)).contains("at least"));
         refuses_a_negative_scale_and_a_short_payload(&p);
         assert_eq!(Codec::parse("ternary").unwrap(), Codec::Ternary);
     }
@@ -922,6 +996,29 @@ mod tests {
                 bad.data[flip % p.data.len()] ^= 0x5a;
                 if let Ok(v) = bad.decode() {
                     proptest::prop_assert!(v.iter().all(|x| x.is_finite()));
+                }
+            }
+        }
+
+        /// ternary: every value outside its chunk's dead zone comes back as its sign times
+        /// the chunk's scale, every other as 0 (the decoder's bit tricks against the rule).
+        #[test]
+        fn ternary_sends_the_signs_outside_the_dead_zone(
+            values in proptest::collection::vec(-1e3f32..1e3, 0..2300),
+        ) {
+            let p = Payload::encode(Codec::Ternary, &values);
+            let d = p.decode().unwrap();
+            proptest::prop_assert_eq!(d.len(), values.len());
+            for (c, (v, d)) in values.chunks(TERNARY_CHUNK).zip(d.chunks(TERNARY_CHUNK)).enumerate() {
+                let mean = v.iter().map(|a| f64::from(a.abs())).sum::<f64>() / v.len() as f64;
+                let scale = f32::from_le_bytes(p.data[c * 4..c * 4 + 4].try_into().unwrap());
+                for (a, b) in v.iter().zip(d) {
+                    let want = if f64::from(a.abs()) > TERNARY_DEAD_ZONE * mean {
+                        if *a < 0.0 { -scale } else { scale }
+                    } else {
+                        0.0
+                    };
+                    proptest::prop_assert_eq!(*b, want);
                 }
             }
         }

@@ -89,8 +89,9 @@ struct Args {
     #[arg(long, default_value_t = CoordConfig::new(0).outer_momentum)]
     outer_momentum: f32,
     /// How participants encode their updates: `int8` (per-256 absmax scales, 3.9x fewer bytes
-    /// than f32), `int4` (per-64 scales, 7.1x), `ternary` (-s, 0, +s, five values a byte and a
-    /// per-256 scale, 18.6x; +0.2% loss at H = 50), `sign` (one bit a value and a per-64 mean
+    /// than f32), `int4` (per-64 scales, 7.1x), `ternary` (-s, 0, +s: a mask bit a value,
+    /// a sign bit a value sent, a per-1024 scale; ~22x, 1,042x fewer than DDP; +0.7% loss at
+    /// H = 50), `sign` (one bit a value and a per-64 mean
     /// magnitude, 21x; +8% loss at H = 50), `f32`, or `sparse` / `sparseK` (the K largest
     /// of every 4096 values, 2 bits each, with the participant's error feedback; K = 64 by
     /// default, 108x fewer bytes than f32; needs --no-verify, see BENCHMARKS.md).

@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::nn::{Dropout, LayerNorm, Linear};
 use burn::prelude::*;
+#[cfg(feature = "flex")]
 use burn::tensor::DType;
 use burn::tensor::module::attention as sdpa;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -107,21 +108,15 @@ pub fn on_cpu_pool<T: Send>(device: &Device, f: impl FnOnce() -> T + Send) -> T 
     f()
 }
 
-/// Whether a tensor on `device` of `dtype` takes the fused path.
+/// Whether a tensor on `device` of `dtype` takes the fused path (without `flex`, none does:
+/// its callers are compiled out).
+#[cfg(feature = "flex")]
 fn fused(device: &Device, dtype: DType) -> bool {
-    #[cfg(feature = "flex")]
-    {
-        let on = enabled() && dtype == DType::F32 && is_flex(device);
-        if on {
-            CALLS.fetch_add(1, Ordering::Relaxed);
-        }
-        on
+    let on = enabled() && dtype == DType::F32 && is_flex(device);
+    if on {
+        CALLS.fetch_add(1, Ordering::Relaxed);
     }
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = (device, dtype);
-        false
-    }
+    on
 }
 
 /// `l` applied to rows `x` `[n, d_in]`: `[n, d_out]`.
