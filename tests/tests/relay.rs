@@ -281,39 +281,46 @@ fn a_demo_relay_killed_with_sigkill_takes_its_participant_with_it() {
     );
 }
 
-/// A GPU participant (wgpu; lavapipe here) encodes its int8 updates on the device with the
-/// WGSL quantizer and reads back only the encoded bytes; the relay, on its defaults (int8,
-/// every update checked against its own CPU re-execution), accepts them beside a CPU host's.
+/// A GPU participant (wgpu; lavapipe here) encodes its int8 updates (the relay's default
+/// codec), then its ternary ones, on the device with the WGSL kernels and reads back only the
+/// encoded bytes; the relay (every update checked against its own CPU re-execution, encoded
+/// by the CPU encoder) accepts them beside a CPU host's.
 #[test]
 fn a_gpu_host_encodes_its_updates_on_the_device_and_they_are_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _relay = start_relay(
-        dir.path(),
-        port,
-        &["--inner-steps", "5", "--max-versions", "40"],
-    );
-    assert_eq!(status(port)["codec"], "int8");
-    let gpu = start_host_on(dir.path(), port, "gpu", "wgpu", &[]);
-    let cpu = start_host(dir.path(), port, "cpu", &[]);
-    wait_until(
-        Duration::from_secs(300),
-        "2 GPU units and 1 CPU unit accepted",
-        || {
-            gpu.lines_with("accepted, model now").len() >= 2
-                && !cpu.lines_with("accepted, model now").is_empty()
-        },
-    );
-    let s = status(port);
-    // Nothing refused for its content: a GPU host's first unit (shader compilation on
-    // lavapipe) may come back too stale beside a fast CPU host, which is the staleness rule.
-    let rejections = s["verification"]["rejections"].as_object().unwrap();
-    assert!(rejections.keys().all(|k| k == "TooStale"), "{s}");
-    for l in gpu.lines_with("accepted, model now") {
-        assert!(l.contains("bytes int8 (encoded on the GPU)"), "{l}");
-    }
-    for l in cpu.lines_with("accepted, model now") {
-        assert!(!l.contains("encoded on the GPU"), "{l}");
+    for codec in ["int8", "ternary"] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut args = vec!["--inner-steps", "5", "--max-versions", "40"];
+        if codec != "int8" {
+            args.extend(["--codec", codec]);
+        }
+        let _relay = start_relay(dir.path(), port, &args);
+        assert_eq!(status(port)["codec"], codec);
+        let gpu = start_host_on(dir.path(), port, "gpu", "wgpu", &[]);
+        let cpu = start_host(dir.path(), port, "cpu", &[]);
+        wait_until(
+            Duration::from_secs(300),
+            "2 GPU units and 1 CPU unit accepted",
+            || {
+                gpu.lines_with("accepted, model now").len() >= 2
+                    && !cpu.lines_with("accepted, model now").is_empty()
+            },
+        );
+        let s = status(port);
+        // Nothing refused for its content: a GPU host's first unit (shader compilation on
+        // lavapipe) may come back too stale beside a fast CPU host, which is the staleness rule.
+        let rejections = s["verification"]["rejections"].as_object().unwrap();
+        assert!(rejections.keys().all(|k| k == "TooStale"), "{codec}: {s}");
+        assert_eq!(u(&s["verification"]["banned"]), 0, "{codec}: {s}");
+        for l in gpu.lines_with("accepted, model now") {
+            assert!(
+                l.contains(&format!("bytes {codec} (encoded on the GPU)")),
+                "{l}"
+            );
+        }
+        for l in cpu.lines_with("accepted, model now") {
+            assert!(!l.contains("encoded on the GPU"), "{l}");
+        }
     }
 }
 

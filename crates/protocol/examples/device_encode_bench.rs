@@ -1,6 +1,7 @@
 //! What a GPU participant pays to turn its update into bytes: the pseudo-gradient read back in
-//! f32 and encoded on the CPU, against the WGSL quantizer on the device and only the encoded
-//! bytes read back; memcpy of the f32 vector for scale. Side by side in one run.
+//! f32 and encoded on the CPU, against the WGSL quantizers on the device (int8, int4, ternary)
+//! and only the encoded bytes read back; memcpy of the f32 vector for scale. Side by side in
+//! one run.
 //!
 //!     cargo run --release -p tessera-protocol --example device_encode_bench [values] [repeats]
 //!
@@ -52,7 +53,11 @@ fn main() {
         "f32 read back (device to host)               {}",
         rate(readback)
     );
-    for (codec, format) in [(Codec::Int8, Format::INT8), (Codec::Int4, Format::INT4)] {
+    for (codec, format) in [
+        (Codec::Int8, Format::INT8),
+        (Codec::Int4, Format::INT4),
+        (Codec::Ternary, Format::TERNARY),
+    ] {
         let cpu = best(repeats, || {
             let v: Vec<f32> = (on_device.clone() + 0.0).into_data().try_to_vec().unwrap();
             std::hint::black_box(Payload::encode(codec, &v));

@@ -565,6 +565,47 @@ fn decode_ternary(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Err
     Ok(())
 }
 
+/// Appends the ternary mask and signs of `len` values given as (mask, signs) pairs of 32-bit
+/// little-endian words, 32 values a pair (a GPU's layout): the mask bytes (bits after the last
+/// value cleared), then the sign bits of the sent values only, one after another.
+fn pack_ternary(len: usize, pairs: &[u8], data: &mut Vec<u8>) {
+    let (mask_start, mask_len) = (data.len(), len.div_ceil(8));
+    for pair in pairs.chunks_exact(8) {
+        data.extend_from_slice(&pair[..4]);
+    }
+    data.truncate(mask_start + mask_len);
+    if !len.is_multiple_of(8)
+        && let Some(last) = data.last_mut()
+    {
+        *last &= (1u8 << (len % 8)) - 1;
+    }
+    let (mut acc, mut bits) = (0u64, 0u32);
+    for (i, pair) in pairs.chunks_exact(8).enumerate() {
+        for j in 0..4 {
+            if 4 * i + j >= mask_len {
+                break;
+            }
+            let mut rest = data[mask_start + 4 * i + j];
+            let mut k = 0;
+            while rest != 0 {
+                let low = rest & rest.wrapping_neg();
+                acc |= u64::from(pair[4 + j] & low != 0) << (bits + k);
+                rest &= rest - 1;
+                k += 1;
+            }
+            bits += k;
+            while bits >= 8 {
+                data.push(acc as u8);
+                acc >>= 8;
+                bits -= 8;
+            }
+        }
+    }
+    if bits > 0 {
+        data.push(acc as u8);
+    }
+}
+
 /// An encoded pseudo-gradient.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Payload {
@@ -624,8 +665,10 @@ impl Payload {
     }
 
     /// The payload of `len` values quantized elsewhere (a GPU, by `tessera-core`'s
-    /// `kernels::quantize`) as the int8 or int4 codec lays them out: the chunks' `scales`, then
-    /// the `codes` bytes. Only the sizes are checked here; the relay decodes it like any other.
+    /// `kernels::quantize`): the chunks' `scales`, then the `codes` bytes as the int8 or int4
+    /// codec lays them out, or for ternary a mask word and a sign word (little-endian) per 32
+    /// values, whose sent values' sign bits are packed here one after another. Only the sizes
+    /// are checked here; the relay decodes it like any other.
     pub fn from_quantized(
         codec: Codec,
         len: usize,
@@ -635,10 +678,9 @@ impl Payload {
         let (chunk, code_bytes) = match codec {
             Codec::Int8 => (INT8_CHUNK, len),
             Codec::Int4 => (INT4_CHUNK, len.div_ceil(2)),
-            Codec::F32 | Codec::Sign | Codec::Ternary | Codec::Sparse { .. } => {
-                return Err(Error::BadUpdate(format!(
-                    "{codec} is not an absmax quantization"
-                )));
+            Codec::Ternary => (TERNARY_CHUNK, 8 * len.div_ceil(32)),
+            Codec::F32 | Codec::Sign | Codec::Sparse { .. } => {
+                return Err(Error::BadUpdate(format!("{codec} has no device encoder")));
             }
         };
         if scales.len() != len.div_ceil(chunk) || codes.len() != code_bytes {
@@ -653,7 +695,11 @@ impl Payload {
         for s in scales {
             data.extend_from_slice(&s.to_le_bytes());
         }
-        data.extend_from_slice(&codes);
+        if codec == Codec::Ternary {
+            pack_ternary(len, &codes, &mut data);
+        } else {
+            data.extend_from_slice(&codes);
+        }
         Ok(Payload {
             codec,
             len: len as u64,

@@ -195,18 +195,19 @@ pub fn train_and_encode(
     )
 }
 
-/// The quantizer a codec encodes with on a device, if it has one there (int8 and int4; f32
-/// needs none and top-k has no GPU encoder yet).
+/// The quantizer a codec encodes with on a device, if it has one there (int8, int4 and
+/// ternary; f32 needs none, and sign and top-k have no GPU encoder yet).
 fn device_format(codec: Codec) -> Option<Format> {
     match codec {
         Codec::Int8 => Some(Format::INT8),
         Codec::Int4 => Some(Format::INT4),
-        Codec::F32 | Codec::Sign | Codec::Ternary | Codec::Sparse { .. } => None,
+        Codec::Ternary => Some(Format::TERNARY),
+        Codec::F32 | Codec::Sign | Codec::Sparse { .. } => None,
     }
 }
 
-/// Whether a unit with `codec` trained on `device` is encoded where it was trained: int8 or
-/// int4 on a wgpu / WebGPU device, unless Tessera's kernels are switched off
+/// Whether a unit with `codec` trained on `device` is encoded where it was trained: int8,
+/// int4 or ternary on a wgpu / WebGPU device, unless Tessera's kernels are switched off
 /// ([`tessera_core::kernels::set_enabled`], `--no-fused-kernels`).
 pub fn encodes_on_device(codec: Codec, device: &Device) -> bool {
     device_format(codec).is_some() && kernels::enabled() && quantize::supported(device)

@@ -1,5 +1,6 @@
-//! The WGSL quantizer (`shaders/quantize.wgsl`, run on a wgpu device: lavapipe on a machine
-//! without a GPU) against the CPU encoders of the int8 and int4 codecs.
+//! The WGSL quantizers (`shaders/quantize.wgsl` and `shaders/ternary.wgsl`, run on a wgpu
+//! device: lavapipe on a machine without a GPU) against the CPU encoders of the int8, int4 and
+//! ternary codecs.
 //!
 //! The contract: the relay applies the *decoded* values, whoever encoded them. WGSL does not
 //! promise a correctly rounded division, so a GPU may put a scale one ulp off the CPU's and move
@@ -9,7 +10,9 @@
 
 use tessera_core::burn::prelude::*;
 use tessera_core::kernels::quantize::{self, Format};
-use tessera_protocol::update::{Codec, INT4_CHUNK, INT8_CHUNK, Payload};
+use tessera_protocol::update::{
+    Codec, INT4_CHUNK, INT8_CHUNK, Payload, TERNARY_CHUNK, TERNARY_DEAD_ZONE,
+};
 
 /// The wgpu device, initialised once for the process (a second `init` is refused).
 fn wgpu_device() -> Device {
@@ -130,11 +133,83 @@ fn wgsl_int8_and_int4_decode_within_half_a_step_like_the_cpu_encoders() {
     check(&device, Codec::Int4, Format::INT4, 7.0, 3);
 }
 
+/// The GPU's ternary bytes against the CPU's for `n` values: the same layout; each chunk's
+/// scale within f32 summation error of the CPU's (f64); every value at the same level, except
+/// ones within that error of the dead zone's edge.
+fn check_ternary(device: &Device, n: usize) {
+    let v = values(n, TERNARY_CHUNK, 7.0);
+    let gpu = gpu_payload(device, Codec::Ternary, Format::TERNARY, &v);
+    let cpu = Payload::encode(Codec::Ternary, &v);
+    let (dg, dc) = (
+        gpu.decode().expect("the relay decodes the GPU's bytes"),
+        cpu.decode().unwrap(),
+    );
+    let mut edge = 0;
+    for (c, ((vals, g), k)) in v
+        .chunks(TERNARY_CHUNK)
+        .zip(dg.chunks(TERNARY_CHUNK))
+        .zip(dc.chunks(TERNARY_CHUNK))
+        .enumerate()
+    {
+        let scale = |p: &Payload| f32::from_le_bytes(p.data[4 * c..4 * c + 4].try_into().unwrap());
+        let (gs, cs) = (scale(&gpu), scale(&cpu));
+        assert!(
+            (gs - cs).abs() <= cs * 1e-5,
+            "chunk {c}: GPU scale {gs} vs CPU {cs}"
+        );
+        let mean = vals.iter().map(|x| f64::from(x.abs())).sum::<f64>() / vals.len() as f64;
+        let dead = mean * TERNARY_DEAD_ZONE;
+        for ((x, a), b) in vals.iter().zip(g).zip(k) {
+            let (ga, cb) = (
+                (a / gs.max(f32::MIN_POSITIVE)).round(),
+                (b / cs.max(f32::MIN_POSITIVE)).round(),
+            );
+            if ga != cb {
+                assert!(
+                    (f64::from(x.abs()) - dead).abs() <= dead * 1e-5,
+                    "chunk {c}: {x} is {ga} on the GPU and {cb} on the CPU (dead zone {dead})"
+                );
+                edge += 1;
+            }
+        }
+    }
+    let same = gpu
+        .data
+        .iter()
+        .zip(&cpu.data)
+        .filter(|(a, b)| a == b)
+        .count();
+    println!(
+        "ternary: {n} values, GPU {} bytes / CPU {} bytes, {same} identical, {edge} values at \
+         the dead zone's edge sent differently",
+        gpu.data.len(),
+        cpu.data.len()
+    );
+}
+
+#[test]
+fn wgsl_ternary_sends_the_values_the_cpu_encoder_sends() {
+    let device = wgpu_device();
+    assert_eq!(Format::TERNARY.chunk, TERNARY_CHUNK);
+    assert_eq!(
+        f64::from(tessera_core::kernels::quantize::TERNARY_DEAD_ZONE),
+        TERNARY_DEAD_ZONE
+    );
+    // Off the chunk and word grid (a partial word and chunk), and tiny inputs.
+    for n in [37 * TERNARY_CHUNK + 45, 3 * TERNARY_CHUNK, 1000, 33, 1] {
+        check_ternary(&device, n);
+    }
+}
+
 #[test]
 fn wgsl_marks_a_non_finite_chunk_and_the_decoder_refuses_it() {
     let device = wgpu_device();
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-        for (codec, format) in [(Codec::Int8, Format::INT8), (Codec::Int4, Format::INT4)] {
+        for (codec, format) in [
+            (Codec::Int8, Format::INT8),
+            (Codec::Int4, Format::INT4),
+            (Codec::Ternary, Format::TERNARY),
+        ] {
             let mut v = vec![0.25f32; 3 * format.chunk];
             v[format.chunk + 5] = bad;
             let p = gpu_payload(&device, codec, format, &v);

@@ -1,20 +1,23 @@
-//! Absmax quantization on a wgpu / WebGPU device, by the WGSL kernel `shaders/quantize.wgsl`:
-//! one f32 scale per chunk and the values as packed two's-complement integers of 8 or 4 bits,
-//! the bytes of `tessera-protocol`'s int8 and int4 codecs. A GPU participant encodes its update
-//! where it lives and reads back a quarter (int8) or an eighth (int4) of the f32 bytes.
+//! Quantization on a wgpu / WebGPU device, by the WGSL kernels in `shaders/`: one f32 scale per
+//! chunk and the values as packed two's-complement integers of 8 or 4 bits (`quantize.wgsl`,
+//! the bytes of `tessera-protocol`'s int8 and int4 codecs), or as three levels
+//! (`ternary.wgsl`: a mask word and a sign word per 32 values, which the protocol packs into
+//! its ternary codec). A GPU participant encodes its update where it lives and reads back a
+//! quarter (int8), an eighth (int4) or a sixteenth (ternary) of the f32 bytes.
 //!
-//! The kernel runs through burn's backend extension for `Cube` (and `Fusion<Cube>` in the tab,
-//! where the wgpu backend fuses), as a hand-written WGSL source kernel.
+//! The kernels run through burn's backend extension for `Cube` (and `Fusion<Cube>` in the tab,
+//! where the wgpu backend fuses), as hand-written WGSL source kernels.
 
 use burn::prelude::*;
 use burn::tensor::DType;
 
 use crate::Error;
 
-/// An absmax quantizer: `bits` per value, one scale per `chunk` values.
+/// A quantizer: `bits` per value, one scale per `chunk` values. 8 and 4 bits are absmax
+/// integers; 2 bits is the ternary encoder (a mask bit and a sign bit a value).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Format {
-    /// Bits a value: 8 or 4.
+    /// Bits a value: 8, 4 or 2 (ternary).
     pub bits: u32,
     /// Values sharing one scale (eight 32-bit words of codes or a multiple of them).
     pub chunk: usize,
@@ -28,7 +31,41 @@ impl Format {
     };
     /// int4, 64 values a scale (the protocol's `INT4_CHUNK`).
     pub const INT4: Format = Format { bits: 4, chunk: 64 };
+    /// Ternary, 1,024 values a scale (the protocol's `TERNARY_CHUNK`, a multiple of 32).
+    pub const TERNARY: Format = Format {
+        bits: 2,
+        chunk: 1024,
+    };
+
+    /// Whether this is the ternary encoder.
+    pub fn is_ternary(self) -> bool {
+        self.bits == 2
+    }
+
+    /// The 32-bit words of codes for `len` values: packed integers, or for ternary a mask
+    /// word and a sign word per 32 values.
+    pub fn words(self, len: usize) -> usize {
+        if self.is_ternary() {
+            2 * len.div_ceil(32)
+        } else {
+            (len * self.bits as usize).div_ceil(32)
+        }
+    }
+
+    /// The bytes of codes read back for `len` values: the packed integers' (`ceil(len · bits /
+    /// 8)`), or for ternary every word pair's.
+    pub fn code_bytes(self, len: usize) -> usize {
+        if self.is_ternary() {
+            4 * self.words(len)
+        } else {
+            (len * self.bits as usize).div_ceil(8)
+        }
+    }
 }
+
+/// The ternary dead zone, as a fraction of the chunk's mean magnitude (the protocol's
+/// `TERNARY_DEAD_ZONE`).
+pub const TERNARY_DEAD_ZONE: f32 = 1.0;
 
 #[cfg(feature = "wgpu")]
 mod gpu {
@@ -44,8 +81,11 @@ mod gpu {
 
     use super::Format;
 
-    /// The kernel's source, templated by bits, chunk and the largest code.
+    /// The absmax kernel's source, templated by bits, chunk and the largest code.
     const SOURCE: &str = include_str!("../../../../shaders/quantize.wgsl");
+
+    /// The ternary kernel's source, templated by chunk, lanes and dead zone.
+    const TERNARY_SOURCE: &str = include_str!("../../../../shaders/ternary.wgsl");
 
     /// Invocations a workgroup (the kernel's `GROUP`).
     const GROUP: usize = 64;
@@ -89,13 +129,19 @@ mod gpu {
 
     /// Scales and 32-bit words for `len` values.
     fn sizes(len: usize, bits: u32, chunk: usize) -> (usize, usize) {
-        (len.div_ceil(chunk), (len * bits as usize).div_ceil(32))
+        (len.div_ceil(chunk), Format { bits, chunk }.words(len))
     }
 
     struct QuantizeKernel(Format);
 
     impl KernelSource for QuantizeKernel {
         fn source(&self) -> SourceTemplate {
+            if self.0.is_ternary() {
+                return SourceTemplate::new(TERNARY_SOURCE)
+                    .register("chunk", self.0.chunk.to_string())
+                    .register("lanes", (self.0.chunk / 32).to_string())
+                    .register("dead_zone", format!("{:?}", super::TERNARY_DEAD_ZONE));
+            }
             SourceTemplate::new(SOURCE)
                 .register("bits", self.0.bits.to_string())
                 .register("chunk", self.0.chunk.to_string())
@@ -138,14 +184,20 @@ mod gpu {
             );
             if len > 0 {
                 let info = client.create_from_slice(&(len as u32).to_le_bytes());
-                // Eight invocations a chunk, 64 a workgroup.
-                let groups = (n_scales * 8).div_ceil(GROUP);
+                let format = Format { bits, chunk };
+                // Absmax: eight invocations a chunk, 64 a workgroup. Ternary: a workgroup a
+                // chunk, an invocation per 32 values.
+                let (groups, group) = if format.is_ternary() {
+                    (n_scales, chunk / 32)
+                } else {
+                    ((n_scales * 8).div_ceil(GROUP), GROUP)
+                };
                 let x = groups.min(MAX_GROUPS);
                 let y = groups.div_ceil(MAX_GROUPS);
                 client.launch(
                     Box::new(SourceKernel::new(
-                        QuantizeKernel(Format { bits, chunk }),
-                        CubeDim::new_1d(GROUP as u32),
+                        QuantizeKernel(format),
+                        CubeDim::new_1d(group as u32),
                     )),
                     CubeCount::Static(x as u32, y as u32, 1),
                     KernelArguments::new().with_buffers(vec![
@@ -229,8 +281,8 @@ impl Quantized {
         self.len == 0
     }
 
-    /// Reads the scales and the codes' bytes (`ceil(len · bits / 8)` of them), blocking: native
-    /// only.
+    /// Reads the scales and the codes' bytes ([`Format::code_bytes`] of them), blocking:
+    /// native only.
     pub fn read(self) -> Result<(Vec<f32>, Vec<u8>), Error> {
         let scales = self.scales.into_data();
         let packed = self.packed.into_data();
@@ -259,6 +311,6 @@ fn parts(
     let scales = scales.try_to_vec::<f32>().map_err(read_error)?;
     let words = packed.try_to_vec::<i32>().map_err(read_error)?;
     let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-    bytes.truncate((len * format.bits as usize).div_ceil(8));
+    bytes.truncate(format.code_bytes(len));
     Ok((scales, bytes))
 }
