@@ -30,7 +30,9 @@ const CHUNK: u32 = {{ chunk }}u;
 const LANES: u32 = {{ lanes }}u;
 const DEAD_ZONE: f32 = {{ dead_zone }};
 const EXPONENT: u32 = 0x7f800000u;
-const F32_MAX: f32 = 3.40282347e38;
+// The largest finite f32, by its bits: a decimal literal of it (3.40282347e38) lies past it,
+// which Chrome's Tint refuses as a shader-creation error (naga rounds it).
+const F32_MAX_BITS: u32 = 0x7f7fffffu;
 
 var<workgroup> first_sum: array<f32, LANES>;
 var<workgroup> second_sum: array<f32, LANES>;
@@ -103,7 +105,7 @@ fn main(
     }
     var scale = 0.0;
     if first_sum[0] > 0.0 {
-        scale = min(second_sum[0] / first_sum[0], F32_MAX);
+        scale = min(second_sum[0] / first_sum[0], bitcast<f32>(F32_MAX_BITS));
     }
     if flag != 0u {
         // A quiet NaN made at run time: a constant NaN is a shader-creation error in WGSL

@@ -79,53 +79,65 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// A WebGPU tab trains, encodes its update on the GPU (WGSL) and reads back only the encoded
+/// bytes, which the relay accepts: in int8 (the relay's default codec), then in ternary.
 #[test]
 fn tab_trains_on_webgpu_and_its_update_is_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _relay = relay(dir.path(), port, &["--inner-steps", "3"]);
-    let mut tab = Browser::open(
-        &format!("http://127.0.0.1:{port}/?autojoin=1&backend=webgpu"),
-        Gpu::WebGpu,
-        dir.path().join("chromium.log"),
-    );
-    wait_for(
-        port,
-        &mut tab,
-        400,
-        "an accepted update from a WebGPU tab",
-        |s| {
-            browsers(s)
-                .iter()
-                .any(|p| p["backend"] == "webgpu" && accepted(p) >= 1)
-        },
-    );
-    // The relay counts the update before the reply reaches the worker and its event the page.
-    let end = std::time::Instant::now() + Duration::from_secs(60);
-    let t = loop {
-        let t = tab.tab();
-        if t["accepted"].as_u64().unwrap_or(0) >= 1 || std::time::Instant::now() > end {
-            break t;
+    for codec in ["int8", "ternary"] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut args = vec!["--inner-steps", "3"];
+        if codec != "int8" {
+            args.extend(["--codec", codec]);
         }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert_eq!(t["backend"], "webgpu", "{t}");
-    assert!(
-        t["device"].as_str().unwrap().len() > 3,
-        "adapter named: {t}"
-    );
-    assert!(t["accepted"].as_u64().unwrap() >= 1, "{t}");
-    assert!(t["loss"].as_f64().unwrap().is_finite(), "{t}");
-    // The relay's default codec is int8: the tab encoded its update on the GPU (WGSL) and
-    // read back only the encoded bytes, which the relay accepted.
-    assert!(t["gpuEncoded"].as_u64().unwrap() >= 1, "{t}");
-    let s = status(port);
-    let me = browsers(&s)
-        .into_iter()
-        .find(|p| p["id"] == t["participantId"])
-        .expect("the tab's participant id is in the ledger");
-    assert!(me["tokens_trained"].as_u64().unwrap() > 0, "{me}");
-    screenshot(&mut tab, "browser-webgpu.png");
+        let _relay = relay(dir.path(), port, &args);
+        assert_eq!(status(port)["codec"], codec);
+        let mut tab = Browser::open(
+            &format!("http://127.0.0.1:{port}/?autojoin=1&backend=webgpu"),
+            Gpu::WebGpu,
+            dir.path().join("chromium.log"),
+        );
+        wait_for(
+            port,
+            &mut tab,
+            400,
+            "an accepted update from a WebGPU tab",
+            |s| {
+                browsers(s)
+                    .iter()
+                    .any(|p| p["backend"] == "webgpu" && accepted(p) >= 1)
+            },
+        );
+        // The relay counts the update before the reply reaches the worker and its event the
+        // page.
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        let t = loop {
+            let t = tab.tab();
+            if t["accepted"].as_u64().unwrap_or(0) >= 1 || std::time::Instant::now() > end {
+                break t;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(t["backend"], "webgpu", "{t}");
+        assert!(
+            t["device"].as_str().unwrap().len() > 3,
+            "adapter named: {t}"
+        );
+        assert!(t["accepted"].as_u64().unwrap() >= 1, "{codec}: {t}");
+        assert!(t["loss"].as_f64().unwrap().is_finite(), "{t}");
+        // The tab encoded its update on the GPU and read back only the encoded bytes, which
+        // the relay (refusing any codec but the unit's) accepted.
+        assert!(t["gpuEncoded"].as_u64().unwrap() >= 1, "{codec}: {t}");
+        let s = status(port);
+        let me = browsers(&s)
+            .into_iter()
+            .find(|p| p["id"] == t["participantId"])
+            .expect("the tab's participant id is in the ledger");
+        assert!(me["tokens_trained"].as_u64().unwrap() > 0, "{me}");
+        if codec == "int8" {
+            screenshot(&mut tab, "browser-webgpu.png");
+        }
+    }
 }
 
 #[test]
