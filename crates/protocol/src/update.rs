@@ -531,34 +531,42 @@ fn decode_ternary(data: &[u8], len: usize, out: &mut Vec<f32>) -> Result<(), Err
             "ternary sign bits after the last value sent are not 0".into(),
         ));
     }
-    out.clear();
-    out.reserve(mask_bytes * 8);
-    let mut s = 0usize; // signs read so far
-    for (c, (mask, sc)) in mask
+    // Written over in place: only a buffer's new tail is zeroed first.
+    out.resize(mask_bytes * 8, 0.0);
+    // Sign bits not yet used, lowest first: `have` of them in `bits`, refilled a byte at a
+    // time from `signs[next..]` (the sizes were checked: every sent value has its bit).
+    let (mut bits, mut have, mut next) = (0u64, 0u32, 0usize);
+    for (c, ((mask, vals), sc)) in mask
         .chunks(TERNARY_CHUNK / 8)
+        .zip(out.chunks_mut(TERNARY_CHUNK))
         .zip(scales.chunks_exact(4))
         .enumerate()
     {
         let scale = f32::from_le_bytes([sc[0], sc[1], sc[2], sc[3]]);
         if !(0.0..=f32::MAX).contains(&scale) {
-            out.clear();
             return Err(Error::BadUpdate(format!(
                 "ternary chunk {c} has scale {scale} (must be finite and not negative)"
             )));
         }
-        for &m in mask {
-            // The next (up to 8) sign bits, each moved to its value's place in the byte.
-            let window = (u16::from(signs.get(s / 8).copied().unwrap_or(0))
-                | u16::from(signs.get(s / 8 + 1).copied().unwrap_or(0)) << 8)
-                >> (s % 8);
-            s += m.count_ones() as usize;
-            let neg = DEPOSIT[usize::from(m)][usize::from(window as u8)];
+        for (&m, eight) in mask.iter().zip(vals.chunks_exact_mut(8)) {
+            if have < 8 {
+                while have <= 56 && next < signs.len() {
+                    bits |= u64::from(signs[next]) << have;
+                    next += 1;
+                    have += 8;
+                }
+            }
+            // The byte's (up to 8) sign bits, each moved to its value's place.
+            let neg = DEPOSIT[usize::from(m)][usize::from(bits as u8)];
+            let used = m.count_ones();
+            bits >>= used;
+            have = have.saturating_sub(used);
             // 1.0 or 0.0 by the mask bit, its sign bit by the sign: no branch, vectorised.
             let (ones, negs) = (&BIT_BLOCKS[usize::from(m)], &BIT_BLOCKS[usize::from(neg)]);
-            let eight: [f32; 8] = std::array::from_fn(|i| {
+            let values: [f32; 8] = std::array::from_fn(|i| {
                 f32::from_bits(ones[i] & 0x3f80_0000 | negs[i] & 1 << 31) * scale
             });
-            out.extend_from_slice(&eight);
+            eight.copy_from_slice(&values);
         }
     }
     out.truncate(len);
@@ -719,6 +727,17 @@ impl Payload {
     /// the same few buffers: writing into pages already touched costs a fraction of a fresh
     /// vector's first touch). On an error `out` is left empty.
     pub fn decode_into(&self, out: &mut Vec<f32>) -> Result<(), Error> {
+        let decoded = self.decode_values(out);
+        if decoded.is_err() {
+            out.clear();
+        }
+        decoded
+    }
+
+    /// [`Payload::decode_into`], which empties `out` on an error. Each codec replaces what
+    /// `out` held (ternary writes over it in place: a reused buffer of the right length is not
+    /// written twice).
+    fn decode_values(&self, out: &mut Vec<f32>) -> Result<(), Error> {
         // No codec spends less than 11 bytes on 4096 values: a claimed length beyond that is
         // refused before anything is allocated.
         let len = usize::try_from(self.len)
@@ -731,7 +750,6 @@ impl Payload {
                     self.data.len()
                 ))
             })?;
-        out.clear();
         match self.codec {
             // Finite by construction (the scales are checked).
             Codec::Int8 => decode_int8(&self.data, len, out),
@@ -747,6 +765,7 @@ impl Payload {
                         self.len
                     )));
                 }
+                out.clear();
                 out.reserve(len);
                 out.extend(
                     self.data
@@ -962,6 +981,27 @@ mod tests {
         assert_eq!(
             p.data.len(),
             3 * 4 + 2500usize.div_ceil(8) + sent.div_ceil(8)
+        );
+        // Decoded over a reused buffer (ternary writes in place) of another length and stale
+        // values: the same values; after an error the buffer is empty.
+        for stale in [vec![7.5f32; 2500], vec![-1.0; 4000], vec![3.0; 10]] {
+            let mut reused = stale;
+            p.decode_into(&mut reused).unwrap();
+            assert_eq!(reused, d);
+            let mut bad = p.clone();
+            bad.data[0..4].copy_from_slice(&(-1f32).to_le_bytes());
+            assert!(bad.decode_into(&mut reused).is_err());
+            assert!(reused.is_empty());
+        }
+        let mut reused = vec![1.0f32; 5];
+        let claims_too_many = Payload {
+            len: u64::MAX,
+            ..p.clone()
+        };
+        assert!(claims_too_many.decode_into(&mut reused).is_err());
+        assert!(
+            reused.is_empty(),
+            "emptied on any error, the claimed length's too"
         );
         // The all-zero chunk decodes to zeros; the same values encode to the same bytes.
         assert!(d[2 * TERNARY_CHUNK..].iter().all(|&x| x == 0.0));
