@@ -437,6 +437,10 @@ struct Member {
     /// Its submissions refused since its last accepted one: while any, it does not count
     /// towards a round (a round does not wait for someone whose work is refused).
     refused_streak: u32,
+    /// The unit whose update was last refused for its content, and the version it was
+    /// refused at: retraining it from the same version would give the same update (units
+    /// are deterministic), so it is not handed back to this participant until the model moves.
+    refused_unit: Option<(u64, u64)>,
     /// It is re-executing another's unit (a verifier between units: not counted in rounds).
     checking: bool,
     /// When it last asked for a re-execution to do.
@@ -722,6 +726,7 @@ impl Coordinator {
                 left: false,
                 credits: Vec::new(),
                 refused_streak: 0,
+                refused_unit: None,
                 checking: false,
                 verifier_seen_ms: None,
             },
@@ -826,6 +831,7 @@ impl Coordinator {
                 left: false,
                 credits: Vec::new(),
                 refused_streak: 0,
+                refused_unit: None,
                 checking: false,
                 verifier_seen_ms: None,
             });
@@ -1019,7 +1025,14 @@ impl Coordinator {
             return Work::Wait(100);
         }
         let steps = self.unit_steps(id, now);
-        let (unit_id, shard) = self.free.pop_front().unwrap_or_else(|| {
+        // The first free unit, unless it is one this participant's update was just refused
+        // for at this version (it would train the same update again); else a new one.
+        let refused = self.members[id]
+            .refused_unit
+            .filter(|&(_, version)| version == self.version)
+            .map(|(unit, _)| unit);
+        let free = self.free.iter().position(|&(u, _)| Some(u) != refused);
+        let (unit_id, shard) = free.and_then(|i| self.free.remove(i)).unwrap_or_else(|| {
             let ids = (self.next_unit, self.next_shard);
             self.next_unit += 1;
             self.next_shard += 1;
@@ -1202,6 +1215,23 @@ impl Coordinator {
             let tokens = self.cfg.unit_tokens(l.unit.inner_steps);
             m.speed.measure(tokens, now.saturating_sub(l.leased_ms));
             m.stats.tokens_per_s = m.speed.tokens_per_ms().unwrap_or(0.0) * 1000.0;
+        }
+        // Refused for what it holds: the same unit from the same version would be refused
+        // again (the relay handed it straight back, and a host retrained it hundreds of times
+        // in a stalled run).
+        if matches!(
+            reason,
+            RejectReason::OutOfBounds
+                | RejectReason::Duplicate
+                | RejectReason::Outlier
+                | RejectReason::FailedProbe
+        ) && self
+            .leases
+            .get(&unit_id)
+            .is_some_and(|l| l.participant == id)
+            && let Some(m) = self.members.get_mut(id)
+        {
+            m.refused_unit = Some((unit_id, self.version));
         }
         // A lease that can no longer succeed goes back to the queue; so does the unit of an
         // update that failed verification (someone honest will train it).
@@ -2645,6 +2675,35 @@ mod tests {
         let r = submit(&mut c, "slow", &u, &[0.0, 0.0], 11_000).unwrap_err();
         assert_eq!(r.reason, RejectReason::UnknownLease);
         submit(&mut c, "fast", &again, &[0.0, 0.0], 11_000).unwrap();
+    }
+
+    /// A unit refused for its content (here the loss probe) goes back to the queue, but not
+    /// to the participant it was refused from while the model has not moved: retraining it
+    /// from the same version gives the same update. Before, the relay handed it straight back
+    /// (303 refusals of one unit in a stalled run).
+    #[test]
+    fn a_unit_refused_for_its_content_is_not_handed_back_to_the_same_participant() {
+        let mut c = coord(2);
+        for id in ["a", "b"] {
+            join(&mut c, id);
+        }
+        let refused = unit(&mut c, "a", 0);
+        c.record_rejection("a", refused.unit_id, RejectReason::FailedProbe, 1_000);
+        let next = unit(&mut c, "a", 1_000);
+        assert_ne!(next.unit_id, refused.unit_id, "the same unit handed back");
+        assert_ne!(next.shard, refused.shard);
+        // Someone else trains it.
+        let other = unit(&mut c, "b", 1_000);
+        assert_eq!(
+            (other.unit_id, other.shard),
+            (refused.unit_id, refused.shard)
+        );
+        // A unit given up for staleness is not marked: it comes back to its holder.
+        let mut c = coord(2);
+        join(&mut c, "a");
+        let late = unit(&mut c, "a", 0);
+        c.record_rejection("a", late.unit_id, RejectReason::TooStale, 1_000);
+        assert_eq!(unit(&mut c, "a", 1_000).unit_id, late.unit_id);
     }
 
     #[test]
