@@ -64,18 +64,22 @@ fn gpu_payload(device: &Device, codec: Codec, format: Format, values: &[f32]) ->
     Payload::from_quantized(codec, values.len(), &scales, codes).expect("the codec's layout")
 }
 
+/// How many bytes of the GPU's payload equal the CPU's at the same place.
+fn identical_bytes(gpu: &Payload, cpu: &Payload) -> usize {
+    gpu.data
+        .iter()
+        .zip(&cpu.data)
+        .filter(|(a, b)| a == b)
+        .count()
+}
+
 fn check(device: &Device, codec: Codec, format: Format, qmax: f32, n: usize) {
     let v = values(n, format.chunk, qmax);
     let gpu = gpu_payload(device, codec, format, &v);
     let cpu = Payload::encode(codec, &v);
     assert_eq!(gpu.data.len(), cpu.data.len(), "{codec}, {n} values: sizes");
     let chunks = n.div_ceil(format.chunk);
-    let same = gpu
-        .data
-        .iter()
-        .zip(&cpu.data)
-        .filter(|(a, b)| a == b)
-        .count();
+    let same = identical_bytes(&gpu, &cpu);
     let decoded = gpu.decode().expect("the relay decodes the GPU's bytes");
     let mut worst = 0f64;
     for (c, (vals, dec)) in v
@@ -173,12 +177,7 @@ fn check_ternary(device: &Device, n: usize) {
             }
         }
     }
-    let same = gpu
-        .data
-        .iter()
-        .zip(&cpu.data)
-        .filter(|(a, b)| a == b)
-        .count();
+    let same = identical_bytes(&gpu, &cpu);
     println!(
         "ternary: {n} values, GPU {} bytes / CPU {} bytes, {same} identical, {edge} values at \
          the dead zone's edge sent differently",
