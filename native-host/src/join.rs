@@ -30,7 +30,8 @@ use crate::backend::{self, Backend};
 #[derive(Args, Debug)]
 pub struct JoinArgs {
     /// The relay: its page's address as it prints it (http://127.0.0.1:8700/) or its
-    /// WebSocket URL (ws://127.0.0.1:8700/ws).
+    /// WebSocket URL (ws://127.0.0.1:8700/ws). Several relays of one run, separated by commas:
+    /// when the connection is lost the next one is tried.
     url: String,
     /// cpu or wgpu (default: the fastest available here).
     #[arg(long, value_enum)]
@@ -221,7 +222,15 @@ pub fn run(args: JoinArgs) -> Result<()> {
     let key_path = args.key.clone().unwrap_or_else(default_key_path);
     let secret = load_or_create_key(&key_path)?;
     let backend = args.backend.unwrap_or_else(backend::fastest);
-    let (ws_url, http) = relay_urls(&args.url)?;
+    let relays = args
+        .url
+        .split(',')
+        .filter(|u| !u.trim().is_empty())
+        .map(relay_urls)
+        .collect::<Result<Vec<_>>>()?;
+    let Some((_, http)) = relays.first().cloned() else {
+        bail!("no relay address given");
+    };
     let (device, device_name) = backend::device(backend)?;
     eprintln!(
         "participant {} on {device_name}",
@@ -253,8 +262,11 @@ pub fn run(args: JoinArgs) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let mut backoff = Duration::from_millis(250);
+        let mut at = 0;
         loop {
-            match p.session(&ws_url).await {
+            let (ws_url, http) = &relays[at % relays.len()];
+            p.http.clone_from(http);
+            match p.session(ws_url).await {
                 Ok(()) => return Ok(()),
                 // Coming back changes nothing for a banned key.
                 Err(e) if format!("{e:#}").contains("relay error: banned") => return Err(e),
@@ -265,6 +277,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
                     );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
+                    at += 1;
                 }
             }
         }

@@ -253,7 +253,7 @@ pub struct Period {
 /// The signed revenue statement of `[from_ms, to_ms)`.
 pub fn statement(r: &Relay, from_ms: u64, to_ms: u64) -> anyhow::Result<Statement> {
     let (usage, checkpoints) = {
-        let db = r.db();
+        let mut db = r.db();
         (
             db.usage_by_version(from_ms, to_ms)?,
             db.ledger_checkpoints()?,

@@ -5,6 +5,11 @@
 //! its version changes, `change-v<version>.bin` (the encoded step that made it), each written
 //! atomically. Old versions are pruned, keeping the newest `keep` and the one the guard would
 //! roll back to.
+//!
+//! With an object store ([`crate::blobs`], `--blobs s3://…`) every version is also written there
+//! before it is recorded (weights and momentum first, the manifest naming their keys last; the
+//! version's row then holds the manifest's key), so a relay on another machine
+//! ([`Checkpoints::restore`]) serves the same bytes and resumes from them.
 
 use std::collections::HashMap;
 use std::fs;
@@ -18,11 +23,23 @@ use tessera_protocol::ledger::Checkpoint;
 use tessera_protocol::update::Payload;
 use tessera_protocol::work;
 
+use crate::blobs::Blobs;
+
 /// The checkpoint directory.
 pub struct Checkpoints {
     dir: PathBuf,
     specs: Vec<ParamSpec>,
     keep: u64,
+    blobs: Option<Blobs>,
+}
+
+/// A manifest in the object store: where a version's weights and momentum are.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BlobManifest {
+    version: u64,
+    weights: String,
+    momentum: String,
+    ledger: Checkpoint,
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -33,12 +50,19 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 impl Checkpoints {
     /// Opens (creating) `dir` for a model with parameters `specs`.
-    pub fn open(dir: &Path, specs: Vec<ParamSpec>, keep: u64) -> Result<Self> {
+    /// With `blobs`, versions are also written to (and restored from) that object store.
+    pub fn open(
+        dir: &Path,
+        specs: Vec<ParamSpec>,
+        keep: u64,
+        blobs: Option<Blobs>,
+    ) -> Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Checkpoints {
             dir: dir.to_path_buf(),
             specs,
             keep: keep.max(1),
+            blobs,
         })
     }
 
@@ -79,8 +103,9 @@ impl Checkpoints {
         Ok(weights_to_safetensors(&self.specs, params, meta)?)
     }
 
-    /// Writes a version (weights, momentum, manifest) durably; returns the weights' bytes.
-    /// Older versions are pruned except `pinned`.
+    /// Writes a version (weights, momentum, manifest) durably; returns the weights' bytes and
+    /// where the version is stored, for its row: the weights' file name, or with an object
+    /// store the key of its manifest there. Older versions are pruned except `pinned`.
     pub fn save(
         &self,
         version: u64,
@@ -88,25 +113,71 @@ impl Checkpoints {
         momentum: &[f32],
         pinned: Option<u64>,
         ledger: &Checkpoint,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<(Vec<u8>, String)> {
         let bytes = self.encode(version, params, Some(ledger))?;
-        write_atomic(
-            &self.dir.join(Self::momentum_name(version)),
-            &self.encode(version, momentum, None)?,
-        )?;
-        write_atomic(&self.weights_path(version), &bytes)?;
+        let momentum = self.encode(version, momentum, None)?;
+        let stored = match &self.blobs {
+            Some(b) => {
+                let manifest = BlobManifest {
+                    version,
+                    weights: b.put(&bytes)?,
+                    momentum: b.put(&momentum)?,
+                    ledger: ledger.clone(),
+                };
+                b.put(serde_json::to_string_pretty(&manifest)?.as_bytes())?
+            }
+            None => Self::weights_name(version),
+        };
+        self.write_local(version, &bytes, &momentum, ledger)?;
+        self.prune(version, pinned);
+        Ok((bytes, stored))
+    }
+
+    /// Makes sure `version` is on local disk: with an object store and `stored` the key of its
+    /// manifest there, fetches weights and momentum when they are not (another machine wrote
+    /// them). Their SHA-256 is checked against the key.
+    pub fn restore(&self, version: u64, stored: &str) -> Result<()> {
+        let local = self.weights_path(version).exists()
+            && self.dir.join(Self::momentum_name(version)).exists();
+        let Some(b) = self.blobs.as_ref().filter(|_| !local) else {
+            return Ok(());
+        };
+        if !stored.starts_with("sha256/") {
+            anyhow::bail!(
+                "version {version} is stored as {stored:?}, a local file this machine lacks"
+            );
+        }
+        let manifest: BlobManifest = serde_json::from_slice(&b.get(stored)?)
+            .with_context(|| format!("the manifest of version {version} ({stored})"))?;
+        if manifest.version != version {
+            anyhow::bail!(
+                "{stored} is the manifest of version {}, not {version}",
+                manifest.version
+            );
+        }
+        let (bytes, momentum) = (b.get(&manifest.weights)?, b.get(&manifest.momentum)?);
+        self.write_local(version, &bytes, &momentum, &manifest.ledger)
+    }
+
+    fn write_local(
+        &self,
+        version: u64,
+        bytes: &[u8],
+        momentum: &[u8],
+        ledger: &Checkpoint,
+    ) -> Result<()> {
+        write_atomic(&self.dir.join(Self::momentum_name(version)), momentum)?;
+        write_atomic(&self.weights_path(version), bytes)?;
         let manifest = serde_json::json!({
             "version": version,
             "weights": Self::weights_name(version),
-            "weights_sha256": hex::encode(work::sha256(&bytes)),
+            "weights_sha256": hex::encode(work::sha256(bytes)),
             "ledger": ledger,
         });
         write_atomic(
             &self.dir.join(Self::manifest_name(version)),
             serde_json::to_string_pretty(&manifest)?.as_bytes(),
-        )?;
-        self.prune(version, pinned);
-        Ok(bytes)
+        )
     }
 
     /// Reads a version's weights and momentum.

@@ -1,13 +1,23 @@
-//! The SQLite ledger: the run, model versions, leases, participants and accepted updates.
+//! The relay's store: the run, model versions, leases, participants, accepted updates and the
+//! ledger, in SQLite (the embedded default: one file) or in PostgreSQL (`--store postgres://…`),
+//! through the one SQL surface of [`crate::sql`].
+//!
+//! On PostgreSQL one relay leads the run at a time ([`Db::connect_postgres`]): it holds a session
+//! advisory lock and a **fencing epoch**, bumped by every new leader; every write transaction
+//! first checks the epoch is still its own (and beats the leader's heartbeat with it), so a
+//! relay that lost the lead (paused, cut off, its lock taken over) cannot commit anything more.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 use tessera_coordinator::{Lease, LedgerChange, ParticipantStats, Rollback, Verdict};
 use tessera_protocol::ledger::{CREDIT_FORMULA, Checkpoint, Leaf};
 use tessera_protocol::messages::WorkUnit;
 use tessera_protocol::update::Fragment;
+
+use crate::sql::{Exec, SqlError, blocking, p};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS run (
@@ -138,17 +148,44 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 ";
 
-fn insert_checkpoint(tx: &rusqlite::Transaction<'_>, c: &Checkpoint) -> Result<()> {
-    tx.execute(
-        "INSERT OR REPLACE INTO ledger_checkpoints (version, checkpoint) VALUES (?1, ?2)",
-        params![c.version as i64, serde_json::to_string(c)?],
+/// The schema in PostgreSQL's types (the same tables: 64-bit integers, double floats, bytes).
+fn postgres_schema() -> String {
+    SCHEMA
+        .replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+        .replace("INTEGER", "BIGINT")
+        .replace(" REAL", " DOUBLE PRECISION")
+        .replace("BLOB", "BYTEA")
+        + "
+-- The run's leader: its fencing epoch (bumped by every new leader) and heartbeat.
+CREATE TABLE IF NOT EXISTS leadership (
+    id BIGINT PRIMARY KEY CHECK (id = 1),
+    epoch BIGINT NOT NULL,
+    holder TEXT NOT NULL,
+    beat TIMESTAMPTZ NOT NULL
+);
+INSERT INTO leadership (id, epoch, holder, beat) VALUES (1, 0, '', clock_timestamp())
+    ON CONFLICT (id) DO NOTHING;
+"
+}
+
+/// The advisory lock the leader of a run holds for as long as its session lives (one run per
+/// database).
+const LEADER_LOCK: i64 = 0x7465_7373_6572_6101;
+/// The advisory lock that serialises creating the schema.
+const SCHEMA_LOCK: i64 = 0x7465_7373_6572_6102;
+
+fn insert_checkpoint(tx: &mut dyn Exec, c: &Checkpoint) -> Result<()> {
+    tx.exec(
+        "INSERT INTO ledger_checkpoints (version, checkpoint) VALUES ($1, $2)
+         ON CONFLICT (version) DO UPDATE SET checkpoint = excluded.checkpoint",
+        p![c.version, serde_json::to_string(c)?],
     )?;
     Ok(())
 }
 
 /// The leaf of a unit being granted, from its accepted update and its participant's key.
 fn grant_leaf(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &mut dyn Exec,
     run: &str,
     version: u64,
     participant: &str,
@@ -157,28 +194,27 @@ fn grant_leaf(
 ) -> Result<Leaf> {
     let blob32 =
         |b: Option<Vec<u8>>| -> [u8; 32] { b.and_then(|b| b.try_into().ok()).unwrap_or([0; 32]) };
-    tx.query_row(
-        "SELECT u.applied_version, u.base_version, u.base_sha256, u.sha256, u.signature, p.public_key
-         FROM updates u JOIN participants p ON p.id = u.participant
-         WHERE u.unit_id = ?1 AND u.participant = ?2",
-        params![unit_id as i64, participant],
-        |r| {
-            Ok(Leaf {
-                run: run.to_string(),
-                version: r.get::<_, Option<i64>>(0)?.map_or(version, |v| v as u64),
-                participant: blob32(r.get(5)?),
-                unit_id,
-                base_version: r.get::<_, i64>(1)? as u64,
-                base_sha256: blob32(r.get(2)?),
-                update_sha256: blob32(r.get(3)?),
-                tokens,
-                credit: tokens,
-                formula: CREDIT_FORMULA,
-                signature: r.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
-            })
-        },
-    )
-    .with_context(|| format!("the accepted update of unit {unit_id} being granted"))
+    let r = tx
+        .row(
+            "SELECT u.applied_version, u.base_version, u.base_sha256, u.sha256, u.signature, p.public_key
+             FROM updates u JOIN participants p ON p.id = u.participant
+             WHERE u.unit_id = $1 AND u.participant = $2",
+            p![unit_id, participant],
+        )?
+        .with_context(|| format!("the accepted update of unit {unit_id} being granted"))?;
+    Ok(Leaf {
+        run: run.to_string(),
+        version: r.opt_i64(0)?.map_or(version, |v| v as u64),
+        participant: blob32(r.opt_blob(5)?),
+        unit_id,
+        base_version: r.u64(1)?,
+        base_sha256: blob32(r.opt_blob(2)?),
+        update_sha256: blob32(r.opt_blob(3)?),
+        tokens,
+        credit: tokens,
+        formula: CREDIT_FORMULA,
+        signature: r.blob(4)?,
+    })
 }
 
 /// A fragment as two SQL integers: its offset and its length (-1: the rest of the vector).
@@ -255,13 +291,46 @@ pub struct HeldUpdate {
     pub payload: Vec<u8>,
 }
 
-/// The database.
+enum Conn {
+    Sqlite(Connection),
+    Postgres {
+        client: postgres::Client,
+        /// This relay's fencing epoch.
+        epoch: i64,
+    },
+}
+
+/// The store.
 pub struct Db {
-    conn: Connection,
+    conn: Conn,
+}
+
+/// A unit as a lease row or an update row stores it.
+fn unit_from(template: &WorkUnit, r: &crate::sql::Row, cols: [usize; 8]) -> Result<WorkUnit> {
+    let [
+        unit_id,
+        base_version,
+        shard,
+        inner_steps,
+        warmup_steps,
+        lr,
+        frag_offset,
+        frag_len,
+    ] = cols;
+    Ok(WorkUnit {
+        unit_id: r.u64(unit_id)?,
+        base_version: r.u64(base_version)?,
+        shard: r.u64(shard)?,
+        inner_steps: r.u64(inner_steps)? as u32,
+        warmup_steps: r.u64(warmup_steps)? as u32,
+        lr: r.f64(lr)?,
+        fragment: fragment_from(r.i64(frag_offset)?, r.i64(frag_len)?),
+        ..template.clone()
+    })
 }
 
 impl Db {
-    /// Opens (creating) the database at `path`.
+    /// Opens (creating) the SQLite database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -293,15 +362,136 @@ impl Db {
                 conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
             }
         }
-        Ok(Db { conn })
+        Ok(Db {
+            conn: Conn::Sqlite(conn),
+        })
+    }
+
+    /// Connects to the PostgreSQL database at `url` (creating the schema) and waits until this
+    /// relay leads the run: it takes the leader's advisory lock and bumps the fencing epoch. A
+    /// leader whose heartbeat is older than `lead_timeout` (paused, hung, cut off) has its
+    /// session ended so its lock is released. `holder` names this relay in the leadership row;
+    /// `waiting` is called once if another relay leads when this one arrives.
+    pub fn connect_postgres(
+        url: &str,
+        holder: &str,
+        lead_timeout: Duration,
+        waiting: impl FnOnce(&str),
+    ) -> Result<Self> {
+        blocking(|| {
+            let mut client = postgres::Client::connect(url, postgres::NoTls)
+                .with_context(|| format!("connecting to {}", redact(url)))?;
+            {
+                let mut tx = client.transaction()?;
+                tx.batch_execute("SET LOCAL client_min_messages = warning")?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+                tx.batch_execute(&postgres_schema())?;
+                tx.commit()?;
+            }
+            let mut waiting = Some(waiting);
+            loop {
+                let locked: bool = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])?
+                    .get(0);
+                if locked {
+                    break;
+                }
+                let row = client.query_one(
+                    "SELECT holder, EXTRACT(EPOCH FROM clock_timestamp() - beat)::float8 FROM leadership WHERE id = 1",
+                    &[],
+                )?;
+                let (leader, silent_s): (String, f64) = (row.get(0), row.get(1));
+                if let Some(w) = waiting.take() {
+                    w(&leader);
+                }
+                if silent_s > lead_timeout.as_secs_f64() {
+                    // The leader stopped beating but its session (and so its lock) lives on:
+                    // end the session. Its next write fails on the epoch all the same.
+                    let ended = client.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks
+                         WHERE locktype = 'advisory' AND granted AND classid = $1 AND objid = $2 AND objsubid = 1",
+                        &[&((LEADER_LOCK >> 32) as u32), &(LEADER_LOCK as u32)],
+                    )?;
+                    tracing::warn!(
+                        leader,
+                        silent_s,
+                        ended,
+                        "the run's leader stopped beating: ending its session to take the lead"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            let epoch: i64 = client
+                .query_one(
+                    "UPDATE leadership SET epoch = epoch + 1, holder = $1, beat = clock_timestamp()
+                     WHERE id = 1 RETURNING epoch",
+                    &[&holder],
+                )?
+                .get(0);
+            tracing::info!(epoch, holder, "leading the run");
+            Ok(Db {
+                conn: Conn::Postgres { client, epoch },
+            })
+        })
+    }
+
+    /// This relay's fencing epoch (`None` on SQLite, where one relay owns the file).
+    pub fn epoch(&self) -> Option<i64> {
+        match &self.conn {
+            Conn::Sqlite(_) => None,
+            Conn::Postgres { epoch, .. } => Some(*epoch),
+        }
+    }
+
+    /// Proves this relay still leads (PostgreSQL: the epoch is still its own) and refreshes its
+    /// heartbeat. `Err` with [`SqlError::Fenced`] inside once another relay took the lead.
+    pub fn beat(&mut self) -> Result<()> {
+        self.write(|_| Ok(()))
+    }
+
+    fn read(&mut self) -> &mut dyn Exec {
+        match &mut self.conn {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres { client, .. } => client,
+        }
+    }
+
+    /// Runs `f` in one transaction, committed when it returns `Ok`. On PostgreSQL the
+    /// transaction first checks this relay's epoch (fencing) and beats its heartbeat.
+    fn write<R>(&mut self, f: impl FnOnce(&mut dyn Exec) -> Result<R>) -> Result<R> {
+        match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let mut tx = c.transaction()?;
+                let r = f(&mut tx)?;
+                tx.commit()?;
+                Ok(r)
+            }
+            Conn::Postgres { client, epoch } => blocking(|| {
+                let ours = *epoch;
+                let mut tx = client.transaction()?;
+                let held = tx.exec(
+                    "UPDATE leadership SET beat = clock_timestamp() WHERE id = 1 AND epoch = $1",
+                    p![ours],
+                )?;
+                if held == 0 {
+                    let current = tx
+                        .row("SELECT epoch FROM leadership WHERE id = 1", &[])?
+                        .map_or(Ok(-1), |r| r.i64(0))?;
+                    return Err(SqlError::Fenced { ours, current }.into());
+                }
+                let r = f(&mut tx)?;
+                tx.commit()?;
+                Ok(r)
+            }),
+        }
     }
 
     /// The stored run configuration, if the run exists.
-    pub fn run_config(&self) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .query_row("SELECT config_json FROM run WHERE id = 1", [], |r| r.get(0))
-            .optional()?)
+    pub fn run_config(&mut self) -> Result<Option<String>> {
+        self.read()
+            .row("SELECT config_json FROM run WHERE id = 1", &[])?
+            .map(|r| Ok(r.text(0)?))
+            .transpose()
     }
 
     /// Creates the run with its version 0.
@@ -313,108 +503,118 @@ impl Db {
         signed: &Checkpoint,
         now: u64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO run (id, name, config_json, created_ms) VALUES (1, ?1, ?2, ?3)",
-            params![name, config_json, now as i64],
-        )?;
-        tx.execute(
-            "INSERT INTO versions (version, checkpoint, updates, created_ms) VALUES (0, ?1, 0, ?2)",
-            params![checkpoint, now as i64],
-        )?;
-        insert_checkpoint(&tx, signed)?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO run (id, name, config_json, created_ms) VALUES (1, $1, $2, $3)",
+                p![name, config_json, now],
+            )?;
+            tx.exec(
+                "INSERT INTO versions (version, checkpoint, updates, created_ms) VALUES (0, $1, 0, $2)",
+                p![checkpoint, now],
+            )?;
+            insert_checkpoint(tx, signed)
+        })
     }
 
     /// The latest recorded version.
-    pub fn latest_version(&self) -> Result<u64> {
-        Ok(self
-            .conn
-            .query_row("SELECT MAX(version) FROM versions", [], |r| {
-                r.get::<_, i64>(0)
-            })? as u64)
+    pub fn latest_version(&mut self) -> Result<u64> {
+        let r = self.read().row("SELECT MAX(version) FROM versions", &[])?;
+        Ok(r.context("no versions")?.u64(0)?)
+    }
+
+    /// Where a version's checkpoint was stored (a file name, or the object store's key of its
+    /// manifest), if the version was recorded.
+    pub fn version_checkpoint(&mut self, version: u64) -> Result<Option<String>> {
+        self.read()
+            .row(
+                "SELECT checkpoint FROM versions WHERE version = $1",
+                p![version],
+            )?
+            .map(|r| Ok(r.text(0)?))
+            .transpose()
     }
 
     /// Validation-loss history: `(version, val_loss)`.
-    pub fn val_history(&self) -> Result<Vec<(u64, f32)>> {
-        let mut st = self.conn.prepare(
-            "SELECT version, val_loss FROM versions WHERE val_loss IS NOT NULL ORDER BY version",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, f64>(1)? as f32))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    pub fn val_history(&mut self) -> Result<Vec<(u64, f32)>> {
+        self.read()
+            .rows(
+                "SELECT version, val_loss FROM versions WHERE val_loss IS NOT NULL ORDER BY version",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.u64(0)?, r.f64(1)? as f32)))
+            .collect()
     }
 
     /// Records a version's validation loss.
-    pub fn set_val_loss(&self, version: u64, loss: f32) -> Result<()> {
-        self.conn.execute(
-            "UPDATE versions SET val_loss = ?1 WHERE version = ?2",
-            params![loss as f64, version as i64],
-        )?;
-        Ok(())
+    pub fn set_val_loss(&mut self, version: u64, loss: f32) -> Result<()> {
+        self.write(|tx| {
+            tx.exec(
+                "UPDATE versions SET val_loss = $1 WHERE version = $2",
+                p![loss, version],
+            )?;
+            Ok(())
+        })
     }
 
     /// A counter's value (0 if unset).
-    pub fn counter(&self, key: &str) -> Result<u64> {
+    pub fn counter(&mut self, key: &str) -> Result<u64> {
         Ok(self
-            .conn
-            .query_row("SELECT value FROM counters WHERE key = ?1", [key], |r| {
-                r.get::<_, i64>(0)
-            })
-            .optional()?
-            .unwrap_or(0) as u64)
+            .read()
+            .row("SELECT value FROM counters WHERE key = $1", p![key])?
+            .map_or(Ok(0), |r| r.u64(0))?)
     }
 
     /// Inserts or refreshes a participant.
     pub fn upsert_participant(
-        &self,
+        &mut self,
         p: &ParticipantStats,
         public_key: &[u8],
         now: u64,
     ) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO participants (id, public_key, kind, backend, device, first_seen_ms, last_seen_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-             ON CONFLICT(id) DO UPDATE SET kind = ?3, backend = ?4, device = ?5, last_seen_ms = ?6",
-            params![p.id, public_key, p.kind, p.backend, p.device, now as i64],
-        )?;
-        Ok(())
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO participants (id, public_key, kind, backend, device, first_seen_ms, last_seen_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $6)
+                 ON CONFLICT (id) DO UPDATE SET kind = $3, backend = $4, device = $5, last_seen_ms = $6",
+                p![&p.id, public_key, p.kind, &p.backend, &p.device, now],
+            )?;
+            Ok(())
+        })
     }
 
     /// Every participant's ledger entry.
-    pub fn participants(&self) -> Result<Vec<ParticipantStats>> {
-        let mut st = self.conn.prepare("SELECT id, kind, backend, device, accepted, rejected, tokens, last_seen_ms, granted, forfeited, verified, banned, last_rejection, verifications FROM participants")?;
-        let rows = st.query_map([], |r| {
-            let kind: String = r.get(1)?;
-            Ok(ParticipantStats {
-                id: r.get(0)?,
-                kind: if kind == "browser" {
-                    "browser"
-                } else {
-                    "native"
-                },
-                backend: r.get(2)?,
-                device: r.get(3)?,
-                accepted_updates: r.get::<_, i64>(4)? as u64,
-                rejected_updates: r.get::<_, i64>(5)? as u64,
-                tokens_trained: r.get::<_, i64>(6)? as u64,
-                connected: false,
-                last_seen_ms: r.get::<_, i64>(7)? as u64,
-                tokens_per_s: 0.0,
-                unit_steps: 0,
-                tokens_pending: (r.get::<_, i64>(6)? - r.get::<_, i64>(8)? - r.get::<_, i64>(9)?)
-                    .max(0) as u64,
-                tokens_granted: r.get::<_, i64>(8)? as u64,
-                tokens_forfeited: r.get::<_, i64>(9)? as u64,
-                verified_units: r.get::<_, i64>(10)? as u64,
-                banned: r.get::<_, i64>(11)? != 0,
-                last_rejection: r.get(12)?,
-                verifications: r.get::<_, i64>(13)? as u64,
+    pub fn participants(&mut self) -> Result<Vec<ParticipantStats>> {
+        self.read()
+            .rows("SELECT id, kind, backend, device, accepted, rejected, tokens, last_seen_ms, granted, forfeited, verified, banned, last_rejection, verifications FROM participants", &[])?
+            .iter()
+            .map(|r| {
+                Ok(ParticipantStats {
+                    id: r.text(0)?,
+                    kind: if r.text(1)? == "browser" {
+                        "browser"
+                    } else {
+                        "native"
+                    },
+                    backend: r.text(2)?,
+                    device: r.text(3)?,
+                    accepted_updates: r.u64(4)?,
+                    rejected_updates: r.u64(5)?,
+                    tokens_trained: r.u64(6)?,
+                    connected: false,
+                    last_seen_ms: r.u64(7)?,
+                    tokens_per_s: 0.0,
+                    unit_steps: 0,
+                    tokens_pending: (r.i64(6)? - r.i64(8)? - r.i64(9)?).max(0) as u64,
+                    tokens_granted: r.u64(8)?,
+                    tokens_forfeited: r.u64(9)?,
+                    verified_units: r.u64(10)?,
+                    banned: r.bool(11)?,
+                    last_rejection: r.opt_text(12)?,
+                    verifications: r.u64(13)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
     }
 
     /// Records a lease and the counters it advanced.
@@ -425,106 +625,112 @@ impl Db {
         next_unit: u64,
         next_shard: u64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT OR REPLACE INTO leases (unit_id, participant, base_version, shard, deadline_ms, inner_steps, warmup_steps, lr, frag_offset, frag_len) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![unit.unit_id as i64, participant, unit.base_version as i64, unit.shard as i64, unit.deadline_ms as i64, unit.inner_steps as i64, unit.warmup_steps as i64, unit.lr, fragment_columns(&unit.fragment).0, fragment_columns(&unit.fragment).1],
-        )?;
-        tx.execute(
-            "INSERT OR REPLACE INTO counters (key, value) VALUES ('next_unit', ?1)",
-            [next_unit as i64],
-        )?;
-        tx.execute(
-            "INSERT OR REPLACE INTO counters (key, value) VALUES ('next_shard', ?1)",
-            [next_shard as i64],
-        )?;
-        tx.commit()?;
-        Ok(())
+        let (frag_offset, frag_len) = fragment_columns(&unit.fragment);
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO leases (unit_id, participant, base_version, shard, deadline_ms, inner_steps, warmup_steps, lr, frag_offset, frag_len)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (unit_id) DO UPDATE SET participant = excluded.participant,
+                    base_version = excluded.base_version, shard = excluded.shard,
+                    deadline_ms = excluded.deadline_ms, inner_steps = excluded.inner_steps,
+                    warmup_steps = excluded.warmup_steps, lr = excluded.lr,
+                    frag_offset = excluded.frag_offset, frag_len = excluded.frag_len",
+                p![unit.unit_id, participant, unit.base_version, unit.shard, unit.deadline_ms, unit.inner_steps as i64, unit.warmup_steps as i64, unit.lr, frag_offset, frag_len],
+            )?;
+            for (key, value) in [("next_unit", next_unit), ("next_shard", next_shard)] {
+                tx.exec(
+                    "INSERT INTO counters (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    p![key, value],
+                )?;
+            }
+            Ok(())
+        })
     }
 
     /// Forgets leases.
-    pub fn delete_leases(&self, unit_ids: &[u64]) -> Result<()> {
-        for u in unit_ids {
-            self.conn
-                .execute("DELETE FROM leases WHERE unit_id = ?1", [*u as i64])?;
+    pub fn delete_leases(&mut self, unit_ids: &[u64]) -> Result<()> {
+        if unit_ids.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.write(|tx| {
+            for u in unit_ids {
+                tx.exec("DELETE FROM leases WHERE unit_id = $1", p![*u])?;
+            }
+            Ok(())
+        })
     }
 
     /// Every stored lease, as the coordinator holds them. `template` supplies the per-run fields.
-    pub fn leases(&self, template: &WorkUnit) -> Result<Vec<Lease>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT unit_id, participant, base_version, shard, deadline_ms, inner_steps, warmup_steps, lr, frag_offset, frag_len FROM leases")?;
-        let rows = st.query_map([], |r| {
-            Ok(Lease {
-                participant: r.get(1)?,
-                leased_ms: 0,
-                unit: WorkUnit {
-                    unit_id: r.get::<_, i64>(0)? as u64,
-                    base_version: r.get::<_, i64>(2)? as u64,
-                    shard: r.get::<_, i64>(3)? as u64,
-                    deadline_ms: r.get::<_, i64>(4)? as u64,
-                    inner_steps: r.get::<_, i64>(5)? as u32,
-                    warmup_steps: r.get::<_, i64>(6)? as u32,
-                    lr: r.get(7)?,
-                    fragment: fragment_from(r.get(8)?, r.get(9)?),
-                    ..template.clone()
-                },
+    pub fn leases(&mut self, template: &WorkUnit) -> Result<Vec<Lease>> {
+        self.read()
+            .rows("SELECT unit_id, participant, base_version, shard, deadline_ms, inner_steps, warmup_steps, lr, frag_offset, frag_len FROM leases", &[])?
+            .iter()
+            .map(|r| {
+                Ok(Lease {
+                    participant: r.text(1)?,
+                    leased_ms: 0,
+                    unit: WorkUnit {
+                        deadline_ms: r.u64(4)?,
+                        ..unit_from(template, r, [0, 2, 3, 5, 6, 7, 8, 9])?
+                    },
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
     }
 
     /// Durably records an accepted update, its participant's ledger and the end of its lease,
     /// in one transaction.
     pub fn record_accepted(&mut self, u: &UpdateRecord<'_>) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO updates (unit_id, participant, base_version, staleness, tokens, weight, loss_before, loss_after, received_ms, payload,
-                shard, inner_steps, warmup_steps, lr, sha256, own_gain, held_gain, held, base_sha256, signature, frag_offset, frag_len)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
-            params![
-                u.unit_id as i64,
-                u.participant,
-                u.base_version as i64,
-                u.verdict.staleness as i64,
-                u.verdict.tokens as i64,
-                u.verdict.weight as f64,
-                u.loss_before as f64,
-                u.loss_after as f64,
-                u.received_ms as i64,
-                u.payload,
-                u.unit.shard as i64,
-                u.unit.inner_steps as i64,
-                u.unit.warmup_steps as i64,
-                u.unit.lr,
-                u.sha256.as_slice(),
-                u.probe.map(|p| p.0),
-                u.probe.map(|p| p.1),
-                u.held as i64,
-                u.base_sha256.as_slice(),
-                u.signature,
-                fragment_columns(&u.unit.fragment).0,
-                fragment_columns(&u.unit.fragment).1
-            ],
-        )?;
-        tx.execute(
-            "UPDATE participants SET accepted = accepted + 1, tokens = tokens + ?2, last_seen_ms = ?3 WHERE id = ?1",
-            params![u.participant, u.verdict.tokens as i64, u.received_ms as i64],
-        )?;
-        tx.execute("DELETE FROM leases WHERE unit_id = ?1", [u.unit_id as i64])?;
-        tx.commit()?;
-        Ok(())
+        let (frag_offset, frag_len) = fragment_columns(&u.unit.fragment);
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO updates (unit_id, participant, base_version, staleness, tokens, weight, loss_before, loss_after, received_ms, payload,
+                    shard, inner_steps, warmup_steps, lr, sha256, own_gain, held_gain, held, base_sha256, signature, frag_offset, frag_len)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
+                p![
+                    u.unit_id,
+                    u.participant,
+                    u.base_version,
+                    u.verdict.staleness,
+                    u.verdict.tokens,
+                    u.verdict.weight,
+                    u.loss_before,
+                    u.loss_after,
+                    u.received_ms,
+                    u.payload,
+                    u.unit.shard,
+                    u.unit.inner_steps as i64,
+                    u.unit.warmup_steps as i64,
+                    u.unit.lr,
+                    u.sha256.as_slice(),
+                    u.probe.map(|p| p.0),
+                    u.probe.map(|p| p.1),
+                    u.held,
+                    u.base_sha256.as_slice(),
+                    u.signature,
+                    frag_offset,
+                    frag_len
+                ],
+            )?;
+            tx.exec(
+                "UPDATE participants SET accepted = accepted + 1, tokens = tokens + $2, last_seen_ms = $3 WHERE id = $1",
+                p![u.participant, u.verdict.tokens, u.received_ms],
+            )?;
+            tx.exec("DELETE FROM leases WHERE unit_id = $1", p![u.unit_id])?;
+            Ok(())
+        })
     }
 
     /// Counts a rejection against a participant.
-    pub fn record_rejected(&self, participant: &str, reason: &str) -> Result<()> {
-        self.conn.execute(
-            "UPDATE participants SET rejected = rejected + 1, last_rejection = ?2 WHERE id = ?1",
-            params![participant, reason],
-        )?;
-        Ok(())
+    pub fn record_rejected(&mut self, participant: &str, reason: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.exec(
+                "UPDATE participants SET rejected = rejected + 1, last_rejection = $2 WHERE id = $1",
+                p![participant, reason],
+            )?;
+            Ok(())
+        })
     }
 
     /// Persists the coordinator's changes to the credit ledger, in one transaction; a grant
@@ -536,187 +742,65 @@ impl Db {
         run: &str,
         version: u64,
     ) -> Result<Vec<Leaf>> {
-        let mut leaves = Vec::new();
         if changes.is_empty() {
-            return Ok(leaves);
+            return Ok(Vec::new());
         }
-        let tx = self.conn.transaction()?;
-        for c in changes {
-            match c {
-                LedgerChange::Granted {
-                    participant,
-                    unit_id,
-                    tokens,
-                } => {
-                    tx.execute(
-                        "UPDATE updates SET credit = 'granted' WHERE unit_id = ?1 AND participant = ?2 AND credit = 'pending'",
-                        params![*unit_id as i64, participant],
-                    )?;
-                    tx.execute(
-                        "UPDATE participants SET granted = granted + ?2 WHERE id = ?1",
-                        params![participant, *tokens as i64],
-                    )?;
-                    let leaf = grant_leaf(&tx, run, version, participant, *unit_id, *tokens)?;
-                    let idx: i64 = tx.query_row("SELECT COUNT(*) FROM ledger", [], |r| r.get(0))?;
-                    tx.execute(
-                        "INSERT INTO ledger (idx, unit_id, leaf) VALUES (?1, ?2, ?3)",
-                        params![idx, *unit_id as i64, serde_json::to_string(&leaf)?],
-                    )?;
-                    leaves.push(leaf);
-                }
-                LedgerChange::Verified {
-                    participant,
-                    unit_id,
-                } => {
-                    tx.execute(
-                        "UPDATE updates SET held = 0, verified = 1 WHERE unit_id = ?1 AND participant = ?2 AND held < 2",
-                        params![*unit_id as i64, participant],
-                    )?;
-                    tx.execute(
-                        "UPDATE participants SET verified = verified + 1 WHERE id = ?1",
-                        [participant],
-                    )?;
-                }
-                LedgerChange::Unverified {
-                    participant,
-                    unit_id,
-                    ..
-                } => {
-                    tx.execute(
-                        "UPDATE updates SET verified = 0 WHERE unit_id = ?1 AND participant = ?2",
-                        params![*unit_id as i64, participant],
-                    )?;
-                    tx.execute(
-                        "UPDATE participants SET verified = MAX(verified - 1, 0) WHERE id = ?1",
-                        [participant],
-                    )?;
-                }
-                LedgerChange::Dropped {
-                    participant,
-                    unit_id,
-                    tokens,
-                } => {
-                    tx.execute(
-                        "UPDATE updates SET credit = 'forfeited', held = 2, payload = NULL WHERE unit_id = ?1 AND participant = ?2",
-                        params![*unit_id as i64, participant],
-                    )?;
-                    tx.execute(
-                        "UPDATE participants SET forfeited = forfeited + ?2 WHERE id = ?1",
-                        params![participant, *tokens as i64],
-                    )?;
-                }
-                LedgerChange::Checked {
-                    verifier,
-                    participant,
-                    unit_id,
-                    tokens,
-                } => {
-                    tx.execute(
-                        "INSERT INTO verifications (unit_id, participant, verifier, tokens) VALUES (?1, ?2, ?3, ?4)",
-                        params![*unit_id as i64, participant, verifier, *tokens as i64],
-                    )?;
-                    tx.execute(
-                        "UPDATE participants SET verifications = verifications + 1 WHERE id = ?1",
-                        [verifier],
-                    )?;
-                }
-                LedgerChange::Banned {
-                    participant,
-                    unit_id,
-                    forfeited,
-                    tokens,
-                    reverted,
-                    detail,
-                } => {
-                    tx.execute(
-                        "UPDATE updates SET verified = 0 WHERE unit_id = ?1 AND participant = ?2",
-                        params![*unit_id as i64, participant],
-                    )?;
-                    for u in forfeited {
-                        tx.execute(
-                            "UPDATE updates SET credit = 'forfeited' WHERE unit_id = ?1 AND participant = ?2 AND credit = 'pending'",
-                            params![*u as i64, participant],
-                        )?;
-                    }
-                    // Its held updates never enter the model.
-                    tx.execute(
-                        "UPDATE updates SET held = 2, payload = NULL WHERE participant = ?1 AND held = 1",
-                        [participant],
-                    )?;
-                    // Those taken back out of it: out of the open round (never replayed after
-                    // a restart) or out of a version's weights.
-                    for u in reverted {
-                        tx.execute(
-                            "UPDATE updates SET held = 2, outcome = 'reverted', payload = NULL WHERE unit_id = ?1 AND participant = ?2",
-                            params![*u as i64, participant],
-                        )?;
-                    }
-                    tx.execute(
-                        "UPDATE participants SET banned = 1, forfeited = forfeited + ?2, last_rejection = ?3 WHERE id = ?1",
-                        params![participant, *tokens as i64, format!("FailedReexecution: {detail}")],
-                    )?;
-                }
+        self.write(|tx| {
+            let mut leaves = Vec::new();
+            for c in changes {
+                apply_change(tx, c, run, version, &mut leaves)?;
             }
-        }
-        tx.commit()?;
-        Ok(leaves)
+            Ok(leaves)
+        })
     }
 
     /// The contribution log's leaves `start..end` (all from `start` without `end`).
-    pub fn ledger_leaves(&self, start: u64, end: Option<u64>) -> Result<Vec<Leaf>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT leaf FROM ledger WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
-        let end = end.map_or(i64::MAX, |e| e as i64);
-        let rows = st.query_map(params![start as i64, end], |r| r.get::<_, String>(0))?;
-        rows.map(|t| Ok(serde_json::from_str(&t?)?)).collect()
+    pub fn ledger_leaves(&mut self, start: u64, end: Option<u64>) -> Result<Vec<Leaf>> {
+        let end = end.map_or(i64::MAX, |e| e.min(i64::MAX as u64) as i64);
+        self.read()
+            .rows(
+                "SELECT leaf FROM ledger WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                p![start, end],
+            )?
+            .iter()
+            .map(|r| Ok(serde_json::from_str(&r.text(0)?)?))
+            .collect()
     }
 
     /// The log index of a unit's leaf, if it was granted.
-    pub fn ledger_index(&self, unit_id: u64) -> Result<Option<u64>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT idx FROM ledger WHERE unit_id = ?1",
-                [unit_id as i64],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()?
-            .map(|i| i as u64))
+    pub fn ledger_index(&mut self, unit_id: u64) -> Result<Option<u64>> {
+        self.read()
+            .row("SELECT idx FROM ledger WHERE unit_id = $1", p![unit_id])?
+            .map(|r| Ok(r.u64(0)?))
+            .transpose()
     }
 
     /// Stores a new API key (by its SHA-256) with a quota of tokens; returns its id.
     pub fn create_api_key(
-        &self,
+        &mut self,
         name: &str,
         sha256: &[u8; 32],
         quota: u64,
         now: u64,
     ) -> Result<u64> {
-        self.conn.execute(
-            "INSERT INTO api_keys (name, key_sha256, quota, created_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![name, sha256.as_slice(), quota as i64, now as i64],
-        )?;
-        Ok(self.conn.last_insert_rowid() as u64)
+        self.write(|tx| {
+            let r = tx.row(
+                "INSERT INTO api_keys (name, key_sha256, quota, created_ms) VALUES ($1, $2, $3, $4) RETURNING id",
+                p![name, sha256.as_slice(), quota, now],
+            )?;
+            Ok(r.context("the new key's id")?.u64(0)?)
+        })
     }
 
     /// The key with this SHA-256: `(id, name, quota, used)`.
-    pub fn api_key(&self, sha256: &[u8; 32]) -> Result<Option<(u64, String, u64, u64)>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT id, name, quota, used FROM api_keys WHERE key_sha256 = ?1",
-                [sha256.as_slice()],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as u64,
-                        r.get(1)?,
-                        r.get::<_, i64>(2)? as u64,
-                        r.get::<_, i64>(3)? as u64,
-                    ))
-                },
-            )
-            .optional()?)
+    pub fn api_key(&mut self, sha256: &[u8; 32]) -> Result<Option<(u64, String, u64, u64)>> {
+        self.read()
+            .row(
+                "SELECT id, name, quota, used FROM api_keys WHERE key_sha256 = $1",
+                p![sha256.as_slice()],
+            )?
+            .map(|r| Ok((r.u64(0)?, r.text(1)?, r.u64(2)?, r.u64(3)?)))
+            .transpose()
     }
 
     /// Meters a request against its key, in one transaction: `false` (and nothing recorded)
@@ -729,129 +813,109 @@ impl Db {
         completion_tokens: u64,
         now: u64,
     ) -> Result<bool> {
-        let tx = self.conn.transaction()?;
-        let charged = tx.execute(
-            "UPDATE api_keys SET used = used + ?2 WHERE id = ?1 AND used + ?2 <= quota",
-            params![key_id as i64, (prompt_tokens + completion_tokens) as i64],
-        )?;
-        if charged == 0 {
-            return Ok(false);
-        }
-        tx.execute(
-            "INSERT INTO usage (key_id, version, prompt_tokens, completion_tokens, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                key_id as i64,
-                version as i64,
-                prompt_tokens as i64,
-                completion_tokens as i64,
-                now as i64
-            ],
-        )?;
-        tx.commit()?;
-        Ok(true)
+        self.write(|tx| {
+            let charged = tx.exec(
+                "UPDATE api_keys SET used = used + $2 WHERE id = $1 AND used + $2 <= quota",
+                p![key_id, prompt_tokens + completion_tokens],
+            )?;
+            if charged == 0 {
+                return Ok(false);
+            }
+            tx.exec(
+                "INSERT INTO usage (key_id, version, prompt_tokens, completion_tokens, at_ms) VALUES ($1, $2, $3, $4, $5)",
+                p![key_id, version, prompt_tokens, completion_tokens, now],
+            )?;
+            Ok(true)
+        })
     }
 
     /// Tokens served in `[from_ms, to_ms)`, by version.
-    pub fn usage_by_version(&self, from_ms: u64, to_ms: u64) -> Result<Vec<(u64, u64)>> {
-        let mut st = self.conn.prepare(
-            "SELECT version, SUM(prompt_tokens + completion_tokens) FROM usage
-             WHERE at_ms >= ?1 AND at_ms < ?2 GROUP BY version ORDER BY version",
-        )?;
-        let rows = st.query_map(
-            params![from_ms as i64, to_ms.min(i64::MAX as u64) as i64],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-        )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    pub fn usage_by_version(&mut self, from_ms: u64, to_ms: u64) -> Result<Vec<(u64, u64)>> {
+        self.read()
+            .rows(
+                "SELECT version, CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) FROM usage
+                 WHERE at_ms >= $1 AND at_ms < $2 GROUP BY version ORDER BY version",
+                p![from_ms, to_ms],
+            )?
+            .iter()
+            .map(|r| Ok((r.u64(0)?, r.u64(1)?)))
+            .collect()
     }
 
     /// The signed checkpoint of `version`, or the newest one.
-    pub fn ledger_checkpoint(&self, version: Option<u64>) -> Result<Option<Checkpoint>> {
-        let text: Option<String> = match version {
-            Some(v) => self
-                .conn
-                .query_row(
-                    "SELECT checkpoint FROM ledger_checkpoints WHERE version = ?1",
-                    [v as i64],
-                    |r| r.get(0),
-                )
-                .optional()?,
-            None => self
-                .conn
-                .query_row(
-                    "SELECT checkpoint FROM ledger_checkpoints ORDER BY version DESC LIMIT 1",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()?,
+    pub fn ledger_checkpoint(&mut self, version: Option<u64>) -> Result<Option<Checkpoint>> {
+        let row = match version {
+            Some(v) => self.read().row(
+                "SELECT checkpoint FROM ledger_checkpoints WHERE version = $1",
+                p![v],
+            )?,
+            None => self.read().row(
+                "SELECT checkpoint FROM ledger_checkpoints ORDER BY version DESC LIMIT 1",
+                &[],
+            )?,
         };
-        Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
+        row.map(|r| Ok(serde_json::from_str(&r.text(0)?)?))
+            .transpose()
     }
 
     /// Every signed checkpoint, by version.
-    pub fn ledger_checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT checkpoint FROM ledger_checkpoints ORDER BY version")?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-        rows.map(|t| Ok(serde_json::from_str(&t?)?)).collect()
+    pub fn ledger_checkpoints(&mut self) -> Result<Vec<Checkpoint>> {
+        self.read()
+            .rows(
+                "SELECT checkpoint FROM ledger_checkpoints ORDER BY version",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok(serde_json::from_str(&r.text(0)?)?))
+            .collect()
     }
 
     /// Updates held for their re-execution (after a restart, they are re-queued).
-    pub fn held_updates(&self, template: &WorkUnit) -> Result<Vec<HeldUpdate>> {
-        let mut st = self.conn.prepare(
-            "SELECT participant, unit_id, base_version, shard, inner_steps, warmup_steps, lr, tokens, payload, frag_offset, frag_len FROM updates WHERE held = 1 ORDER BY id",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(HeldUpdate {
-                participant: r.get(0)?,
-                unit: WorkUnit {
-                    unit_id: r.get::<_, i64>(1)? as u64,
-                    base_version: r.get::<_, i64>(2)? as u64,
-                    shard: r.get::<_, i64>(3)? as u64,
-                    inner_steps: r.get::<_, i64>(4)? as u32,
-                    warmup_steps: r.get::<_, i64>(5)? as u32,
-                    lr: r.get(6)?,
-                    fragment: fragment_from(r.get(9)?, r.get(10)?),
-                    ..template.clone()
-                },
-                tokens: r.get::<_, i64>(7)? as u64,
-                payload: r.get(8)?,
+    pub fn held_updates(&mut self, template: &WorkUnit) -> Result<Vec<HeldUpdate>> {
+        self.read()
+            .rows(
+                "SELECT participant, unit_id, base_version, shard, inner_steps, warmup_steps, lr, tokens, payload, frag_offset, frag_len FROM updates WHERE held = 1 ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(HeldUpdate {
+                    participant: r.text(0)?,
+                    unit: unit_from(template, r, [1, 2, 3, 4, 5, 6, 9, 10])?,
+                    tokens: r.u64(7)?,
+                    payload: r.blob(8)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
     }
 
     /// Credit still pending: `(participant, unit, tokens, folded into a recorded version)`.
-    pub fn pending_credit(&self) -> Result<Vec<(String, u64, u64, bool)>> {
-        let mut st = self.conn.prepare(
-            "SELECT participant, unit_id, tokens, applied_version IS NOT NULL FROM updates WHERE credit = 'pending' AND held != 2 ORDER BY id",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, i64>(2)? as u64,
-                r.get::<_, bool>(3)?,
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    pub fn pending_credit(&mut self) -> Result<Vec<(String, u64, u64, bool)>> {
+        self.read()
+            .rows(
+                "SELECT participant, unit_id, tokens, applied_version IS NOT NULL FROM updates WHERE credit = 'pending' AND held != 2 ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.text(0)?, r.u64(1)?, r.u64(2)?, r.bool(3)?)))
+            .collect()
     }
 
     /// SHA-256 of every accepted payload (a replay stays a duplicate after a restart).
-    pub fn update_hashes(&self) -> Result<Vec<[u8; 32]>> {
-        let mut st = self.conn.prepare("SELECT sha256 FROM updates")?;
-        let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+    pub fn update_hashes(&mut self) -> Result<Vec<[u8; 32]>> {
+        let rows = self.read().rows("SELECT sha256 FROM updates", &[])?;
         let mut out = Vec::new();
         for r in rows {
-            if let Ok(h) = <[u8; 32]>::try_from(r?.as_slice()) {
+            if let Ok(h) = <[u8; 32]>::try_from(r.blob(0)?.as_slice()) {
                 out.push(h);
             }
         }
         Ok(out)
     }
 
-    /// Records a new version (its checkpoint already on disk) and marks every pending update
-    /// applied, in one transaction. Applied payloads are dropped: the version holds them.
+    /// Records a new version (its checkpoint already stored: `checkpoint` says where) and marks
+    /// every pending update applied, in one transaction. Applied payloads are dropped: the
+    /// version holds them.
     pub fn record_version(
         &mut self,
         version: u64,
@@ -859,21 +923,21 @@ impl Db {
         signed: &Checkpoint,
         now: u64,
     ) -> Result<usize> {
-        let tx = self.conn.transaction()?;
-        insert_checkpoint(&tx, signed)?;
-        let n = tx.execute(
-            "UPDATE updates SET applied_version = ?1, outcome = 'applied', payload = NULL WHERE applied_version IS NULL AND held = 0",
-            [version as i64],
-        )?;
-        tx.execute(
-            "INSERT INTO versions (version, checkpoint, updates, created_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![version as i64, checkpoint, n as i64, now as i64],
-        )?;
-        tx.commit()?;
-        Ok(n)
+        self.write(|tx| {
+            insert_checkpoint(tx, signed)?;
+            let n = tx.exec(
+                "UPDATE updates SET applied_version = $1, outcome = 'applied', payload = NULL WHERE applied_version IS NULL AND held = 0",
+                p![version],
+            )?;
+            tx.exec(
+                "INSERT INTO versions (version, checkpoint, updates, created_ms) VALUES ($1, $2, $3, $4)",
+                p![version, checkpoint, n, now],
+            )?;
+            Ok(n as usize)
+        })
     }
 
-    /// Records a rollback: its version (the restored weights, already on disk), the rollback
+    /// Records a rollback: its version (the restored weights, already stored), the rollback
     /// itself, and the updates of the open round, which are discarded (they stay in the ledger:
     /// their participants keep the credit), in one transaction.
     pub fn record_rollback(
@@ -882,80 +946,228 @@ impl Db {
         checkpoint: &str,
         signed: &Checkpoint,
     ) -> Result<usize> {
-        let tx = self.conn.transaction()?;
-        insert_checkpoint(&tx, signed)?;
-        let n = tx.execute(
-            "UPDATE updates SET applied_version = ?1, outcome = 'discarded', payload = NULL WHERE applied_version IS NULL AND held = 0",
-            [rb.new_version as i64],
-        )?;
-        tx.execute(
-            "INSERT INTO versions (version, checkpoint, updates, created_ms, kind) VALUES (?1, ?2, 0, ?3, 'rollback')",
-            params![rb.new_version as i64, checkpoint, rb.at_ms as i64],
-        )?;
-        tx.execute(
-            "INSERT INTO rollbacks (new_version, bad_version, bad_loss, restored_version, restored_loss, threshold, at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                rb.new_version as i64,
-                rb.bad_version as i64,
-                rb.bad_loss as f64,
-                rb.restored_version as i64,
-                rb.restored_loss as f64,
-                rb.threshold as f64,
-                rb.at_ms as i64
-            ],
-        )?;
-        tx.commit()?;
-        Ok(n)
+        self.write(|tx| {
+            insert_checkpoint(tx, signed)?;
+            let n = tx.exec(
+                "UPDATE updates SET applied_version = $1, outcome = 'discarded', payload = NULL WHERE applied_version IS NULL AND held = 0",
+                p![rb.new_version],
+            )?;
+            tx.exec(
+                "INSERT INTO versions (version, checkpoint, updates, created_ms, kind) VALUES ($1, $2, 0, $3, 'rollback')",
+                p![rb.new_version, checkpoint, rb.at_ms],
+            )?;
+            tx.exec(
+                "INSERT INTO rollbacks (new_version, bad_version, bad_loss, restored_version, restored_loss, threshold, at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                p![
+                    rb.new_version,
+                    rb.bad_version,
+                    rb.bad_loss,
+                    rb.restored_version,
+                    rb.restored_loss,
+                    rb.threshold,
+                    rb.at_ms
+                ],
+            )?;
+            Ok(n as usize)
+        })
     }
 
     /// Every rollback, oldest first.
-    pub fn rollbacks(&self) -> Result<Vec<Rollback>> {
-        let mut st = self.conn.prepare(
-            "SELECT new_version, bad_version, bad_loss, restored_version, restored_loss, threshold, at_ms FROM rollbacks ORDER BY new_version",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(Rollback {
-                new_version: r.get::<_, i64>(0)? as u64,
-                bad_version: r.get::<_, i64>(1)? as u64,
-                bad_loss: r.get::<_, f64>(2)? as f32,
-                restored_version: r.get::<_, i64>(3)? as u64,
-                restored_loss: r.get::<_, f64>(4)? as f32,
-                threshold: r.get::<_, f64>(5)? as f32,
-                at_ms: r.get::<_, i64>(6)? as u64,
+    pub fn rollbacks(&mut self) -> Result<Vec<Rollback>> {
+        self.read()
+            .rows(
+                "SELECT new_version, bad_version, bad_loss, restored_version, restored_loss, threshold, at_ms FROM rollbacks ORDER BY new_version",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(Rollback {
+                    new_version: r.u64(0)?,
+                    bad_version: r.u64(1)?,
+                    bad_loss: r.f64(2)? as f32,
+                    restored_version: r.u64(3)?,
+                    restored_loss: r.f64(4)? as f32,
+                    threshold: r.f64(5)? as f32,
+                    at_ms: r.u64(6)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
     }
 
     /// Tokens of the updates folded into recorded versions (not those a rollback discarded).
-    pub fn tokens_applied(&self) -> Result<u64> {
-        Ok(self.conn.query_row(
-            "SELECT COALESCE(SUM(tokens), 0) FROM updates WHERE outcome = 'applied'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+    pub fn tokens_applied(&mut self) -> Result<u64> {
+        let r = self.read().row(
+            "SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM updates WHERE outcome = 'applied'",
+            &[],
+        )?;
+        Ok(r.map_or(Ok(0), |r| r.u64(0))?)
     }
 
     /// Accepted updates not yet folded into a recorded version, in arrival order.
-    pub fn pending_updates(&self) -> Result<Vec<PendingUpdate>> {
-        let mut st = self.conn.prepare(
-            "SELECT staleness, tokens, weight, payload, received_ms, participant, unit_id, frag_offset, frag_len FROM updates WHERE applied_version IS NULL AND held = 0 ORDER BY id",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(PendingUpdate {
-                unit_id: r.get::<_, i64>(6)? as u64,
-                fragment: fragment_from(r.get(7)?, r.get(8)?),
-                participant: r.get(5)?,
-                verdict: Verdict {
-                    staleness: r.get::<_, i64>(0)? as u64,
-                    tokens: r.get::<_, i64>(1)? as u64,
-                    weight: r.get::<_, f64>(2)? as f32,
-                },
-                payload: r.get(3)?,
-                received_ms: r.get::<_, i64>(4)? as u64,
+    pub fn pending_updates(&mut self) -> Result<Vec<PendingUpdate>> {
+        self.read()
+            .rows(
+                "SELECT staleness, tokens, weight, payload, received_ms, participant, unit_id, frag_offset, frag_len FROM updates WHERE applied_version IS NULL AND held = 0 ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(PendingUpdate {
+                    unit_id: r.u64(6)?,
+                    fragment: fragment_from(r.i64(7)?, r.i64(8)?),
+                    participant: r.text(5)?,
+                    verdict: Verdict {
+                        staleness: r.u64(0)?,
+                        tokens: r.u64(1)?,
+                        weight: r.f64(2)? as f32,
+                    },
+                    payload: r.blob(3)?,
+                    received_ms: r.u64(4)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
+    }
+}
+
+/// One change of [`Db::apply_ledger`].
+fn apply_change(
+    tx: &mut dyn Exec,
+    c: &LedgerChange,
+    run: &str,
+    version: u64,
+    leaves: &mut Vec<Leaf>,
+) -> Result<()> {
+    match c {
+        LedgerChange::Granted {
+            participant,
+            unit_id,
+            tokens,
+        } => {
+            tx.exec(
+                "UPDATE updates SET credit = 'granted' WHERE unit_id = $1 AND participant = $2 AND credit = 'pending'",
+                p![*unit_id, participant],
+            )?;
+            tx.exec(
+                "UPDATE participants SET granted = granted + $2 WHERE id = $1",
+                p![participant, *tokens],
+            )?;
+            let leaf = grant_leaf(tx, run, version, participant, *unit_id, *tokens)?;
+            let idx = tx
+                .row("SELECT COUNT(*) FROM ledger", &[])?
+                .map_or(Ok(0), |r| r.i64(0))?;
+            tx.exec(
+                "INSERT INTO ledger (idx, unit_id, leaf) VALUES ($1, $2, $3)",
+                p![idx, *unit_id, serde_json::to_string(&leaf)?],
+            )?;
+            leaves.push(leaf);
+        }
+        LedgerChange::Verified {
+            participant,
+            unit_id,
+        } => {
+            tx.exec(
+                "UPDATE updates SET held = 0, verified = 1 WHERE unit_id = $1 AND participant = $2 AND held < 2",
+                p![*unit_id, participant],
+            )?;
+            tx.exec(
+                "UPDATE participants SET verified = verified + 1 WHERE id = $1",
+                p![participant],
+            )?;
+        }
+        LedgerChange::Unverified {
+            participant,
+            unit_id,
+            ..
+        } => {
+            tx.exec(
+                "UPDATE updates SET verified = 0 WHERE unit_id = $1 AND participant = $2",
+                p![*unit_id, participant],
+            )?;
+            tx.exec(
+                "UPDATE participants SET verified = CASE WHEN verified > 0 THEN verified - 1 ELSE 0 END WHERE id = $1",
+                p![participant],
+            )?;
+        }
+        LedgerChange::Dropped {
+            participant,
+            unit_id,
+            tokens,
+        } => {
+            tx.exec(
+                "UPDATE updates SET credit = 'forfeited', held = 2, payload = NULL WHERE unit_id = $1 AND participant = $2",
+                p![*unit_id, participant],
+            )?;
+            tx.exec(
+                "UPDATE participants SET forfeited = forfeited + $2 WHERE id = $1",
+                p![participant, *tokens],
+            )?;
+        }
+        LedgerChange::Checked {
+            verifier,
+            participant,
+            unit_id,
+            tokens,
+        } => {
+            tx.exec(
+                "INSERT INTO verifications (unit_id, participant, verifier, tokens) VALUES ($1, $2, $3, $4)",
+                p![*unit_id, participant, verifier, *tokens],
+            )?;
+            tx.exec(
+                "UPDATE participants SET verifications = verifications + 1 WHERE id = $1",
+                p![verifier],
+            )?;
+        }
+        LedgerChange::Banned {
+            participant,
+            unit_id,
+            forfeited,
+            tokens,
+            reverted,
+            detail,
+        } => {
+            tx.exec(
+                "UPDATE updates SET verified = 0 WHERE unit_id = $1 AND participant = $2",
+                p![*unit_id, participant],
+            )?;
+            for u in forfeited {
+                tx.exec(
+                    "UPDATE updates SET credit = 'forfeited' WHERE unit_id = $1 AND participant = $2 AND credit = 'pending'",
+                    p![*u, participant],
+                )?;
+            }
+            // Its held updates never enter the model.
+            tx.exec(
+                "UPDATE updates SET held = 2, payload = NULL WHERE participant = $1 AND held = 1",
+                p![participant],
+            )?;
+            // Those taken back out of it: out of the open round (never replayed after a
+            // restart) or out of a version's weights.
+            for u in reverted {
+                tx.exec(
+                    "UPDATE updates SET held = 2, outcome = 'reverted', payload = NULL WHERE unit_id = $1 AND participant = $2",
+                    p![*u, participant],
+                )?;
+            }
+            tx.exec(
+                "UPDATE participants SET banned = 1, forfeited = forfeited + $2, last_rejection = $3 WHERE id = $1",
+                p![participant, *tokens, format!("FailedReexecution: {detail}")],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A database URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
     }
 }

@@ -4,8 +4,13 @@
 //! WebSockets (axum), feeds the coordinator their messages and the time, and makes what it
 //! decides durable:
 //!
-//! - [`db`]: the SQLite ledger (run, versions, leases, participants, accepted updates);
-//! - [`checkpoints`]: model versions as safetensors files, written atomically;
+//! - [`db`]: the store (run, versions, leases, participants, accepted updates, the ledger) in
+//!   SQLite, the embedded default, or PostgreSQL (`--store`), where one relay of several leads
+//!   the run (advisory lock, fencing epoch checked by every write, heartbeat) and the others
+//!   wait to take over; [`sql`] is the one SQL surface both engines run;
+//! - [`checkpoints`]: model versions as safetensors files, written atomically, and with
+//!   [`blobs`] (`--blobs s3://…`) also to an S3-compatible object store, content-addressed, from
+//!   which a relay on another machine restores them;
 //! - [`ledger`]: the relay's signing key and the contribution log in memory, checkpointed and
 //!   signed with every version (leaves and checkpoints are rows of [`db`]);
 //! - [`run`]: start-up and crash recovery, the accept and round-close paths (with the
@@ -21,16 +26,20 @@
 //!   participant's bundle under `/pkg/`) and the per-connection protocol.
 //!
 //! Durability rule: an update is acknowledged only after it is committed to the database; a
-//! model version is recorded only after its checkpoint file is on disk, in the same transaction
-//! that marks its updates applied. A relay killed at any point restarts from the last recorded
-//! version and replays the accepted, not yet applied updates: none lost, none applied twice.
+//! model version is recorded only after its checkpoint is stored (on disk, and in the object
+//! store when there is one: blobs first, manifest last), in the same transaction that marks its
+//! updates applied. A relay killed at any point restarts (or a standby takes over) from the last
+//! recorded version and replays the accepted, not yet applied updates: none lost, none applied
+//! twice. On PostgreSQL a relay that lost the lead cannot commit: its write fails on the epoch.
 
 pub mod api;
+pub mod blobs;
 pub mod checkpoints;
 pub mod db;
 pub mod ledger;
 pub mod run;
 pub mod server;
+pub mod sql;
 pub mod verify;
 
 /// Milliseconds since the Unix epoch (the only clock the relay reads).

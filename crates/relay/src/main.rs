@@ -9,7 +9,9 @@ use clap::Parser;
 use tessera_coordinator::{Config as CoordConfig, FragmentSchedule, GuardConfig, ScreenConfig};
 use tessera_core::config::{CONFIG_NAMES, ModelConfig, TrainConfig};
 use tessera_protocol::update::Codec;
-use tessera_relay::run::{Relay, RunSpec, Tuning};
+use tessera_relay::blobs::Blobs;
+use tessera_relay::db::Db;
+use tessera_relay::run::{Relay, RunSpec, Storage, Tuning};
 use tessera_relay::server;
 
 #[derive(Parser, Debug)]
@@ -31,12 +33,30 @@ struct Args {
     /// Model configuration: tiny, baby or small.
     #[arg(long, default_value = "tiny")]
     config: String,
-    /// SQLite database of the run.
+    /// SQLite database of the run (the embedded store; see --store).
     #[arg(long, default_value = "relay-data/relay.db")]
     db: PathBuf,
-    /// Directory for model versions.
+    /// Directory for model versions (with --blobs: this machine's cache of them).
     #[arg(long, default_value = "relay-data/checkpoints")]
     checkpoints: PathBuf,
+    /// Keep the run in PostgreSQL instead of --db (`postgres://user:password@host:port/db`).
+    /// Several relays may point at one database: one leads the run (an advisory lock and a
+    /// fencing epoch), the others wait as standbys and take over when it stops beating
+    /// (--lead-timeout-ms). Needs --key.
+    #[arg(long)]
+    store: Option<String>,
+    /// Also write model versions to an S3-compatible object store (`s3://bucket/prefix`;
+    /// credentials and `AWS_ENDPOINT_URL` from the environment), content-addressed, so a relay
+    /// on another machine restores them.
+    #[arg(long)]
+    blobs: Option<String>,
+    /// The relay's ledger signing key (created on first use; default: beside --db). Every
+    /// relay of one run needs the same key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// With --store: a leader silent this long (milliseconds) is replaced by a standby.
+    #[arg(long, default_value_t = 5000)]
+    lead_timeout_ms: u64,
     /// Run name.
     #[arg(long, default_value = "default")]
     name: String,
@@ -239,12 +259,57 @@ enum Command {
     },
 }
 
+/// The store, the signing key, the checkpoints and the object store the arguments name. With
+/// --store this waits until this relay leads the run.
+fn open_storage(a: &Args) -> Result<Storage> {
+    let blobs = a.blobs.as_deref().map(Blobs::open).transpose()?;
+    let Some(url) = &a.store else {
+        return Ok(Storage {
+            db: Db::open(&a.db)?,
+            db_name: a.db.display().to_string(),
+            key: a.key.clone().unwrap_or_else(|| a.db.with_extension("key")),
+            checkpoints: a.checkpoints.clone(),
+            blobs,
+        });
+    };
+    if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+        bail!("--store {url:?}: expected postgres://user:password@host:port/database");
+    }
+    let Some(key) = a.key.clone() else {
+        bail!("--store needs --key: every relay of a run signs its ledger with the same key");
+    };
+    if blobs.is_none() {
+        tracing::warn!(
+            "--store without --blobs: model versions stay on this machine ({}); a standby \
+             elsewhere cannot take over",
+            a.checkpoints.display()
+        );
+    }
+    let holder = format!("{} (pid {})", a.listen, std::process::id());
+    let db = Db::connect_postgres(
+        url,
+        &holder,
+        Duration::from_millis(a.lead_timeout_ms),
+        |leader| {
+            // The line tests wait for.
+            println!("tessera-relay standby: {leader} leads the run; waiting to take over");
+        },
+    )?;
+    Ok(Storage {
+        db,
+        db_name: tessera_relay::db::redact(url),
+        key,
+        checkpoints: a.checkpoints.clone(),
+        blobs,
+    })
+}
+
 /// `tessera-relay api-key`.
 fn create_api_key(db: &std::path::Path, name: &str, quota: u64) -> Result<()> {
     let mut secret = [0u8; 24];
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let key = format!("tsk-{}", hex::encode(secret));
-    let db = tessera_relay::db::Db::open(db)?;
+    let mut db = tessera_relay::db::Db::open(db)?;
     let id = db.create_api_key(
         name,
         &tessera_relay::api::key_sha256(&key),
@@ -272,6 +337,9 @@ async fn main() -> Result<()> {
         .init();
     let a = Args::parse();
     if let Some(Command::ApiKey { name, quota }) = &a.command {
+        if a.store.is_some() {
+            bail!("api-key works on the embedded store (--db) only, not yet on --store");
+        }
         return create_api_key(&a.db, name, *quota);
     }
     let Some(model) = ModelConfig::named(&a.config) else {
@@ -361,7 +429,25 @@ async fn main() -> Result<()> {
         ..CoordConfig::new(model.block_size as u32)
     };
     let corpus = read_corpus(a.data.as_deref())?;
-    let relay = Relay::open(spec, coord, &tuning, corpus, &a.db, &a.checkpoints)?;
+    let storage = open_storage(&a)?;
+    let leading = storage.db.epoch().is_some();
+    let relay = Relay::open(spec, coord, &tuning, corpus, storage)?;
+    if leading {
+        // The lead is proven by every write; when the relay is idle, by a beat each second.
+        // A relay that cannot prove it (another relay took over, the store is gone) stops
+        // before it serves anything stale.
+        let beater = relay.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                if let Err(e) = beater.beat() {
+                    tracing::error!("no longer the run's leader: {e:#}; stopping");
+                    std::process::exit(3);
+                }
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("listening on {}", a.listen))?;

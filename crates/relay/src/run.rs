@@ -1,6 +1,7 @@
 //! The run: start-up and crash recovery, and the paths that change durable state (leases,
 //! accepted updates, new versions), each persisted before it is acknowledged.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, Result, bail};
@@ -26,6 +27,7 @@ use tessera_protocol::update::{Codec, Fragment, Payload};
 use tessera_protocol::{identity, work};
 use tokio::sync::{broadcast, watch};
 
+use crate::blobs::Blobs;
 use crate::checkpoints::Checkpoints;
 use crate::db::{Db, UpdateRecord};
 use crate::ledger::{Log, load_or_create_key};
@@ -124,6 +126,14 @@ pub struct Metrics {
     pub changes_served: std::sync::atomic::AtomicU64,
     /// …and their bytes.
     pub change_bytes: std::sync::atomic::AtomicU64,
+    /// Accepted updates committed to the store…
+    pub update_commits: std::sync::atomic::AtomicU64,
+    /// …and the microseconds those commits took.
+    pub update_commit_us: std::sync::atomic::AtomicU64,
+    /// Versions written (checkpoint, object store, version row)…
+    pub version_writes: std::sync::atomic::AtomicU64,
+    /// …and the microseconds those writes took.
+    pub version_write_us: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
@@ -132,6 +142,16 @@ impl Metrics {
         use std::sync::atomic::Ordering::Relaxed;
         self.weights_served.fetch_add(1, Relaxed);
         self.weights_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    fn timed(
+        count: &std::sync::atomic::AtomicU64,
+        us: &std::sync::atomic::AtomicU64,
+        since: std::time::Instant,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        count.fetch_add(1, Relaxed);
+        us.fetch_add(since.elapsed().as_micros() as u64, Relaxed);
     }
 }
 
@@ -365,17 +385,38 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Where a run is kept.
+pub struct Storage {
+    /// The store, opened (on PostgreSQL: this relay leads the run).
+    pub db: Db,
+    /// The store as the user named it, for messages.
+    pub db_name: String,
+    /// The relay's ledger signing key (created on first use); every relay of a run shares it.
+    pub key: PathBuf,
+    /// The local folder of model versions (with an object store: a cache of it).
+    pub checkpoints: PathBuf,
+    /// The object store versions are also written to, if any.
+    pub blobs: Option<Blobs>,
+}
+
 impl Relay {
-    /// Opens the run stored in `db_path`/`ckpt_dir`, or creates it. Recovers from a crash:
-    /// restores the last recorded version and replays accepted, unapplied updates.
+    /// Opens the run kept in `storage`, or creates it. Recovers from a crash (or takes over
+    /// from a relay that led the run before): restores the last recorded version and replays
+    /// accepted, unapplied updates.
     pub fn open(
         spec_in: RunSpec,
         coord_cfg: CoordConfig,
         tuning: &Tuning,
         corpus_text: Vec<u8>,
-        db_path: &std::path::Path,
-        ckpt_dir: &std::path::Path,
+        storage: Storage,
     ) -> Result<Arc<Self>> {
+        let Storage {
+            mut db,
+            db_name,
+            key: key_path,
+            checkpoints: ckpt_dir,
+            blobs,
+        } = storage;
         let corpus = Corpus::from_documents(
             [("corpus", corpus_text.as_slice())],
             spec_in.model.block_size,
@@ -396,9 +437,8 @@ impl Relay {
                 })
                 .collect();
         }
-        let ckpt = Checkpoints::open(ckpt_dir, specs, spec.max_staleness + 3)?;
-        let mut db = Db::open(db_path)?;
-        let key_path = db_path.with_extension("key");
+        let keep = spec.max_staleness + 3;
+        let ckpt = Checkpoints::open(&ckpt_dir, specs, keep, blobs)?;
         let secret = load_or_create_key(&key_path)?;
         let mut log = Log::new(&spec.name, secret, &db.ledger_leaves(0, None)?);
         if let Some(c) = db.ledger_checkpoint(None)? {
@@ -415,12 +455,23 @@ impl Relay {
                         "{} holds a different run ({}, config {:?}) than these settings ask for: \
                          start it with the same settings, or use another --db and --checkpoints \
                          (or delete them) to start a new run",
-                        db_path.display(),
+                        db_name,
                         stored.name,
                         stored.model
                     );
                 }
                 let version = db.latest_version()?;
+                // Versions another machine wrote come from the object store; the current one
+                // must, the older ones (still accepted as bases) when they can.
+                for v in version.saturating_sub(keep)..=version {
+                    if let Some(stored) = db.version_checkpoint(v)? {
+                        match ckpt.restore(v, &stored) {
+                            Ok(()) => {}
+                            Err(e) if v == version => return Err(e),
+                            Err(e) => tracing::warn!(v, "older version not restored: {e:#}"),
+                        }
+                    }
+                }
                 let (p, m) = ckpt
                     .load(version)
                     .with_context(|| format!("loading version {version}"))?;
@@ -511,14 +562,8 @@ impl Relay {
                 let p = params::to_vec(trainer.model());
                 let m = vec![0.0; p.len()];
                 let signed = log.checkpoint(0);
-                ckpt.save(0, &p, &m, None, &signed)?;
-                db.create_run(
-                    &spec.name,
-                    &spec_json,
-                    &Checkpoints::weights_name(0),
-                    &signed,
-                    now,
-                )?;
+                let (_, stored) = ckpt.save(0, &p, &m, None, &signed)?;
+                db.create_run(&spec.name, &spec_json, &stored, &signed, now)?;
                 tracing::info!("created run {} ({} parameters)", spec.name, p.len());
                 Coordinator::new(coord_cfg, 0, p, m, 0, 0)
             }
@@ -573,6 +618,11 @@ impl Relay {
             }
         }
         Ok(relay)
+    }
+
+    /// Proves this relay still leads its run (a no-op write; see [`Db::beat`]).
+    pub fn beat(&self) -> Result<()> {
+        self.db().beat()
     }
 
     /// The database (lock order: `inner` before it).
@@ -632,20 +682,23 @@ impl Relay {
     }
 
     fn persist_version(&self, inner: &mut Inner, version: u64) -> Result<()> {
+        let started = std::time::Instant::now();
         let signed = inner.log.checkpoint(version);
-        let bytes = self.ckpt.save(
+        let (bytes, stored) = self.ckpt.save(
             version,
             inner.coord.params(),
             inner.coord.momentum(),
             inner.coord.guard().last_good().map(|g| g.0),
             &signed,
         )?;
-        let n = self.db().record_version(
-            version,
-            &Checkpoints::weights_name(version),
-            &signed,
-            now_ms(),
-        )?;
+        let n = self
+            .db()
+            .record_version(version, &stored, &signed, now_ms())?;
+        Metrics::timed(
+            &self.metrics.version_writes,
+            &self.metrics.version_write_us,
+            started,
+        );
         match inner.coord.change(version) {
             Some(c) => self.ckpt.save_change(version, c.offset, &c.payload)?,
             // A version made otherwise (a ban's revision), or one remade after a restart:
@@ -664,7 +717,7 @@ impl Relay {
     fn persist_rollback(&self, inner: &mut Inner, rb: &Rollback) -> Result<()> {
         let version = rb.new_version;
         let signed = inner.log.checkpoint(version);
-        let bytes = self.ckpt.save(
+        let (bytes, stored) = self.ckpt.save(
             version,
             inner.coord.params(),
             inner.coord.momentum(),
@@ -672,9 +725,7 @@ impl Relay {
             &signed,
         )?;
         self.ckpt.remove_change(version);
-        let discarded =
-            self.db()
-                .record_rollback(rb, &Checkpoints::weights_name(version), &signed)?;
+        let discarded = self.db().record_rollback(rb, &stored, &signed)?;
         inner.coord.set_digest(version, work::sha256(&bytes));
         *self.latest.write().expect("latest lock") = (version, Arc::new(bytes));
         tracing::warn!(
@@ -738,7 +789,7 @@ impl Relay {
     /// signed checkpoint's by default). `Ok(None)` when it is not (yet) in that log.
     pub fn ledger_proof(&self, unit_id: u64, size: Option<u64>) -> Result<Option<Inclusion>> {
         let (index, size) = {
-            let db = self.db();
+            let mut db = self.db();
             let Some(index) = db.ledger_index(unit_id)? else {
                 return Ok(None);
             };
@@ -916,6 +967,7 @@ impl Relay {
             }
             _ => std::borrow::Cow::Owned(delta.iter().flat_map(|v| v.to_le_bytes()).collect()),
         };
+        let commit = std::time::Instant::now();
         self.db().record_accepted(&UpdateRecord {
             unit: &unit,
             unit_id: s.unit_id,
@@ -932,6 +984,11 @@ impl Relay {
             probe: probe.map(|p| (p.own_gain(), p.held_gain())),
             held: hold,
         })?;
+        Metrics::timed(
+            &self.metrics.update_commits,
+            &self.metrics.update_commit_us,
+            commit,
+        );
         let accepted =
             inner
                 .coord

@@ -318,6 +318,26 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
             "Bytes of versions served as encoded changes.",
             &r.metrics.change_bytes,
         ),
+        (
+            "tessera_update_commits_total",
+            "Accepted updates committed to the store.",
+            &r.metrics.update_commits,
+        ),
+        (
+            "tessera_update_commit_microseconds_total",
+            "Time those commits took.",
+            &r.metrics.update_commit_us,
+        ),
+        (
+            "tessera_version_writes_total",
+            "Versions written (checkpoint, object store, version row).",
+            &r.metrics.version_writes,
+        ),
+        (
+            "tessera_version_write_microseconds_total",
+            "Time those writes took.",
+            &r.metrics.version_write_us,
+        ),
     ] {
         metric(name, "counter", help, value.load(Ordering::Relaxed) as f64);
     }
