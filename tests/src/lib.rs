@@ -5,11 +5,13 @@
 //! command runs first) on loopback, read `/api/status`, and wait with bounded deadlines;
 //! [`browser`] drives a real headless Chromium tab over the DevTools protocol; [`client`] is a
 //! scripted participant over a real WebSocket (for participants that misbehave); [`attack`]
-//! the attacks of the attack suite.
+//! the attacks of the attack suite; [`stores`] a real PostgreSQL and S3-compatible server for
+//! the relays of one run.
 
 pub mod attack;
 pub mod browser;
 pub mod client;
+pub mod stores;
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -76,9 +78,20 @@ pub struct Proc {
 impl Proc {
     /// Starts `program args` with output to `log`.
     pub fn spawn(program: &Path, args: &[String], log: PathBuf) -> Proc {
+        Self::spawn_env(program, args, &[], log)
+    }
+
+    /// Starts `program args` with `env` added to its environment, output to `log`.
+    pub fn spawn_env(
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: PathBuf,
+    ) -> Proc {
         let out = File::create(&log).unwrap();
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .stdin(Stdio::null())
