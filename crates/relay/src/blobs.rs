@@ -21,7 +21,17 @@ pub struct Blobs {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     url: String,
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until dropped.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Blobs {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside the relay's own runtime.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for Blobs {
@@ -61,8 +71,13 @@ impl Blobs {
             store: Arc::new(store),
             prefix: prefix.trim_matches('/').to_string(),
             url: url.to_string(),
-            rt,
+            rt: Some(rt),
         })
+    }
+
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        let rt = self.rt.as_ref().expect("the runtime lives until drop");
+        blocking(|| rt.block_on(f))
     }
 
     fn path(&self, key: &str) -> ObjectPath {
@@ -84,11 +99,8 @@ impl Blobs {
         let path = self.path(&key);
         let payload = PutPayload::from(bytes.to_vec());
         let store = self.store.clone();
-        blocking(|| {
-            self.rt
-                .block_on(async move { store.put(&path, payload).await })
-        })
-        .with_context(|| format!("putting {key} into {}", self.url))?;
+        self.block_on(async move { store.put(&path, payload).await })
+            .with_context(|| format!("putting {key} into {}", self.url))?;
         Ok(key)
     }
 
@@ -96,13 +108,12 @@ impl Blobs {
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
         let path = self.path(key);
         let store = self.store.clone();
-        let bytes = blocking(|| {
-            self.rt.block_on(async move {
+        let bytes = self
+            .block_on(async move {
                 let got = store.get(&path).await?;
                 got.bytes().await
             })
-        })
-        .with_context(|| format!("getting {key} from {}", self.url))?;
+            .with_context(|| format!("getting {key} from {}", self.url))?;
         if let Some(hex_name) = key.strip_prefix("sha256/") {
             let actual = hex::encode(tessera_protocol::work::sha256(&bytes));
             if actual != hex_name {

@@ -1484,6 +1484,10 @@ impl Relay {
 
     /// Restores version `restore` as a new version (the guard found `bad` clearly worse).
     fn roll_back(&self, inner: &mut Inner, restore: u64, bad: (u64, f32)) -> Result<()> {
+        // A relay that took over the run may have only recent versions on its disk.
+        if let Some(stored) = self.db().version_checkpoint(restore)? {
+            self.ckpt.restore(restore, &stored)?;
+        }
         let (params, _) = self
             .ckpt
             .load(restore)
