@@ -350,31 +350,42 @@ impl Exec for rusqlite::Transaction<'_> {
     }
 }
 
+fn pg_exec(
+    c: &mut impl postgres::GenericClient,
+    sql: &str,
+    params: &[Value],
+) -> Result<u64, SqlError> {
+    blocking(|| Ok(c.execute(sql, &pg_params(params))?))
+}
+
+fn pg_rows(
+    c: &mut impl postgres::GenericClient,
+    sql: &str,
+    params: &[Value],
+) -> Result<Vec<Row>, SqlError> {
+    blocking(|| {
+        c.query(sql, &pg_params(params))?
+            .iter()
+            .map(pg_row)
+            .collect()
+    })
+}
+
 impl Exec for postgres::Client {
     fn exec(&mut self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
-        blocking(|| Ok(self.execute(sql, &pg_params(params))?))
+        pg_exec(self, sql, params)
     }
     fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, SqlError> {
-        blocking(|| {
-            self.query(sql, &pg_params(params))?
-                .iter()
-                .map(pg_row)
-                .collect()
-        })
+        pg_rows(self, sql, params)
     }
 }
 
 impl Exec for postgres::Transaction<'_> {
     fn exec(&mut self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
-        blocking(|| Ok(self.execute(sql, &pg_params(params))?))
+        pg_exec(self, sql, params)
     }
     fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, SqlError> {
-        blocking(|| {
-            self.query(sql, &pg_params(params))?
-                .iter()
-                .map(pg_row)
-                .collect()
-        })
+        pg_rows(self, sql, params)
     }
 }
 
