@@ -155,6 +155,12 @@ fn relays_on_postgres_and_s3_hand_over_the_lead_and_lose_nothing() {
         || version(pc) >= taken + 5,
     );
 
+    // The participant leaves: c's latest version is the run's last.
+    drop(host);
+    std::thread::sleep(Duration::from_secs(1));
+    let latest = version(pc);
+    let served_by_c = model_bytes(pc, latest);
+
     // 3. The fence itself: a newer epoch (what a new leader writes) refuses the leader's
     // next write, even on a session that lives.
     let mut client = pg.client();
@@ -164,7 +170,50 @@ fn relays_on_postgres_and_s3_hand_over_the_lead_and_lose_nothing() {
     let exit = c.wait_exit(Duration::from_secs(30));
     assert!(exit.is_some_and(|s| !s.success()), "{}", c.output());
     assert!(!c.lines_with("fenced").is_empty(), "{}", c.output());
-    drop(host);
+
+    // 4. A relay whose cache holds its own, never recorded, files of the run's latest version
+    // number (a leader fenced between writing them and its version's row) takes the lead and
+    // serves the recorded version, fetched from S3, not its own.
+    let recorded: i64 = pg
+        .client()
+        .query_one("SELECT MAX(version) FROM versions", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        recorded as u64, latest,
+        "c recorded nothing after its last served version"
+    );
+    let planted = d.join("d-ck");
+    std::fs::create_dir_all(&planted).unwrap();
+    // Another version's files, as this relay's own of that number.
+    let other = std::fs::read_dir(d.join("b-ck"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_prefix("momentum-v")?
+                .strip_suffix(".safetensors")?
+                .parse::<u64>()
+                .ok()
+        })
+        .find(|v| *v != latest)
+        .expect("b cached versions");
+    for kind in ["model", "momentum"] {
+        std::fs::copy(
+            d.join("b-ck")
+                .join(format!("{kind}-v{other:08}.safetensors")),
+            planted.join(format!("{kind}-v{latest:08}.safetensors")),
+        )
+        .unwrap();
+    }
+    let pd = free_port();
+    let _d = relay(d, "d", pd, &pg, &s3);
+    wait_until(Duration::from_secs(60), "relay d takes the lead", || {
+        try_status(pd).is_some()
+    });
+    assert!(
+        model_bytes(pd, latest) == served_by_c,
+        "relay d serves version {latest} as c recorded it, not its cached files"
+    );
 
     // Nothing lost, nothing twice: versions 0..=max each recorded once; every update folded
     // into a version counted by exactly one; no unit accepted twice; every unit the participant
@@ -186,7 +235,11 @@ fn relays_on_postgres_and_s3_hand_over_the_lead_and_lose_nothing() {
         0,
         "no unit accepted twice"
     );
-    assert_eq!(one("SELECT epoch FROM leadership"), 4, "a, b, c, the fence");
+    assert_eq!(
+        one("SELECT epoch FROM leadership"),
+        5,
+        "a, b, c, the fence, d"
+    );
     let host_log = std::fs::read_to_string(d.join("host.log")).unwrap();
     let acked: Vec<i64> = host_log
         .lines()

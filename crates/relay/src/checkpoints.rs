@@ -133,16 +133,20 @@ impl Checkpoints {
         Ok((bytes, stored))
     }
 
-    /// Makes sure `version` is on local disk: with an object store and `stored` the key of its
-    /// manifest there, fetches weights and momentum when they are not (another machine wrote
-    /// them). Their SHA-256 is checked against the key.
+    /// Makes sure `version` is on local disk as `stored` names it: with an object store and
+    /// `stored` the key of its manifest there, the local files are kept only if their SHA-256
+    /// are the manifest's (a relay that lost the lead may have written its own, never recorded,
+    /// version of that number); otherwise they are fetched (and checked against their keys).
     pub fn restore(&self, version: u64, stored: &str) -> Result<()> {
-        let local = self.weights_path(version).exists()
-            && self.dir.join(Self::momentum_name(version)).exists();
-        let Some(b) = self.blobs.as_ref().filter(|_| !local) else {
+        let momentum_path = self.dir.join(Self::momentum_name(version));
+        let local = self.weights_path(version).exists() && momentum_path.exists();
+        let Some(b) = &self.blobs else {
             return Ok(());
         };
         if !stored.starts_with("sha256/") {
+            if local {
+                return Ok(());
+            }
             anyhow::bail!(
                 "version {version} is stored as {stored:?}, a local file this machine lacks"
             );
@@ -154,6 +158,14 @@ impl Checkpoints {
                 "{stored} is the manifest of version {}, not {version}",
                 manifest.version
             );
+        }
+        let holds = |path: &Path, key: &str| {
+            fs::read(path).is_ok_and(|bytes| Blobs::key(&work::sha256(&bytes)) == key)
+        };
+        if holds(&self.weights_path(version), &manifest.weights)
+            && holds(&momentum_path, &manifest.momentum)
+        {
+            return Ok(());
         }
         let (bytes, momentum) = (b.get(&manifest.weights)?, b.get(&manifest.momentum)?);
         self.write_local(version, &bytes, &momentum, &manifest.ledger)
