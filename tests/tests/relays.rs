@@ -1,7 +1,8 @@
 //! Several relays, one run, on a real PostgreSQL and a real S3-compatible server: one relay
 //! leads, the others wait as standbys; the leader killed (SIGKILL), paused (SIGSTOP, then
 //! SIGCONT) or fenced out loses nothing, and a participant given every relay's address carries
-//! on through whichever leads.
+//! on through whichever leads. Edge relays (`--edge`) serve participants at the same time,
+//! forwarding to whichever relay leads; one killed loses nothing either.
 
 use std::path::Path;
 use std::process::Command;
@@ -20,7 +21,12 @@ fn version(port: u16) -> u64 {
 
 /// A relay of the run kept in `pg` and `s3` (its own checkpoint cache in `dir/NAME-ck`).
 fn relay(dir: &Path, name: &str, port: u16, pg: &Postgres, s3: &S3) -> Proc {
-    let args: Vec<String> = [
+    relay_with(dir, name, port, pg, s3, &[])
+}
+
+/// `relay`, with more arguments.
+fn relay_with(dir: &Path, name: &str, port: u16, pg: &Postgres, s3: &S3, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = [
         "--listen",
         &format!("127.0.0.1:{port}"),
         "--store",
@@ -38,6 +44,7 @@ fn relay(dir: &Path, name: &str, port: u16, pg: &Postgres, s3: &S3) -> Proc {
     ]
     .map(String::from)
     .to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
     Proc::spawn_env(
         &bin("tessera-relay"),
         &args,
@@ -254,4 +261,223 @@ fn relays_on_postgres_and_s3_hand_over_the_lead_and_lose_nothing() {
             .get(0);
         assert_eq!(n, 1, "unit {unit}, acknowledged, is stored once");
     }
+}
+
+/// A gauge or counter of a relay's `/metrics`.
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .ok()?
+        .body_mut()
+        .read_to_string()
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The units a participant's log says were accepted.
+fn accepted_units(log: &Path) -> Vec<i64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("; accepted"))
+        .filter_map(|l| l.strip_prefix("unit ")?.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn edge_relays_serve_one_run_together_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pg = Postgres::start(d);
+    let s3 = S3::start(d, "tessera");
+    let (pa, pb) = (free_port(), free_port());
+    let edges_ports = [free_port(), free_port(), free_port()];
+
+    // Two candidates for the lead, three edges.
+    let mut a = relay(d, "a", pa, &pg, &s3);
+    wait_until(Duration::from_secs(60), "relay a leads and serves", || {
+        try_status(pa).is_some()
+    });
+    let b = relay(d, "b", pb, &pg, &s3);
+    wait_until(
+        Duration::from_secs(30),
+        "relay b waits as a standby",
+        || !b.lines_with("standby").is_empty(),
+    );
+    let mut edges: Vec<Proc> = edges_ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| relay_with(d, &format!("e{i}"), *p, &pg, &s3, &["--edge"]))
+        .collect();
+    for p in edges_ports {
+        wait_until(Duration::from_secs(60), "an edge relay serves", || {
+            try_status(p).is_some()
+        });
+    }
+    // Participants spread over the edges: host i reaches edge i first, then the others.
+    let hosts: Vec<Proc> = (0..3)
+        .map(|i| {
+            let urls = (0..3)
+                .map(|k| format!("ws://127.0.0.1:{}/ws", edges_ports[(i + k) % 3]))
+                .collect::<Vec<_>>()
+                .join(",");
+            Proc::spawn(
+                &bin("tessera-host"),
+                &[
+                    "join".into(),
+                    urls,
+                    "--backend".into(),
+                    "cpu".into(),
+                    "--key".into(),
+                    d.join(format!("h{i}.key")).display().to_string(),
+                ],
+                d.join(format!("host{i}.log")),
+            )
+        })
+        .collect();
+    let log = |i: usize| d.join(format!("host{i}.log"));
+    wait_until(
+        Duration::from_secs(180),
+        "every participant has units accepted through its edge, 5 versions made",
+        || (0..3).all(|i| !accepted_units(&log(i)).is_empty()) && version(pa) >= 5,
+    );
+    for (i, p) in edges_ports.iter().enumerate() {
+        assert_eq!(
+            metric(*p, "tessera_connections"),
+            Some(1.0),
+            "edge {i} holds its participant's connection"
+        );
+        assert!(metric(*p, "tessera_forwarded_calls_total").unwrap_or(0.0) > 0.0);
+    }
+    assert_eq!(
+        metric(pa, "tessera_connections"),
+        Some(0.0),
+        "no participant reaches the leader itself"
+    );
+    assert!(
+        try_status(edges_ports[0]).unwrap()["run"] == try_status(pa).unwrap()["run"],
+        "an edge passes /api/status through to the leader"
+    );
+    // The leader takes forwarded calls only from relays holding the run's key.
+    let refused = ureq::post(&format!("http://127.0.0.1:{pa}/edge/call"))
+        .header("x-tessera-edge-token", "0".repeat(64))
+        .send(&b"anything"[..]);
+    assert!(
+        matches!(refused, Err(ureq::Error::StatusCode(403))),
+        "{refused:?}"
+    );
+    // Every relay serves the same bytes for a version (the edges' from the object store).
+    let v = version(pa);
+    let leader_bytes = model_bytes(pa, v);
+    for p in edges_ports {
+        wait_until(Duration::from_secs(10), "the edge has the version", || {
+            metric(p, "tessera_model_version").unwrap_or(0.0) >= v as f64
+        });
+        assert!(
+            model_bytes(p, v) == leader_bytes,
+            "edge :{p} serves other bytes for version {v} than the leader"
+        );
+    }
+
+    // 1. An edge dies (SIGKILL): its participant reconnects through the next edge and its
+    // units go on being accepted; nothing it was told was accepted is lost.
+    let before0 = accepted_units(&log(0)).len();
+    edges[0].kill9();
+    wait_until(
+        Duration::from_secs(120),
+        "host 0 carries on through another edge",
+        || accepted_units(&log(0)).len() >= before0 + 2,
+    );
+    assert!(
+        std::fs::read_to_string(log(0))
+            .unwrap()
+            .contains("relay connection lost"),
+        "host 0 reconnected"
+    );
+
+    // 2. The leader dies (SIGKILL): b takes the lead and advertises itself; the edges forward
+    // to it and their participants keep their connections.
+    let lost = |i: usize| {
+        std::fs::read_to_string(log(i))
+            .unwrap()
+            .matches("relay connection lost")
+            .count()
+    };
+    let lost_before = [lost(1), lost(2)];
+    let before = version(pa);
+    let accepted_before: Vec<usize> = (0..3).map(|i| accepted_units(&log(i)).len()).collect();
+    a.kill9();
+    wait_until(Duration::from_secs(30), "relay b takes over", || {
+        try_status(pb).is_some()
+    });
+    wait_until(
+        Duration::from_secs(180),
+        "every participant has units accepted by the new leader",
+        || {
+            (0..3).all(|i| accepted_units(&log(i)).len() >= accepted_before[i] + 2)
+                && version(pb) >= before + 3
+        },
+    );
+    assert_eq!(
+        [lost(1), lost(2)],
+        lost_before,
+        "the participants of the surviving edges kept their connections"
+    );
+
+    drop(hosts);
+    std::thread::sleep(Duration::from_secs(1));
+    let latest = version(pb);
+    let leader_bytes = model_bytes(pb, latest);
+    for p in &edges_ports[1..] {
+        wait_until(Duration::from_secs(10), "the edge has the version", || {
+            metric(*p, "tessera_model_version").unwrap_or(0.0) >= latest as f64
+        });
+        assert!(
+            model_bytes(*p, latest) == leader_bytes,
+            "edge :{p} serves other bytes for version {latest} than the leader"
+        );
+    }
+
+    // Nothing lost, nothing twice.
+    let one = |sql: &str| -> i64 { pg.client().query_one(sql, &[]).unwrap().get(0) };
+    let max = one("SELECT MAX(version) FROM versions");
+    assert_eq!(
+        one("SELECT COUNT(*) FROM versions"),
+        max + 1,
+        "versions are contiguous"
+    );
+    assert_eq!(
+        one("SELECT CAST(COALESCE(SUM(updates), 0) AS BIGINT) FROM versions"),
+        one("SELECT COUNT(*) FROM updates WHERE outcome = 'applied'"),
+        "each applied update is in exactly one version"
+    );
+    assert_eq!(
+        one(
+            "SELECT COUNT(*) FROM (SELECT unit_id FROM updates GROUP BY unit_id HAVING COUNT(*) > 1) t"
+        ),
+        0,
+        "no unit accepted twice"
+    );
+    let mut client = pg.client();
+    for i in 0..3 {
+        for unit in accepted_units(&log(i)) {
+            let n: i64 = client
+                .query_one("SELECT COUNT(*) FROM updates WHERE unit_id = $1", &[&unit])
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                n, 1,
+                "unit {unit}, acknowledged to host {i}, is stored once"
+            );
+        }
+    }
+    eprintln!(
+        "edges: versions 0..={max}, accepted per host {:?}, host 0's log:\n{}",
+        (0..3)
+            .map(|i| accepted_units(&log(i)).len())
+            .collect::<Vec<_>>(),
+        std::fs::read_to_string(log(0)).unwrap()
+    );
+    edges.clear();
 }

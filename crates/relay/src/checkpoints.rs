@@ -228,6 +228,31 @@ impl Checkpoints {
         tessera_protocol::decode(&bytes, usize::MAX).ok()
     }
 
+    /// The weights of `version` as the object store holds them under the manifest `stored`
+    /// (an edge relay's copy: weights only), kept in this folder; older copies beyond `keep`
+    /// are pruned.
+    pub fn fetch_weights(&self, version: u64, stored: &str) -> Result<Vec<u8>> {
+        if let Some(bytes) = self.read_weights(version) {
+            return Ok(bytes);
+        }
+        let Some(b) = &self.blobs else {
+            anyhow::bail!("version {version} is not on this machine and there is no object store");
+        };
+        let manifest: BlobManifest = serde_json::from_slice(&b.get(stored)?)
+            .with_context(|| format!("the manifest of version {version} ({stored})"))?;
+        if manifest.version != version {
+            anyhow::bail!(
+                "{stored} is the manifest of version {}, not {version}",
+                manifest.version
+            );
+        }
+        // `get` checks the bytes against their content address.
+        let bytes = b.get(&manifest.weights)?;
+        write_atomic(&self.weights_path(version), &bytes)?;
+        self.prune(version, None);
+        Ok(bytes)
+    }
+
     /// Reads the raw weights file of a version, if it is still on disk.
     pub fn read_weights(&self, version: u64) -> Option<Vec<u8>> {
         fs::read(self.weights_path(version)).ok()

@@ -165,6 +165,8 @@ CREATE TABLE IF NOT EXISTS leadership (
 );
 INSERT INTO leadership (id, epoch, holder, beat) VALUES (1, 0, '', clock_timestamp())
     ON CONFLICT (id) DO NOTHING;
+-- Where edge relays reach the leader (`--advertise`).
+ALTER TABLE leadership ADD COLUMN IF NOT EXISTS address TEXT NOT NULL DEFAULT '';
 "
 }
 
@@ -423,7 +425,7 @@ impl Db {
             }
             let epoch: i64 = client
                 .query_one(
-                    "UPDATE leadership SET epoch = epoch + 1, holder = $1, beat = clock_timestamp()
+                    "UPDATE leadership SET epoch = epoch + 1, holder = $1, beat = clock_timestamp(), address = ''
                      WHERE id = 1 RETURNING epoch",
                     &[&holder],
                 )?
@@ -432,6 +434,54 @@ impl Db {
             Ok(Db {
                 conn: Conn::Postgres { client, epoch },
             })
+        })
+    }
+
+    /// Connects to the PostgreSQL database at `url` (creating the schema) as an edge relay
+    /// does: to read where the leader is and which versions it recorded. It never leads: its
+    /// epoch is -1, which no leader holds, so any write it tried would fail as fenced.
+    pub fn connect_postgres_reader(url: &str) -> Result<Self> {
+        blocking(|| {
+            let mut client = postgres::Client::connect(url, postgres::NoTls)
+                .with_context(|| format!("connecting to {}", redact(url)))?;
+            let mut tx = client.transaction()?;
+            tx.batch_execute("SET LOCAL client_min_messages = warning")?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+            tx.batch_execute(&postgres_schema())?;
+            tx.commit()?;
+            Ok(Db {
+                conn: Conn::Postgres { client, epoch: -1 },
+            })
+        })
+    }
+
+    /// Records where edge relays reach this leader (PostgreSQL; fenced like every write).
+    pub fn advertise(&mut self, address: &str) -> Result<()> {
+        if let Conn::Sqlite(_) = self.conn {
+            return Ok(());
+        }
+        self.write(|tx| {
+            tx.exec(
+                "UPDATE leadership SET address = $1 WHERE id = 1",
+                p![address],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The run's leader as the leadership row names it: `(holder, address, epoch)`, when a
+    /// leader has advertised an address (PostgreSQL only).
+    pub fn leader(&mut self) -> Result<Option<(String, String, i64)>> {
+        if let Conn::Sqlite(_) = self.conn {
+            return Ok(None);
+        }
+        let row = self.read().row(
+            "SELECT holder, address, epoch FROM leadership WHERE id = 1",
+            &[],
+        )?;
+        Ok(match row {
+            Some(r) if !r.text(1)?.is_empty() => Some((r.text(0)?, r.text(1)?, r.i64(2)?)),
+            _ => None,
         })
     }
 

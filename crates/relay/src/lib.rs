@@ -17,6 +17,8 @@
 //!   verification pipeline: structural and cheap checks, the loss probe, held units and their
 //!   re-execution, credit), evaluation (the validation loss and a text sample of each new
 //!   version) and the guard's rollbacks;
+//! - [`edge`]: edge relays (`--edge`): several relays serving one run's participants at once,
+//!   forwarding their calls to the leader and serving versions from the object store;
 //! - [`api`]: the model's usage: an OpenAI-compatible completions API with hashed keys, quotas
 //!   and metering, and revenue statements split by each version's stake;
 //! - [`verify`]: the compute of verification: the loss probe and re-executing a unit;
@@ -36,6 +38,7 @@ pub mod api;
 pub mod blobs;
 pub mod checkpoints;
 pub mod db;
+pub mod edge;
 pub mod ledger;
 pub mod run;
 pub mod server;

@@ -54,6 +54,16 @@ struct Args {
     /// relay of one run needs the same key.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// With --store and --blobs: serve participants of the run without ever leading it (an
+    /// edge relay). It checks their hellos, forwards their calls to the leader the store
+    /// names, serves versions' weights from the object store, and passes other requests to the
+    /// leader; participants may use any relay of the run. Needs the run's --key.
+    #[arg(long)]
+    edge: bool,
+    /// With --store: the URL edge relays reach this relay at when it leads (default: http://
+    /// and the address it listens on).
+    #[arg(long)]
+    advertise: Option<String>,
     /// With --store: a leader silent this long (milliseconds) is replaced by a standby.
     #[arg(long, default_value_t = 5000)]
     lead_timeout_ms: u64,
@@ -342,6 +352,9 @@ async fn main() -> Result<()> {
         }
         return create_api_key(&a.db, name, *quota);
     }
+    if a.edge {
+        return run_edge(&a).await;
+    }
     let Some(model) = ModelConfig::named(&a.config) else {
         bail!(
             "unknown config {:?}: choose one of {}",
@@ -452,6 +465,13 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", a.listen))?;
     let addr = listener.local_addr()?;
+    if leading {
+        let address = a
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        relay.advertise(&address)?;
+    }
     // The line tests and scripts wait for.
     println!("tessera-relay listening on http://{addr}/");
     eprintln!("open http://{addr}/ to join from a browser; /api/status for the run");
@@ -491,7 +511,7 @@ async fn main() -> Result<()> {
     // Ctrl-C or SIGTERM stop the relay and the participant it started (SIGTERM reaches only
     // this process: without this the demo's participant would outlive it).
     let result = tokio::select! {
-        r = server::serve(relay, listener, &a.web_bundle) => r,
+        r = server::serve(server::router(relay, &a.web_bundle), listener) => r,
         s = shutdown_signal() => {
             eprintln!("{s}: stopping");
             Ok(())
@@ -501,6 +521,45 @@ async fn main() -> Result<()> {
         c.kill().await.ok();
     }
     result
+}
+
+/// `tessera-relay --edge`: serves participants of a run that another relay leads.
+async fn run_edge(a: &Args) -> Result<()> {
+    let Some(url) = &a.store else {
+        bail!("--edge needs --store postgres://…: an edge serves a run that another relay leads");
+    };
+    let Some(blobs) = &a.blobs else {
+        bail!("--edge needs --blobs s3://…: it serves model versions from the object store");
+    };
+    let Some(key) = &a.key else {
+        bail!("--edge needs --key: the run's signing key, which the leader checks edges by");
+    };
+    if !key.is_file() {
+        bail!(
+            "--key {}: no such file (an edge uses the run's key; it never creates one)",
+            key.display()
+        );
+    }
+    let secret = tessera_relay::ledger::load_or_create_key(key)?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("listening on {}", a.listen))?;
+    let addr = listener.local_addr()?;
+    let edge =
+        tessera_relay::edge::Edge::open(url, Blobs::open(blobs)?, secret, &a.checkpoints).await?;
+    tokio::spawn(edge.clone().poll_forever());
+    // The line tests and scripts wait for.
+    println!(
+        "tessera-relay listening on http://{addr}/ (edge of run {:?})",
+        edge.run_info().name
+    );
+    tokio::select! {
+        r = server::serve(tessera_relay::edge::router(edge, &a.web_bundle), listener) => r,
+        s = shutdown_signal() => {
+            eprintln!("{s}: stopping");
+            Ok(())
+        }
+    }
 }
 
 /// Waits for Ctrl-C (SIGINT) or SIGTERM; names the one that came.

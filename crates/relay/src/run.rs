@@ -30,6 +30,7 @@ use tokio::sync::{broadcast, watch};
 use crate::blobs::Blobs;
 use crate::checkpoints::Checkpoints;
 use crate::db::{Db, UpdateRecord};
+use crate::edge::{Caller, Op};
 use crate::ledger::{Log, load_or_create_key};
 use crate::now_ms;
 use crate::verify::Verifier;
@@ -184,6 +185,8 @@ pub struct Relay {
     pub price_per_1k: u64,
     /// Buffers submissions are decoded into.
     buffers: Buffers,
+    /// What edge relays show to forward participants' calls (derived from the run's key).
+    pub edge_token: String,
 }
 
 /// A few decode buffers, reused from one submission to the next: decoding into pages already
@@ -609,6 +612,7 @@ impl Relay {
             doorbell: Mutex::new(None),
             price_per_1k: tuning.price_per_1k,
             buffers: Buffers::default(),
+            edge_token: crate::edge::token(&secret),
         });
         {
             // A round that filled up before the crash closes now.
@@ -623,6 +627,11 @@ impl Relay {
     /// Proves this relay still leads its run (a no-op write; see [`Db::beat`]).
     pub fn beat(&self) -> Result<()> {
         self.db().beat()
+    }
+
+    /// Records where edge relays reach this relay while it leads (PostgreSQL).
+    pub fn advertise(&self, address: &str) -> Result<()> {
+        self.db().advertise(address)
     }
 
     /// The database (lock order: `inner` before it).
@@ -826,6 +835,84 @@ impl Relay {
             .coord
             .participants()
             .any(|p| p.id == id && p.banned)
+    }
+
+    /// One message of a participant, on a connection to this relay or forwarded by an edge
+    /// relay, which passes along who the participant is (its hello, checked at the edge) with
+    /// every call. A participant this relay does not count as connected (it reached the run
+    /// through another edge, or joined before this relay took the lead) is joined first.
+    /// Blocking: a submission is decoded, checked and committed here.
+    pub fn call(&self, caller: &Caller, op: Op) -> Result<ServerMsg> {
+        let id = identity::short_id(&caller.public_key);
+        let join = |r: &Self| {
+            r.join(
+                &id,
+                &caller.public_key,
+                caller.kind,
+                &caller.backend,
+                &caller.device,
+                caller.tokens_per_s,
+            )
+        };
+        let banned = || ServerMsg::Error {
+            message: BANNED.into(),
+        };
+        match op {
+            Op::Join => {
+                let version = join(self)?;
+                if self.is_banned(&id) {
+                    return Ok(banned());
+                }
+                return Ok(ServerMsg::Welcome {
+                    participant_id: id,
+                    run: self.run_info.clone(),
+                    model_version: version,
+                });
+            }
+            Op::Disconnect => {
+                self.disconnect(&id);
+                return Ok(ServerMsg::HeartbeatAck);
+            }
+            Op::Leave => {
+                self.leave(&id)?;
+                return Ok(ServerMsg::HeartbeatAck);
+            }
+            _ => {}
+        }
+        if !self.is_connected(&id) {
+            join(self)?;
+        }
+        Ok(match op {
+            Op::RequestWork => self.request_work(&id)?,
+            Op::Heartbeat => {
+                self.heartbeat(&id);
+                ServerMsg::HeartbeatAck
+            }
+            Op::Submit(s) => {
+                self.metrics.update_bytes.fetch_add(
+                    s.payload.data.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                self.submit(&id, &caller.public_key, s)?
+            }
+            Op::RequestVerification => self.request_verification(&id),
+            Op::SubmitVerification(s) => {
+                self.metrics.update_bytes.fetch_add(
+                    s.payload.data.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                self.submit_verification(&id, &caller.public_key, s)?
+            }
+            Op::Join | Op::Disconnect | Op::Leave => unreachable!("answered above"),
+        })
+    }
+
+    /// Whether the coordinator counts `id` as connected.
+    pub fn is_connected(&self, id: &str) -> bool {
+        self.lock()
+            .coord
+            .participants()
+            .any(|p| p.id == id && p.connected)
     }
 
     /// A participant proved its key.

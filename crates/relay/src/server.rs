@@ -12,13 +12,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use tessera_protocol::messages::{ClientMsg, Hello, ServerMsg, Submission};
+use tessera_protocol::messages::{ClientMsg, Hello, RunInfo, ServerMsg};
 use tessera_protocol::{MAX_CONTROL_BYTES, PROTOCOL_VERSION, decode, encode, identity};
+use tokio::sync::broadcast;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::api;
-use crate::run::Relay;
+use crate::edge::{Caller, EDGE_TOKEN_HEADER, EdgeCall, Op};
+use crate::run::{Metrics, Relay};
 
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,9 +50,9 @@ const ASSETS: [(&str, &str, &str); 4] = [
     ),
 ];
 
-/// Builds the router. `bundle` is the folder of the built browser participant
-/// (`tools/build-web.sh` writes `web/pkg`), served under `/pkg`.
-pub fn router(relay: Arc<Relay>, bundle: &std::path::Path) -> Router {
+/// The page, its scripts, and the browser participant's bundle (the folder
+/// `tools/build-web.sh` writes, `web/pkg`, served under `/pkg`): the same on every relay.
+pub fn static_routes<S: Clone + Send + Sync + 'static>(bundle: &std::path::Path) -> Router<S> {
     // The bundle changes with every build: revalidate instead of caching.
     let pkg = tower::ServiceBuilder::new()
         .layer(SetResponseHeaderLayer::overriding(
@@ -62,27 +64,12 @@ pub fn router(relay: Arc<Relay>, bundle: &std::path::Path) -> Router {
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .route("/web/{file}", get(asset))
         .nest_service("/pkg", pkg)
-        .route("/ws", get(ws))
-        .route("/api/status", get(status))
-        .route("/api/run", get(run_info))
-        .route("/api/model/latest", get(latest_model))
-        .route("/api/model/{version}", get(model))
-        .route("/api/model/{to}/from/{from}", get(model_change))
-        .route("/api/corpus", get(corpus))
-        .route("/metrics", get(metrics))
-        .route("/v1/models", get(api::models))
-        .route("/v1/completions", axum::routing::post(api::completions))
-        .route("/api/revenue", get(api::revenue))
-        .route("/api/ledger", get(ledger_head))
-        .route("/api/ledger/ledger.json", get(ledger_info))
-        .route("/api/ledger/leaves.jsonl", get(ledger_leaves))
-        .route("/api/ledger/checkpoints.jsonl", get(ledger_checkpoints))
-        .route("/api/ledger/checkpoint/{version}", get(ledger_checkpoint))
-        .route("/api/ledger/proof/{unit}", get(ledger_proof))
-        .route("/api/ledger/consistency", get(ledger_consistency))
-        .with_state(relay)
-        // Cross-origin isolation, so the tab may share memory between Web Workers (the
-        // threaded CPU bundle's SharedArrayBuffer); the page loads nothing from elsewhere.
+}
+
+/// Cross-origin isolation, so the tab may share memory between Web Workers (the threaded CPU
+/// bundle's SharedArrayBuffer); the page loads nothing from elsewhere.
+pub fn isolated(router: Router) -> Router {
+    router
         .layer(SetResponseHeaderLayer::if_not_present(
             header::HeaderName::from_static("cross-origin-opener-policy"),
             header::HeaderValue::from_static("same-origin"),
@@ -93,13 +80,40 @@ pub fn router(relay: Arc<Relay>, bundle: &std::path::Path) -> Router {
         ))
 }
 
-/// Serves until the process ends.
-pub async fn serve(
-    relay: Arc<Relay>,
-    listener: tokio::net::TcpListener,
-    bundle: &std::path::Path,
-) -> anyhow::Result<()> {
-    let app = router(relay, bundle);
+/// Builds the router.
+pub fn router(relay: Arc<Relay>, bundle: &std::path::Path) -> Router {
+    let edge_limit = frame_limit(&relay.run_info) + 2 * MAX_CONTROL_BYTES;
+    isolated(
+        static_routes(bundle)
+            .route("/ws", get(ws::<Relay>))
+            .route(
+                "/edge/call",
+                axum::routing::post(edge_call)
+                    .layer(axum::extract::DefaultBodyLimit::max(edge_limit)),
+            )
+            .route("/api/status", get(status))
+            .route("/api/run", get(run_info))
+            .route("/api/model/latest", get(latest_model))
+            .route("/api/model/{version}", get(model))
+            .route("/api/model/{to}/from/{from}", get(model_change))
+            .route("/api/corpus", get(corpus))
+            .route("/metrics", get(metrics))
+            .route("/v1/models", get(api::models))
+            .route("/v1/completions", axum::routing::post(api::completions))
+            .route("/api/revenue", get(api::revenue))
+            .route("/api/ledger", get(ledger_head))
+            .route("/api/ledger/ledger.json", get(ledger_info))
+            .route("/api/ledger/leaves.jsonl", get(ledger_leaves))
+            .route("/api/ledger/checkpoints.jsonl", get(ledger_checkpoints))
+            .route("/api/ledger/checkpoint/{version}", get(ledger_checkpoint))
+            .route("/api/ledger/proof/{unit}", get(ledger_proof))
+            .route("/api/ledger/consistency", get(ledger_consistency))
+            .with_state(relay),
+    )
+}
+
+/// Serves `app` until the process ends.
+pub async fn serve(app: Router, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -130,7 +144,8 @@ async fn run_info(State(r): State<Arc<Relay>>) -> impl IntoResponse {
     axum::Json(r.run_info.clone())
 }
 
-fn safetensors(version: u64, bytes: Arc<Vec<u8>>) -> Response {
+/// A version's weights as a response (immutable: cached for a year).
+pub fn safetensors(version: u64, bytes: Arc<Vec<u8>>) -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
@@ -442,9 +457,57 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
-async fn ws(State(r): State<Arc<Relay>>, upgrade: WebSocketUpgrade) -> Response {
-    // A submission carries the whole pseudo-gradient: bound frames by that, plus headroom.
-    let limit = r.run_info.num_params as usize * 4 + MAX_CONTROL_BYTES;
+/// What a participant's connection talks to: this relay's run ([`Relay`]), or, on an edge
+/// relay, the leader it forwards every call to ([`crate::edge::Edge`]).
+pub trait Hub: Send + Sync + 'static {
+    /// The run as participants see it.
+    fn run_info(&self) -> &RunInfo;
+    /// Counters for `/metrics`.
+    fn metrics(&self) -> &Metrics;
+    /// New model versions, as they become available here.
+    fn subscribe(&self) -> broadcast::Receiver<u64>;
+    /// One call of a participant whose hello was checked.
+    fn handle(
+        self: Arc<Self>,
+        caller: Caller,
+        op: Op,
+    ) -> impl std::future::Future<Output = anyhow::Result<ServerMsg>> + Send;
+}
+
+impl Hub for Relay {
+    fn run_info(&self) -> &RunInfo {
+        &self.run_info
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<u64> {
+        self.versions.subscribe()
+    }
+
+    async fn handle(self: Arc<Self>, caller: Caller, op: Op) -> anyhow::Result<ServerMsg> {
+        match op {
+            // Signature, decoding, checks, probe, database: on a blocking thread, off the
+            // async runtime.
+            Op::Submit(_) | Op::SubmitVerification(_) => {
+                tokio::task::spawn_blocking(move || self.call(&caller, op)).await?
+            }
+            op => self.call(&caller, op),
+        }
+    }
+}
+
+/// The largest frame a participant of `run` may send: a submission carries the whole
+/// pseudo-gradient, plus headroom.
+pub fn frame_limit(run: &RunInfo) -> usize {
+    run.num_params as usize * 4 + MAX_CONTROL_BYTES
+}
+
+/// `/ws`: a participant's connection.
+pub async fn ws<H: Hub>(State(h): State<Arc<H>>, upgrade: WebSocketUpgrade) -> Response {
+    let limit = frame_limit(h.run_info());
     upgrade
         .max_message_size(limit)
         .max_frame_size(limit)
@@ -452,11 +515,11 @@ async fn ws(State(r): State<Arc<Relay>>, upgrade: WebSocketUpgrade) -> Response 
         .read_buffer_size(16 * 1024)
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| async move {
-            r.metrics.connections.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = connection(r.clone(), socket, limit).await {
+            h.metrics().connections.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = connection(h.clone(), socket, limit).await {
                 tracing::debug!("connection ended: {e:#}");
             }
-            r.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            h.metrics().connections.fetch_sub(1, Ordering::Relaxed);
         })
 }
 
@@ -491,23 +554,7 @@ async fn fail(socket: &mut WebSocket, message: String) -> anyhow::Result<()> {
     anyhow::bail!(message)
 }
 
-/// Counts a payload's bytes and hands it to `handle` (an update or a verification: signature,
-/// decoding, checks, probe, database) on a blocking thread, off the async runtime.
-async fn off_runtime(
-    r: &Arc<Relay>,
-    id: &str,
-    key: [u8; 32],
-    s: Submission,
-    handle: fn(&Relay, &str, &[u8; 32], Submission) -> anyhow::Result<ServerMsg>,
-) -> anyhow::Result<ServerMsg> {
-    r.metrics
-        .update_bytes
-        .fetch_add(s.payload.data.len() as u64, Ordering::Relaxed);
-    let (r, id) = (r.clone(), id.to_string());
-    tokio::task::spawn_blocking(move || handle(&r, &id, &key, s)).await?
-}
-
-async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyhow::Result<()> {
+async fn connection<H: Hub>(h: Arc<H>, mut socket: WebSocket, limit: usize) -> anyhow::Result<()> {
     let mut nonce = [0u8; 32];
     getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     send(
@@ -547,16 +594,18 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
         return fail(&mut socket, format!("hello signature: {e}")).await;
     }
     let id = identity::short_id(&hello.public_key);
-    let version = r.join(
-        &id,
-        &hello.public_key,
-        hello.kind,
-        &hello.backend,
-        &hello.device,
-        hello.tokens_per_s,
-    )?;
-    if r.is_banned(&id) {
-        return fail(&mut socket, crate::run::BANNED.into()).await;
+    let caller = Caller {
+        public_key: hello.public_key,
+        kind: hello.kind,
+        backend: hello.backend.clone(),
+        device: hello.device.clone(),
+        tokens_per_s: hello.tokens_per_s,
+    };
+    // Subscribed before the welcome, so no version announced after it is missed.
+    let mut versions = h.subscribe();
+    let welcome = h.clone().handle(caller.clone(), Op::Join).await?;
+    if let ServerMsg::Error { message } = welcome {
+        return fail(&mut socket, message).await;
     }
     tracing::info!(
         participant = id,
@@ -564,17 +613,8 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
         backend = hello.backend,
         "joined"
     );
-    send(
-        &mut socket,
-        &ServerMsg::Welcome {
-            participant_id: id.clone(),
-            run: r.run_info.clone(),
-            model_version: version,
-        },
-    )
-    .await?;
+    send(&mut socket, &welcome).await?;
 
-    let mut versions = r.versions.subscribe();
     let result = async {
         loop {
             tokio::select! {
@@ -584,46 +624,76 @@ async fn connection(r: Arc<Relay>, mut socket: WebSocket, limit: usize) -> anyho
                     }
                 }
                 frame = recv(&mut socket) => {
-                    let Some(bytes) = frame? else { return Ok(()) };
-                    r.metrics.messages.fetch_add(1, Ordering::Relaxed);
+                    let Some(bytes) = frame? else { return Ok(false) };
+                    h.metrics().messages.fetch_add(1, Ordering::Relaxed);
                     let msg = match decode::<ClientMsg>(&bytes, limit) {
                         Ok(m) => m,
-                        Err(e) => return fail(&mut socket, format!("bad message: {e}")).await,
+                        Err(e) => return fail(&mut socket, format!("bad message: {e}")).await.map(|()| false),
                     };
-                    let reply = match msg {
-                        ClientMsg::Hello(_) => return fail(&mut socket, "hello sent twice".into()).await,
-                        ClientMsg::RequestWork => match r.request_work(&id)? {
-                            ServerMsg::Error { message } => return fail(&mut socket, message).await,
-                            m => m,
-                        },
-                        ClientMsg::Heartbeat { .. } => {
-                            r.heartbeat(&id);
-                            ServerMsg::HeartbeatAck
-                        }
-                        ClientMsg::Submit(s) => {
-                            off_runtime(&r, &id, hello.public_key, s, Relay::submit).await?
-                        }
-                        ClientMsg::RequestVerification => match r.request_verification(&id) {
-                            ServerMsg::Error { message } => return fail(&mut socket, message).await,
-                            m => m,
-                        },
-                        ClientMsg::SubmitVerification(s) => {
-                            off_runtime(&r, &id, hello.public_key, s, Relay::submit_verification).await?
-                        }
+                    let op = match msg {
+                        ClientMsg::Hello(_) => return fail(&mut socket, "hello sent twice".into()).await.map(|()| false),
+                        ClientMsg::RequestWork => Op::RequestWork,
+                        ClientMsg::Heartbeat { .. } => Op::Heartbeat,
+                        ClientMsg::Submit(s) => Op::Submit(s),
+                        ClientMsg::RequestVerification => Op::RequestVerification,
+                        ClientMsg::SubmitVerification(s) => Op::SubmitVerification(s),
                         ClientMsg::Leave => {
-                            r.leave(&id)?;
-                            return Ok(());
+                            h.clone().handle(caller.clone(), Op::Leave).await?;
+                            return Ok(true);
                         }
                     };
-                    send(&mut socket, &reply).await?;
+                    match h.clone().handle(caller.clone(), op).await? {
+                        ServerMsg::Error { message } => return fail(&mut socket, message).await.map(|()| false),
+                        reply => send(&mut socket, &reply).await?,
+                    }
                 }
             }
         }
     }
     .await;
-    r.disconnect(&id);
+    // A participant that left was released already; one whose connection closed is marked
+    // disconnected (its leases live on until they expire).
+    if !matches!(result, Ok(true))
+        && let Err(e) = h.clone().handle(caller, Op::Disconnect).await
+    {
+        tracing::debug!(participant = id, "marking it disconnected: {e:#}");
+    }
     tracing::info!(participant = id, "disconnected");
-    result
+    result.map(|_| ())
+}
+
+/// `/edge/call`: a participant's call forwarded by an edge relay of this run (which shows the
+/// run's edge token); answered as on a connection of this relay's own.
+async fn edge_call(
+    State(r): State<Arc<Relay>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let shown = headers
+        .get(EDGE_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    // Compared in constant time: the token is the run's key's to give.
+    let same = shown.len() == r.edge_token.len()
+        && shown
+            .bytes()
+            .zip(r.edge_token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !same {
+        return (StatusCode::FORBIDDEN, "not an edge relay of this run").into_response();
+    }
+    let call: EdgeCall = match decode(&body, frame_limit(&r.run_info) + MAX_CONTROL_BYTES) {
+        Ok(c) => c,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad call: {e}")).into_response(),
+    };
+    match Hub::handle(r, call.caller, call.op).await {
+        Ok(reply) => Response::builder()
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .body(Body::from(encode(&reply)))
+            .expect("valid response"),
+        Err(e) => internal(e),
+    }
 }
 
 fn internal(e: anyhow::Error) -> Response {

@@ -1,7 +1,8 @@
 //! Connection load generator (loopback only, bounded in count and time): opens up to `--count`
 //! participant connections to a relay, each proving an ed25519 identity, then sends a heartbeat
 //! every `--period-ms` per connection for `--secs` seconds and measures the acknowledgement
-//! latency. Prints one JSON line: connections held, heartbeats, p50/p99 latency.
+//! latency. Prints one JSON line: connections held, heartbeats, p50/p99 latency. `--url` may
+//! name several relays of one run (comma-separated): connection `i` goes to the `i mod n`th.
 //!
 //!     tessera-loadgen --url ws://127.0.0.1:8700/ws --count 10000 --secs 30
 
@@ -15,7 +16,7 @@ use tessera_protocol::{MAX_CONTROL_BYTES, decode, encode};
 use tokio_tungstenite::tungstenite::Message;
 
 struct Args {
-    url: String,
+    urls: Vec<String>,
     count: usize,
     secs: u64,
     period_ms: u64,
@@ -23,7 +24,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
-        url: "ws://127.0.0.1:8700/ws".into(),
+        urls: vec!["ws://127.0.0.1:8700/ws".into()],
         count: 1000,
         secs: 20,
         period_ms: 5000,
@@ -32,7 +33,7 @@ fn args() -> Args {
     for pair in v.chunks(2) {
         let val = pair.get(1).cloned().unwrap_or_default();
         match pair[0].as_str() {
-            "--url" => a.url = val,
+            "--url" => a.urls = val.split(',').map(str::to_string).collect(),
             "--count" => a.count = val.parse().expect("--count N"),
             "--secs" => a.secs = val.parse().expect("--secs N"),
             "--period-ms" => a.period_ms = val.parse().expect("--period-ms N"),
@@ -40,7 +41,9 @@ fn args() -> Args {
         }
     }
     assert!(
-        a.url.starts_with("ws://127.") || a.url.starts_with("ws://localhost"),
+        a.urls
+            .iter()
+            .all(|u| u.starts_with("ws://127.") || u.starts_with("ws://localhost")),
         "loopback targets only"
     );
     a.count = a.count.min(50_000);
@@ -56,7 +59,7 @@ async fn participant(
     start: Instant,
     end: Instant,
 ) -> Result<(), String> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(&a.url)
+    let (mut ws, _) = tokio_tungstenite::connect_async(&a.urls[i % a.urls.len()])
         .await
         .map_err(|e| e.to_string())?;
     let next = |b: Message| -> Result<ServerMsg, String> {
