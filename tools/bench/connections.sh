@@ -33,9 +33,14 @@ for e in $(seq "$EDGES"); do
   RUST_LOG=warn start_relay "edge$e" $((port + e)) "${store[@]}" --edge
   urls+=("ws://127.0.0.1:$((port + e))/ws")
 done
-"$bin/tessera-loadgen" --url "$(IFS=,; echo "${urls[*]}")" --count "$COUNT" --secs "$SECS" --period-ms 5000
+"$bin/tessera-loadgen" --url "$(IFS=,; echo "${urls[*]}")" --count "$COUNT" --secs "$SECS" --period-ms 5000 &
+load=$!
+sleep $((SECS - 3))
+# Read near the end of the load, while the connections are held.
 for p in $(seq 0 "$EDGES"); do
   name=leader; [ "$p" -eq 0 ] || name="edge$p"
   pid=$(pgrep -f -- "--listen 127.0.0.1:$((port + p)) " | head -1)
-  echo "$name RSS: $(ps -o rss= -p "$pid" | awk '{printf "%.0f MB", $1/1024}'), connections $(curl -sf "http://127.0.0.1:$((port + p))/metrics" | awk '$1 == "tessera_connections" {print $2}')" >&2
+  m=$(curl -sf "http://127.0.0.1:$((port + p))/metrics")
+  echo "$name: RSS $(ps -o rss= -p "$pid" | awk '{printf "%.0f MB", $1/1024}'), $(echo "$m" | awk '$1 == "tessera_connections" {print $2}') connections, $(echo "$m" | awk '$1 == "tessera_forwarded_calls_total" {c=$2} $1 == "tessera_forwarded_call_microseconds_total" {u=$2} END {if (c) printf "%d calls forwarded, mean %.2f ms", c, u / c / 1000}')" >&2
 done
+wait "$load"
