@@ -291,20 +291,23 @@ fn edge_relays_serve_one_run_together_and_lose_nothing() {
     let d = dir.path();
     let pg = Postgres::start(d);
     let s3 = S3::start(d, "tessera");
-    let (pa, pb) = (free_port(), free_port());
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
     let edges_ports = [free_port(), free_port(), free_port()];
 
-    // Two candidates for the lead, three edges.
+    // Three candidates for the lead, three edges.
     let mut a = relay(d, "a", pa, &pg, &s3);
     wait_until(Duration::from_secs(60), "relay a leads and serves", || {
         try_status(pa).is_some()
     });
     let b = relay(d, "b", pb, &pg, &s3);
-    wait_until(
-        Duration::from_secs(30),
-        "relay b waits as a standby",
-        || !b.lines_with("standby").is_empty(),
-    );
+    let c = relay(d, "c", pc, &pg, &s3);
+    for s in [&b, &c] {
+        wait_until(
+            Duration::from_secs(30),
+            "relays b and c wait as standbys",
+            || !s.lines_with("standby").is_empty(),
+        );
+    }
     let mut edges: Vec<Proc> = edges_ports
         .iter()
         .enumerate()
@@ -396,8 +399,8 @@ fn edge_relays_serve_one_run_together_and_lose_nothing() {
         "host 0 reconnected"
     );
 
-    // 2. The leader dies (SIGKILL): b takes the lead and advertises itself; the edges forward
-    // to it and their participants keep their connections.
+    // 2. The leader dies (SIGKILL): a standby takes the lead and advertises itself; the edges
+    // forward to it and their participants keep their connections.
     let lost = |i: usize| {
         std::fs::read_to_string(log(i))
             .unwrap()
@@ -408,17 +411,46 @@ fn edge_relays_serve_one_run_together_and_lose_nothing() {
     let before = version(pa);
     let accepted_before: Vec<usize> = (0..3).map(|i| accepted_units(&log(i)).len()).collect();
     a.kill9();
-    wait_until(Duration::from_secs(30), "relay b takes over", || {
-        try_status(pb).is_some()
+    wait_until(Duration::from_secs(30), "b or c takes over", || {
+        try_status(pb).is_some() || try_status(pc).is_some()
     });
+    let (mut paused, pl, standby, ps) = if try_status(pb).is_some() {
+        (b, pb, c, pc)
+    } else {
+        (c, pc, b, pb)
+    };
     wait_until(
         Duration::from_secs(180),
         "every participant has units accepted by the new leader",
         || {
             (0..3).all(|i| accepted_units(&log(i)).len() >= accepted_before[i] + 2)
-                && version(pb) >= before + 3
+                && version(pl) >= before + 3
         },
     );
+
+    // 3. The new leader pauses (SIGSTOP) with calls in flight: the last standby takes over
+    // after the lead timeout, the edges give up the calls the paused one holds and send them
+    // to the new one. Resumed (SIGCONT), the old leader stops.
+    let before = version(pl);
+    let accepted_before: Vec<usize> = (0..3).map(|i| accepted_units(&log(i)).len()).collect();
+    signal(&paused, "-STOP");
+    wait_until(
+        Duration::from_secs(30),
+        "the last standby takes over",
+        || try_status(ps).is_some(),
+    );
+    // Still paused: calls sent to it must not wait for it.
+    wait_until(
+        Duration::from_secs(60),
+        "every participant has units accepted by the last leader",
+        || {
+            (0..3).all(|i| accepted_units(&log(i)).len() >= accepted_before[i] + 2)
+                && version(ps) >= before + 3
+        },
+    );
+    signal(&paused, "-CONT");
+    let exit = paused.wait_exit(Duration::from_secs(30));
+    assert!(exit.is_some_and(|s| !s.success()), "{}", paused.output());
     assert_eq!(
         [lost(1), lost(2)],
         lost_before,
@@ -427,8 +459,8 @@ fn edge_relays_serve_one_run_together_and_lose_nothing() {
 
     drop(hosts);
     std::thread::sleep(Duration::from_secs(1));
-    let latest = version(pb);
-    let leader_bytes = model_bytes(pb, latest);
+    let latest = version(ps);
+    let leader_bytes = model_bytes(ps, latest);
     for p in &edges_ports[1..] {
         wait_until(Duration::from_secs(10), "the edge has the version", || {
             metric(*p, "tessera_model_version").unwrap_or(0.0) >= latest as f64
@@ -480,4 +512,5 @@ fn edge_relays_serve_one_run_together_and_lose_nothing() {
         std::fs::read_to_string(log(0)).unwrap()
     );
     edges.clear();
+    drop(standby);
 }

@@ -32,7 +32,7 @@ use tessera_core::params;
 use tessera_protocol::identity::PublicKey;
 use tessera_protocol::messages::{ParticipantKind, RunInfo, ServerMsg, Submission};
 use tessera_protocol::{MAX_CONTROL_BYTES, decode, encode};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::blobs::Blobs;
 use crate::checkpoints::Checkpoints;
@@ -115,8 +115,9 @@ pub struct Edge {
     url: String,
     http: reqwest::Client,
     token: String,
-    /// The leader's base URL, as last read from the store.
-    leader: RwLock<Option<String>>,
+    /// The leader's base URL, as last read from the store (a change aborts calls in flight
+    /// to the one before: a paused leader never answers them).
+    leader: watch::Sender<Option<String>>,
     /// Calls forwarded to the leader, and the microseconds they took.
     forwarded: AtomicU64,
     forwarded_us: AtomicU64,
@@ -185,7 +186,7 @@ impl Edge {
             url,
             http,
             token: token(&secret),
-            leader: RwLock::new(Some(leader)),
+            leader: watch::Sender::new(Some(leader)),
             forwarded: AtomicU64::new(0),
             forwarded_us: AtomicU64::new(0),
         });
@@ -209,7 +210,12 @@ impl Edge {
             Ok((leader, newest))
         })
         .await?;
-        *self.leader.write().expect("leader lock") = leader.map(|(_, address, _)| address);
+        let leader = leader.map(|(_, address, _)| address);
+        self.leader.send_if_modified(|l| {
+            let changed = *l != leader;
+            *l = leader;
+            changed
+        });
         let current = self.latest.read().expect("latest lock").0;
         if newest > current || self.latest.read().expect("latest lock").1.is_empty() {
             let bytes = self.clone().weights_from_store(newest).await?;
@@ -254,35 +260,50 @@ impl Edge {
 
     /// The leader's base URL, waiting for one to advertise itself until `deadline`.
     async fn leader_until(&self, deadline: Instant) -> Result<String> {
-        loop {
-            if let Some(l) = self.leader.read().expect("leader lock").clone() {
-                return Ok(l);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no leader of the run reachable for {} s",
-                    FAILOVER_WAIT.as_secs()
-                );
-            }
-            tokio::time::sleep(POLL).await;
+        let mut rx = self.leader.subscribe();
+        let found = tokio::time::timeout_at(deadline.into(), rx.wait_for(|l| l.is_some())).await;
+        match found {
+            Ok(Ok(l)) => Ok(l.clone().expect("waited for some")),
+            _ => bail!(
+                "no leader of the run reachable for {} s",
+                FAILOVER_WAIT.as_secs()
+            ),
         }
     }
 
     /// Forwards one call to the leader. A leader that cannot be reached (gone, or being
-    /// replaced) is forgotten and the call waits for the next one to advertise itself.
+    /// replaced), or that the store stops naming while the call is in flight (paused: it would
+    /// never answer), is given up and the call goes to the next one to advertise itself, for
+    /// up to [`FAILOVER_WAIT`] from the first failure. A call the old leader had committed
+    /// before it went comes back refused by the new one (the unit is taken): nothing twice.
     async fn forward(&self, call: &EdgeCall) -> Result<ServerMsg> {
         let started = Instant::now();
         let body = bytes::Bytes::from(encode(call));
-        let deadline = started + FAILOVER_WAIT;
+        let mut deadline = None;
         loop {
-            let leader = self.leader_until(deadline).await?;
-            let sent = self
+            let leader = self
+                .leader_until(deadline.unwrap_or_else(|| Instant::now() + FAILOVER_WAIT))
+                .await?;
+            let mut named = self.leader.subscribe();
+            let replaced = async {
+                let _ = named
+                    .wait_for(|l| l.as_deref() != Some(leader.as_str()))
+                    .await;
+            };
+            let send = self
                 .http
                 .post(format!("{leader}/edge/call"))
                 .header(EDGE_TOKEN_HEADER, &self.token)
                 .body(body.clone())
-                .send()
-                .await;
+                .send();
+            let sent = tokio::select! {
+                sent = send => sent,
+                () = replaced => {
+                    tracing::warn!("the leader at {leader} was replaced during a call; retrying with the next");
+                    deadline.get_or_insert(Instant::now() + FAILOVER_WAIT);
+                    continue;
+                }
+            };
             match sent {
                 Ok(resp) if resp.status().is_success() => {
                     let bytes = resp.bytes().await?;
@@ -306,19 +327,16 @@ impl Edge {
                 }
                 Err(e) => {
                     tracing::warn!("the leader at {leader} is unreachable ({e}); waiting for one");
-                    let mut l = self.leader.write().expect("leader lock");
-                    if l.as_deref() == Some(leader.as_str()) {
-                        *l = None;
+                    let until = *deadline.get_or_insert(Instant::now() + FAILOVER_WAIT);
+                    if Instant::now() > until {
+                        bail!(
+                            "no leader of the run reachable for {} s",
+                            FAILOVER_WAIT.as_secs()
+                        );
                     }
+                    tokio::time::sleep(POLL).await;
                 }
             }
-            if Instant::now() > deadline {
-                bail!(
-                    "no leader of the run reachable for {} s",
-                    FAILOVER_WAIT.as_secs()
-                );
-            }
-            tokio::time::sleep(POLL).await;
         }
     }
 }
@@ -474,7 +492,7 @@ async fn pass_through(State(e): State<Arc<Edge>>, req: Request) -> Response {
     let Ok(body) = axum::body::to_bytes(body, PASS_THROUGH_LIMIT).await else {
         return (StatusCode::PAYLOAD_TOO_LARGE, "request too large").into_response();
     };
-    let Some(leader) = e.leader.read().expect("leader lock").clone() else {
+    let Some(leader) = e.leader.borrow().clone() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "the run's leader is being replaced: try again in a few seconds",
