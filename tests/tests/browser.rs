@@ -556,3 +556,95 @@ fn a_tab_and_a_native_host_train_fragments_of_the_model_in_ternary() {
         "the tab's updates do not cover one fragment each: {lens:?}"
     );
 }
+
+/// A tab that opens the page of an edge relay (`--edge`) trains through it: the page, the
+/// bundle and the model's weights come from the edge, its calls go to the leader, and its
+/// updates are accepted, as on the leader's own page.
+#[test]
+fn a_tab_joins_through_an_edge_relay_and_its_update_is_accepted() {
+    use tessera_e2e::stores::{Postgres, S3};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pg = Postgres::start(d);
+    let s3 = S3::start(d, "tessera");
+    let bundle = web_bundle().display().to_string();
+    let (leader_port, edge_port) = (free_port(), free_port());
+    let start = |name: &str, port: u16, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--store",
+            &pg.url(),
+            "--blobs",
+            "s3://tessera/run",
+            "--key",
+            &d.join("relay.key").display().to_string(),
+            "--checkpoints",
+            &d.join(format!("{name}-ck")).display().to_string(),
+            "--web-bundle",
+            &bundle,
+            "--lease-secs",
+            "120",
+            "--batch",
+            "4",
+            "--eval-iters",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Proc::spawn_env(
+            &bin("tessera-relay"),
+            &args,
+            &s3.env(),
+            d.join(format!("relay-{name}.log")),
+        )
+    };
+    let _leader = start("leader", leader_port, &[]);
+    wait_until(Duration::from_secs(60), "the leader serves", || {
+        try_status(leader_port).is_some()
+    });
+    let _edge = start("edge", edge_port, &["--edge"]);
+    wait_until(Duration::from_secs(60), "the edge serves", || {
+        try_status(edge_port).is_some()
+    });
+    let mut tab = Browser::open(
+        &format!("http://127.0.0.1:{edge_port}/?autojoin=1"),
+        Gpu::None,
+        d.join("chromium.log"),
+    );
+    // The leader's status: the tab is its participant, reached through the edge.
+    wait_for(
+        leader_port,
+        &mut tab,
+        300,
+        "an accepted update from a tab on the edge's page",
+        |s| browsers(s).iter().any(|p| accepted(p) >= 1),
+    );
+    let t = tab.tab();
+    assert!(
+        t["accepted"].as_u64().unwrap_or(0) >= 1,
+        "the tab counts its update accepted: {t}"
+    );
+    let edge_metrics = ureq::get(&format!("http://127.0.0.1:{edge_port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        edge_metrics.contains("tessera_connections 1"),
+        "the edge holds the tab's connection:\n{edge_metrics}"
+    );
+    let leader_metrics = ureq::get(&format!("http://127.0.0.1:{leader_port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        leader_metrics.contains("tessera_connections 0"),
+        "no connection on the leader:\n{leader_metrics}"
+    );
+    screenshot(&mut tab, "edge-tab.png");
+}

@@ -370,6 +370,46 @@ fn edge_relays_serve_one_run_together_and_lose_nothing() {
         matches!(refused, Err(ureq::Error::StatusCode(403))),
         "{refused:?}"
     );
+    // A key for the completions API made on the store beside the running leader, used
+    // through an edge (passed through, with its Authorization header).
+    let out = Command::new(bin("tessera-relay"))
+        .args([
+            "--store",
+            &pg.url(),
+            "api-key",
+            "--name",
+            "edge",
+            "--quota",
+            "100000",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let models: serde_json::Value =
+        ureq::get(&format!("http://127.0.0.1:{}/v1/models", edges_ports[1]))
+            .header("Authorization", &format!("Bearer {key}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+    let model = models["data"][0]["id"].as_str().unwrap().to_string();
+    let completion: serde_json::Value = ureq::post(&format!(
+        "http://127.0.0.1:{}/v1/completions",
+        edges_ports[1]
+    ))
+    .header("Authorization", &format!("Bearer {key}"))
+    .send_json(serde_json::json!({"model": model, "prompt": "ROMEO:", "max_tokens": 8}))
+    .unwrap()
+    .body_mut()
+    .read_json()
+    .unwrap();
+    assert!(completion["choices"][0]["text"].is_string(), "{completion}");
     // Every relay serves the same bytes for a version (the edges' from the object store).
     let v = version(pa);
     let leader_bytes = model_bytes(pa, v);
@@ -513,4 +553,66 @@ fn edge_relays_serve_one_run_together_and_lose_nothing() {
     );
     edges.clear();
     drop(standby);
+}
+
+/// With an object store, accepted updates' payloads go there (content-addressed) and their rows
+/// keep only the key; a relay taking over replays the open round from it.
+#[test]
+fn update_payloads_live_in_the_object_store_and_a_new_leader_replays_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pg = Postgres::start(d);
+    let s3 = S3::start(d, "tessera");
+    let (pa, pb) = (free_port(), free_port());
+    // Rounds that do not close: every accepted update stays pending.
+    let round = ["--updates-per-round", "1000", "--round-timeout-secs", "600"];
+    let mut a = relay_with(d, "a", pa, &pg, &s3, &round);
+    wait_until(Duration::from_secs(60), "relay a leads and serves", || {
+        try_status(pa).is_some()
+    });
+    let b = relay_with(d, "b", pb, &pg, &s3, &round);
+    wait_until(
+        Duration::from_secs(30),
+        "relay b waits as a standby",
+        || !b.lines_with("standby").is_empty(),
+    );
+    let _host = Proc::spawn(
+        &bin("tessera-host"),
+        &[
+            "join".into(),
+            format!("ws://127.0.0.1:{pa}/ws,ws://127.0.0.1:{pb}/ws"),
+            "--backend".into(),
+            "cpu".into(),
+            "--key".into(),
+            d.join("h.key").display().to_string(),
+        ],
+        d.join("host.log"),
+    );
+    let pending = |port: u16| try_status(port).map_or(0, |s| u(&s["pending_updates"]));
+    wait_until(Duration::from_secs(120), "3 updates pending", || {
+        pending(pa) >= 3
+    });
+    let one = |sql: &str| -> i64 { pg.client().query_one(sql, &[]).unwrap().get(0) };
+    assert_eq!(
+        one("SELECT COUNT(*) FROM updates WHERE payload IS NOT NULL OR payload_key IS NULL"),
+        0,
+        "no payload bytes in PostgreSQL: keys only"
+    );
+    let key: String = pg
+        .client()
+        .query_one("SELECT payload_key FROM updates ORDER BY id LIMIT 1", &[])
+        .unwrap()
+        .get(0);
+    assert!(key.starts_with("sha256/"), "{key}");
+    a.kill9();
+    let stored = one("SELECT COUNT(*) FROM updates WHERE applied_version IS NULL AND held = 0");
+    wait_until(Duration::from_secs(30), "relay b takes over", || {
+        try_status(pb).is_some()
+    });
+    assert!(
+        pending(pb) as i64 >= stored,
+        "b replays the {stored} pending updates from the object store: {}",
+        status(pb)
+    );
+    assert!(!b.lines_with("recovered run").is_empty(), "{}", b.output());
 }

@@ -253,6 +253,20 @@ impl Checkpoints {
         Ok(bytes)
     }
 
+    /// Puts `bytes` into the object store, content-addressed, and returns their key; `None`
+    /// without an object store.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<Option<String>> {
+        self.blobs.as_ref().map(|b| b.put(bytes)).transpose()
+    }
+
+    /// The bytes under `key` in the object store (checked against it).
+    pub fn get_blob(&self, key: &str) -> Result<Vec<u8>> {
+        match &self.blobs {
+            Some(b) => b.get(key),
+            None => anyhow::bail!("{key} is in an object store and this relay has none (--blobs)"),
+        }
+    }
+
     /// Reads the raw weights file of a version, if it is still on disk.
     pub fn read_weights(&self, version: u64) -> Option<Vec<u8>> {
         fs::read(self.weights_path(version)).ok()

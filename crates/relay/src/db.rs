@@ -105,7 +105,9 @@ CREATE TABLE IF NOT EXISTS updates (
     base_sha256 BLOB,
     signature BLOB,
     frag_offset INTEGER NOT NULL DEFAULT 0,
-    frag_len INTEGER NOT NULL DEFAULT -1
+    frag_len INTEGER NOT NULL DEFAULT -1,
+    -- with an object store: the payload's key there (content-addressed), and payload NULL
+    payload_key TEXT
 );
 -- The contribution log: one leaf per granted unit, in grant order (see tessera_protocol::ledger).
 CREATE TABLE IF NOT EXISTS ledger (
@@ -165,6 +167,8 @@ CREATE TABLE IF NOT EXISTS leadership (
 );
 INSERT INTO leadership (id, epoch, holder, beat) VALUES (1, 0, '', clock_timestamp())
     ON CONFLICT (id) DO NOTHING;
+-- Runs kept before update payloads could live in the object store.
+ALTER TABLE updates ADD COLUMN IF NOT EXISTS payload_key TEXT;
 -- Where edge relays reach the leader (`--advertise`).
 ALTER TABLE leadership ADD COLUMN IF NOT EXISTS address TEXT NOT NULL DEFAULT '';
 "
@@ -243,8 +247,10 @@ pub struct PendingUpdate {
     pub participant: String,
     /// Its verdict (weight, tokens, staleness).
     pub verdict: Verdict,
-    /// The pseudo-gradient, f32 little-endian.
+    /// The pseudo-gradient, f32 little-endian (empty when it is in the object store).
     pub payload: Vec<u8>,
+    /// Its key in the object store, if it was put there.
+    pub payload_key: Option<String>,
     /// When it arrived.
     pub received_ms: u64,
 }
@@ -267,8 +273,10 @@ pub struct UpdateRecord<'a> {
     pub loss_after: f32,
     /// When it arrived.
     pub received_ms: u64,
-    /// The pseudo-gradient, f32 little-endian.
+    /// The pseudo-gradient, f32 little-endian (not stored when it is in the object store).
     pub payload: &'a [u8],
+    /// Its key in the object store, if it was put there first.
+    pub payload_key: Option<&'a str>,
     /// SHA-256 of the payload.
     pub sha256: [u8; 32],
     /// SHA-256 of the base weights, as signed.
@@ -289,8 +297,10 @@ pub struct HeldUpdate {
     pub unit: WorkUnit,
     /// Tokens credited.
     pub tokens: u64,
-    /// The pseudo-gradient, f32 little-endian.
+    /// The pseudo-gradient, f32 little-endian (empty when it is in the object store).
     pub payload: Vec<u8>,
+    /// Its key in the object store, if it was put there.
+    pub payload_key: Option<String>,
 }
 
 enum Conn {
@@ -354,6 +364,7 @@ impl Db {
             ("updates", "frag_len", "INTEGER NOT NULL DEFAULT -1"),
             ("leases", "frag_offset", "INTEGER NOT NULL DEFAULT 0"),
             ("leases", "frag_len", "INTEGER NOT NULL DEFAULT -1"),
+            ("updates", "payload_key", "TEXT"),
         ] {
             let has: bool = conn
                 .prepare(&format!(
@@ -736,8 +747,8 @@ impl Db {
         self.write(|tx| {
             tx.exec(
                 "INSERT INTO updates (unit_id, participant, base_version, staleness, tokens, weight, loss_before, loss_after, received_ms, payload,
-                    shard, inner_steps, warmup_steps, lr, sha256, own_gain, held_gain, held, base_sha256, signature, frag_offset, frag_len)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
+                    shard, inner_steps, warmup_steps, lr, sha256, own_gain, held_gain, held, base_sha256, signature, frag_offset, frag_len, payload_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
                 p![
                     u.unit_id,
                     u.participant,
@@ -748,7 +759,7 @@ impl Db {
                     u.loss_before,
                     u.loss_after,
                     u.received_ms,
-                    u.payload,
+                    u.payload_key.is_none().then_some(u.payload),
                     u.unit.shard,
                     u.unit.inner_steps as i64,
                     u.unit.warmup_steps as i64,
@@ -760,7 +771,8 @@ impl Db {
                     u.base_sha256.as_slice(),
                     u.signature,
                     frag_offset,
-                    frag_len
+                    frag_len,
+                    u.payload_key
                 ],
             )?;
             tx.exec(
@@ -833,13 +845,16 @@ impl Db {
         quota: u64,
         now: u64,
     ) -> Result<u64> {
-        self.write(|tx| {
-            let r = tx.row(
+        // A key is the operator's, not the run's state: it needs no lead (no fence), so
+        // `tessera-relay api-key --store` adds one beside a running leader, which reads keys
+        // from the store on every request. One statement: atomic on its own.
+        let r = blocking(|| {
+            self.read().row(
                 "INSERT INTO api_keys (name, key_sha256, quota, created_ms) VALUES ($1, $2, $3, $4) RETURNING id",
                 p![name, sha256.as_slice(), quota, now],
-            )?;
-            Ok(r.context("the new key's id")?.u64(0)?)
-        })
+            )
+        })?;
+        Ok(r.context("the new key's id")?.u64(0)?)
     }
 
     /// The key with this SHA-256: `(id, name, quota, used)`.
@@ -924,7 +939,7 @@ impl Db {
     pub fn held_updates(&mut self, template: &WorkUnit) -> Result<Vec<HeldUpdate>> {
         self.read()
             .rows(
-                "SELECT participant, unit_id, base_version, shard, inner_steps, warmup_steps, lr, tokens, payload, frag_offset, frag_len FROM updates WHERE held = 1 ORDER BY id",
+                "SELECT participant, unit_id, base_version, shard, inner_steps, warmup_steps, lr, tokens, payload, frag_offset, frag_len, payload_key FROM updates WHERE held = 1 ORDER BY id",
                 &[],
             )?
             .iter()
@@ -934,6 +949,7 @@ impl Db {
                     unit: unit_from(template, r, [1, 2, 3, 4, 5, 6, 9, 10])?,
                     tokens: r.u64(7)?,
                     payload: r.blob(8)?,
+                    payload_key: r.opt_text(11)?,
                 })
             })
             .collect()
@@ -1058,7 +1074,7 @@ impl Db {
     pub fn pending_updates(&mut self) -> Result<Vec<PendingUpdate>> {
         self.read()
             .rows(
-                "SELECT staleness, tokens, weight, payload, received_ms, participant, unit_id, frag_offset, frag_len FROM updates WHERE applied_version IS NULL AND held = 0 ORDER BY id",
+                "SELECT staleness, tokens, weight, payload, received_ms, participant, unit_id, frag_offset, frag_len, payload_key FROM updates WHERE applied_version IS NULL AND held = 0 ORDER BY id",
                 &[],
             )?
             .iter()
@@ -1073,6 +1089,7 @@ impl Db {
                         weight: r.f64(2)? as f32,
                     },
                     payload: r.blob(3)?,
+                    payload_key: r.opt_text(9)?,
                     received_ms: r.u64(4)?,
                 })
             })

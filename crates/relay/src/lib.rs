@@ -10,7 +10,8 @@
 //!   wait to take over; [`sql`] is the one SQL surface both engines run;
 //! - [`checkpoints`]: model versions as safetensors files, written atomically, and with
 //!   [`blobs`] (`--blobs s3://…`) also to an S3-compatible object store, content-addressed, from
-//!   which a relay on another machine restores them;
+//!   which a relay on another machine restores them (accepted updates' payloads go there too,
+//!   their rows keeping the key);
 //! - [`ledger`]: the relay's signing key and the contribution log in memory, checkpointed and
 //!   signed with every version (leaves and checkpoints are rows of [`db`]);
 //! - [`run`]: start-up and crash recovery, the accept and round-close paths (with the
@@ -22,7 +23,7 @@
 //! - [`api`]: the model's usage: an OpenAI-compatible completions API with hashed keys, quotas
 //!   and metering, and revenue statements split by each version's stake;
 //! - [`verify`]: the compute of verification: the loss probe and re-executing a unit;
-//! - [`server`]: HTTP routes (`/ws`, `/api/status`, `/api/run`, `/metrics`,
+//! - [`server`]: HTTP routes (`/ws`, `/edge/call` (edge relays' forwarded calls), `/api/status`, `/api/run`, `/metrics`,
 //!   `/api/model/{version}`, `/api/model/{to}/from/{from}` (encoded changes), `/api/corpus`, the ledger under `/api/ledger` (head, export files,
 //!   checkpoints, inclusion and consistency proofs), the page and its scripts under `/web/`, the browser
 //!   participant's bundle under `/pkg/`) and the per-connection protocol.

@@ -255,10 +255,10 @@ fn read_corpus(path: Option<&std::path::Path>) -> Result<Vec<u8>> {
     }
 }
 
-#[derive(clap::Subcommand, Debug)]
+#[derive(clap::Subcommand, Debug, Clone)]
 enum Command {
     /// Create a key for the completions API (`Authorization: Bearer KEY`); prints it once (the
-    /// relay keeps only its SHA-256), in the run of `--db`.
+    /// relay keeps only its SHA-256), in the run of `--db` (or `--store`).
     ApiKey {
         /// A name for it (who holds it).
         #[arg(long)]
@@ -315,11 +315,10 @@ fn open_storage(a: &Args) -> Result<Storage> {
 }
 
 /// `tessera-relay api-key`.
-fn create_api_key(db: &std::path::Path, name: &str, quota: u64) -> Result<()> {
+fn create_api_key(mut db: Db, name: &str, quota: u64) -> Result<()> {
     let mut secret = [0u8; 24];
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let key = format!("tsk-{}", hex::encode(secret));
-    let mut db = tessera_relay::db::Db::open(db)?;
     let id = db.create_api_key(
         name,
         &tessera_relay::api::key_sha256(&key),
@@ -346,11 +345,17 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
-    if let Some(Command::ApiKey { name, quota }) = &a.command {
-        if a.store.is_some() {
-            bail!("api-key works on the embedded store (--db) only, not yet on --store");
-        }
-        return create_api_key(&a.db, name, *quota);
+    if let Some(Command::ApiKey { name, quota }) = a.command.clone() {
+        // PostgreSQL's synchronous client (its use and its drop) stays off the async runtime.
+        let (store, path) = (a.store.clone(), a.db.clone());
+        return tokio::task::spawn_blocking(move || {
+            let db = match &store {
+                Some(url) => Db::connect_postgres_reader(url)?,
+                None => Db::open(&path)?,
+            };
+            create_api_key(db, &name, quota)
+        })
+        .await?;
     }
     if a.edge {
         return run_edge(&a).await;

@@ -513,10 +513,14 @@ impl Relay {
                 // Updates replayed from the ledger are already in the participants' counts.
                 let pending = db.pending_updates()?;
                 for u in &pending {
+                    let data = match &u.payload_key {
+                        Some(key) => ckpt.get_blob(key)?,
+                        None => u.payload.clone(),
+                    };
                     let delta = tessera_protocol::update::Payload {
                         codec: tessera_protocol::update::Codec::F32,
-                        len: (u.payload.len() / 4) as u64,
-                        data: u.payload.clone(),
+                        len: (data.len() / 4) as u64,
+                        data,
                     }
                     .decode()?;
                     coord.replay(
@@ -535,10 +539,14 @@ impl Relay {
                     coord.restore_hash(h);
                 }
                 for h in db.held_updates(&template)? {
+                    let data = match &h.payload_key {
+                        Some(key) => ckpt.get_blob(key)?,
+                        None => h.payload,
+                    };
                     let delta = tessera_protocol::update::Payload {
                         codec: tessera_protocol::update::Codec::F32,
-                        len: (h.payload.len() / 4) as u64,
-                        data: h.payload,
+                        len: (data.len() / 4) as u64,
+                        data,
                     }
                     .decode()?;
                     coord.restore_held(
@@ -1021,6 +1029,18 @@ impl Relay {
         } else {
             None
         };
+        // The relay keeps what it folds, the decoded values, as f32 LE (a replay needs no
+        // codec): on a little-endian machine, the decoded values' own bytes. With an object
+        // store they go there first (content-addressed, outside the lock; an update refused
+        // below leaves an unreferenced object) and its row holds their key.
+        let stored: std::borrow::Cow<[u8]> = match s.payload.codec {
+            Codec::F32 => std::borrow::Cow::Borrowed(&s.payload.data),
+            _ if cfg!(target_endian = "little") => {
+                std::borrow::Cow::Borrowed(bytemuck::cast_slice(&delta))
+            }
+            _ => std::borrow::Cow::Owned(delta.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        };
+        let payload_key = self.ckpt.put_blob(&stored)?;
         let mut inner = self.lock();
         let mut anomaly = match probe.as_ref().map(|p| inner.coord.judge_probe(p)) {
             Some(Err(r)) => return self.rejected(&mut inner, id, s.unit_id, r),
@@ -1045,15 +1065,6 @@ impl Relay {
         let scrutiny = inner.coord.scrutiny(id, random_unit(), anomaly.is_some());
         let hold = scrutiny == Scrutiny::Hold;
         let now = now_ms();
-        // The relay keeps what it folds, the decoded values, as f32 LE (a replay needs no
-        // codec): on a little-endian machine, the decoded values' own bytes.
-        let stored: std::borrow::Cow<[u8]> = match s.payload.codec {
-            Codec::F32 => std::borrow::Cow::Borrowed(&s.payload.data),
-            _ if cfg!(target_endian = "little") => {
-                std::borrow::Cow::Borrowed(bytemuck::cast_slice(&delta))
-            }
-            _ => std::borrow::Cow::Owned(delta.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        };
         let commit = std::time::Instant::now();
         self.db().record_accepted(&UpdateRecord {
             unit: &unit,
@@ -1065,6 +1076,7 @@ impl Relay {
             loss_after: s.loss_after,
             received_ms: now,
             payload: &stored,
+            payload_key: payload_key.as_deref(),
             sha256: measured.sha256,
             base_sha256: s.base_sha256,
             signature: &s.signature,

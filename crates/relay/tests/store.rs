@@ -118,6 +118,8 @@ fn script(db: &mut Db) -> String {
             loss_after: 2.5,
             received_ms: 2_000 + i as u64,
             payload: &payload,
+            // Odd ones as the object store keeps them: a key, no bytes in the row.
+            payload_key: (i % 2 == 1).then_some("sha256/00ff"),
             sha256: [i as u8 + 10; 32],
             base_sha256: [9; 32],
             signature: &[i as u8; 64],
@@ -138,6 +140,7 @@ fn script(db: &mut Db) -> String {
                     &u.participant,
                     u.verdict,
                     &u.payload,
+                    &u.payload_key,
                     u.received_ms
                 ))
                 .collect::<Vec<_>>()
@@ -148,7 +151,13 @@ fn script(db: &mut Db) -> String {
         format!(
             "{:?}",
             h.iter()
-                .map(|u| (&u.participant, &u.unit, u.tokens, &u.payload))
+                .map(|u| (
+                    &u.participant,
+                    &u.unit,
+                    u.tokens,
+                    &u.payload,
+                    &u.payload_key
+                ))
                 .collect::<Vec<_>>()
         )
     });
