@@ -174,6 +174,19 @@ ALTER TABLE leadership ADD COLUMN IF NOT EXISTS address TEXT NOT NULL DEFAULT ''
 "
 }
 
+/// Connects to the PostgreSQL database at `url` and creates the schema (serialised between
+/// relays by an advisory lock; every statement is idempotent).
+fn connect_with_schema(url: &str) -> Result<postgres::Client> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls)
+        .with_context(|| format!("connecting to {}", redact(url)))?;
+    let mut tx = client.transaction()?;
+    tx.batch_execute("SET LOCAL client_min_messages = warning")?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+    tx.batch_execute(&postgres_schema())?;
+    tx.commit()?;
+    Ok(client)
+}
+
 /// The advisory lock the leader of a run holds for as long as its session lives (one run per
 /// database).
 const LEADER_LOCK: i64 = 0x7465_7373_6572_6101;
@@ -392,15 +405,7 @@ impl Db {
         waiting: impl FnOnce(&str),
     ) -> Result<Self> {
         blocking(|| {
-            let mut client = postgres::Client::connect(url, postgres::NoTls)
-                .with_context(|| format!("connecting to {}", redact(url)))?;
-            {
-                let mut tx = client.transaction()?;
-                tx.batch_execute("SET LOCAL client_min_messages = warning")?;
-                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
-                tx.batch_execute(&postgres_schema())?;
-                tx.commit()?;
-            }
+            let mut client = connect_with_schema(url)?;
             let mut waiting = Some(waiting);
             loop {
                 let locked: bool = client
@@ -453,15 +458,11 @@ impl Db {
     /// epoch is -1, which no leader holds, so any write it tried would fail as fenced.
     pub fn connect_postgres_reader(url: &str) -> Result<Self> {
         blocking(|| {
-            let mut client = postgres::Client::connect(url, postgres::NoTls)
-                .with_context(|| format!("connecting to {}", redact(url)))?;
-            let mut tx = client.transaction()?;
-            tx.batch_execute("SET LOCAL client_min_messages = warning")?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
-            tx.batch_execute(&postgres_schema())?;
-            tx.commit()?;
             Ok(Db {
-                conn: Conn::Postgres { client, epoch: -1 },
+                conn: Conn::Postgres {
+                    client: connect_with_schema(url)?,
+                    epoch: -1,
+                },
             })
         })
     }
