@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{Proc, free_port, run_cmd, wait_until};
+use crate::{Proc, bin, free_port, run_cmd, wait_until};
 
 /// The folder of the newest installed PostgreSQL's binaries (`TESSERA_PG_BIN` overrides).
 pub fn postgres_bin() -> PathBuf {
@@ -172,4 +172,42 @@ impl S3 {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .to_vec()
     }
+}
+
+/// A relay of one run on `pg` and `s3` (`--store`, `--blobs s3://tessera/run`, the run's key
+/// in `dir`, its own checkpoints, a 2 s lead timeout), logging to `dir/relay-{name}.log`, with
+/// `extra` arguments (`--edge`, the run's options).
+pub fn relay_with(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    pg: &Postgres,
+    s3: &S3,
+    extra: &[&str],
+) -> Proc {
+    let mut args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--store",
+        &pg.url(),
+        "--blobs",
+        "s3://tessera/run",
+        "--key",
+        &dir.join("relay.key").display().to_string(),
+        "--checkpoints",
+        &dir.join(format!("{name}-ck")).display().to_string(),
+        "--db",
+        &dir.join(format!("{name}.db")).display().to_string(),
+        "--lead-timeout-ms",
+        "2000",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Proc::spawn_env(
+        &bin("tessera-relay"),
+        &args,
+        &s3.env(),
+        dir.join(format!("relay-{name}.log")),
+    )
 }

@@ -64,6 +64,20 @@ fn wait_for(
     }
 }
 
+/// The tab's own account once it counts an accepted update (or after 60 s, for the caller's
+/// assertion to show). The relay counts an update before its reply reaches the worker (through
+/// an edge relay, one hop later) and the worker's event the page, so its status runs ahead.
+fn tab_counts_accepted(tab: &mut Browser) -> Value {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = tab.tab();
+        if t["accepted"].as_u64().unwrap_or(0) >= 1 || std::time::Instant::now() > end {
+            return t;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits until the page itself shows a model version after the first, then saves a screenshot.
 fn screenshot(tab: &mut Browser, name: &str) {
     wait_until(
@@ -108,16 +122,7 @@ fn tab_trains_on_webgpu_and_its_update_is_accepted() {
                     .any(|p| p["backend"] == "webgpu" && accepted(p) >= 1)
             },
         );
-        // The relay counts the update before the reply reaches the worker and its event the
-        // page.
-        let end = std::time::Instant::now() + Duration::from_secs(60);
-        let t = loop {
-            let t = tab.tab();
-            if t["accepted"].as_u64().unwrap_or(0) >= 1 || std::time::Instant::now() > end {
-                break t;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        let t = tab_counts_accepted(&mut tab);
         assert_eq!(t["backend"], "webgpu", "{t}");
         assert!(
             t["device"].as_str().unwrap().len() > 3,
@@ -562,49 +567,32 @@ fn a_tab_and_a_native_host_train_fragments_of_the_model_in_ternary() {
 /// updates are accepted, as on the leader's own page.
 #[test]
 fn a_tab_joins_through_an_edge_relay_and_its_update_is_accepted() {
-    use tessera_e2e::stores::{Postgres, S3};
+    use tessera_e2e::stores::{Postgres, S3, relay_with};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pg = Postgres::start(d);
     let s3 = S3::start(d, "tessera");
     let bundle = web_bundle().display().to_string();
     let (leader_port, edge_port) = (free_port(), free_port());
-    let start = |name: &str, port: u16, extra: &[&str]| {
-        let mut args: Vec<String> = [
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--store",
-            &pg.url(),
-            "--blobs",
-            "s3://tessera/run",
-            "--key",
-            &d.join("relay.key").display().to_string(),
-            "--checkpoints",
-            &d.join(format!("{name}-ck")).display().to_string(),
-            "--web-bundle",
-            &bundle,
-            "--lease-secs",
-            "120",
-            "--batch",
-            "4",
-            "--eval-iters",
-            "4",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(extra.iter().map(|a| a.to_string()));
-        Proc::spawn_env(
-            &bin("tessera-relay"),
-            &args,
-            &s3.env(),
-            d.join(format!("relay-{name}.log")),
-        )
+    let run = [
+        "--web-bundle",
+        &bundle,
+        "--lease-secs",
+        "120",
+        "--batch",
+        "4",
+        "--eval-iters",
+        "4",
+    ];
+    let start = |name: &str, port: u16, edge: bool| {
+        let args: Vec<&str> = edge.then_some("--edge").into_iter().chain(run).collect();
+        relay_with(d, name, port, &pg, &s3, &args)
     };
-    let _leader = start("leader", leader_port, &[]);
+    let _leader = start("leader", leader_port, false);
     wait_until(Duration::from_secs(60), "the leader serves", || {
         try_status(leader_port).is_some()
     });
-    let _edge = start("edge", edge_port, &["--edge"]);
+    let _edge = start("edge", edge_port, true);
     wait_until(Duration::from_secs(60), "the edge serves", || {
         try_status(edge_port).is_some()
     });
@@ -621,7 +609,7 @@ fn a_tab_joins_through_an_edge_relay_and_its_update_is_accepted() {
         "an accepted update from a tab on the edge's page",
         |s| browsers(s).iter().any(|p| accepted(p) >= 1),
     );
-    let t = tab.tab();
+    let t = tab_counts_accepted(&mut tab);
     assert!(
         t["accepted"].as_u64().unwrap_or(0) >= 1,
         "the tab counts its update accepted: {t}"

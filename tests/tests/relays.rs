@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_e2e::stores::{Postgres, S3};
+use tessera_e2e::stores::{Postgres, S3, relay_with};
 use tessera_e2e::*;
 
 fn u(v: &serde_json::Value) -> u64 {
@@ -22,35 +22,6 @@ fn version(port: u16) -> u64 {
 /// A relay of the run kept in `pg` and `s3` (its own checkpoint cache in `dir/NAME-ck`).
 fn relay(dir: &Path, name: &str, port: u16, pg: &Postgres, s3: &S3) -> Proc {
     relay_with(dir, name, port, pg, s3, &[])
-}
-
-/// `relay`, with more arguments.
-fn relay_with(dir: &Path, name: &str, port: u16, pg: &Postgres, s3: &S3, extra: &[&str]) -> Proc {
-    let mut args: Vec<String> = [
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--store",
-        &pg.url(),
-        "--blobs",
-        "s3://tessera/run",
-        "--key",
-        &dir.join("relay.key").display().to_string(),
-        "--checkpoints",
-        &dir.join(format!("{name}-ck")).display().to_string(),
-        "--db",
-        &dir.join(format!("{name}.db")).display().to_string(),
-        "--lead-timeout-ms",
-        "2000",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    Proc::spawn_env(
-        &bin("tessera-relay"),
-        &args,
-        &s3.env(),
-        dir.join(format!("relay-{name}.log")),
-    )
 }
 
 fn model_bytes(port: u16, version: u64) -> Vec<u8> {
