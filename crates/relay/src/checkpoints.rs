@@ -151,14 +151,7 @@ impl Checkpoints {
                 "version {version} is stored as {stored:?}, a local file this machine lacks"
             );
         }
-        let manifest: BlobManifest = serde_json::from_slice(&b.get(stored)?)
-            .with_context(|| format!("the manifest of version {version} ({stored})"))?;
-        if manifest.version != version {
-            anyhow::bail!(
-                "{stored} is the manifest of version {}, not {version}",
-                manifest.version
-            );
-        }
+        let manifest = Self::manifest(b, version, stored)?;
         let holds = |path: &Path, key: &str| {
             fs::read(path).is_ok_and(|bytes| Blobs::key(&work::sha256(&bytes)) == key)
         };
@@ -169,6 +162,19 @@ impl Checkpoints {
         }
         let (bytes, momentum) = (b.get(&manifest.weights)?, b.get(&manifest.momentum)?);
         self.write_local(version, &bytes, &momentum, &manifest.ledger)
+    }
+
+    /// The manifest of `version` stored under `stored`, checked to be that version's.
+    fn manifest(b: &Blobs, version: u64, stored: &str) -> Result<BlobManifest> {
+        let manifest: BlobManifest = serde_json::from_slice(&b.get(stored)?)
+            .with_context(|| format!("the manifest of version {version} ({stored})"))?;
+        if manifest.version != version {
+            anyhow::bail!(
+                "{stored} is the manifest of version {}, not {version}",
+                manifest.version
+            );
+        }
+        Ok(manifest)
     }
 
     fn write_local(
@@ -238,14 +244,7 @@ impl Checkpoints {
         let Some(b) = &self.blobs else {
             anyhow::bail!("version {version} is not on this machine and there is no object store");
         };
-        let manifest: BlobManifest = serde_json::from_slice(&b.get(stored)?)
-            .with_context(|| format!("the manifest of version {version} ({stored})"))?;
-        if manifest.version != version {
-            anyhow::bail!(
-                "{stored} is the manifest of version {}, not {version}",
-                manifest.version
-            );
-        }
+        let manifest = Self::manifest(b, version, stored)?;
         // `get` checks the bytes against their content address.
         let bytes = b.get(&manifest.weights)?;
         write_atomic(&self.weights_path(version), &bytes)?;

@@ -38,7 +38,7 @@ use crate::blobs::Blobs;
 use crate::checkpoints::Checkpoints;
 use crate::db::Db;
 use crate::run::Metrics;
-use crate::server::{self, Hub};
+use crate::server::{self, Hub, write_metric};
 
 /// The header an edge relay shows the leader its token in.
 pub const EDGE_TOKEN_HEADER: &str = "x-tessera-edge-token";
@@ -145,14 +145,21 @@ impl Edge {
             move || Db::connect_postgres_reader(&url)
         })
         .await?;
-        let db = Arc::new(Mutex::new(db));
+        let mut db = Some(db);
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .build()?;
         let mut announced = false;
         let (leader, run_info) = loop {
-            let d = db.clone();
-            let found = blocking(move || d.lock().expect("db lock").leader()).await?;
+            // The connection goes to the blocking thread and comes back with the answer.
+            let mut d = db.take().expect("the store is back after each poll");
+            let (d, found) = blocking(move || {
+                let found = d.leader();
+                Ok((d, found))
+            })
+            .await?;
+            db = Some(d);
+            let found = found?;
             if let Some((_, address, _)) = found {
                 match fetch_run(&http, &address).await {
                     Ok(run) => break (address, run),
@@ -171,10 +178,7 @@ impl Edge {
         }
         let specs = params::specs(&Gpt::new(&run_info.model, &Device::flex()));
         let ckpt = Checkpoints::open(cache, specs, 8, Some(blobs))?;
-        let db = Arc::try_unwrap(db)
-            .map_err(|_| anyhow::anyhow!("store still shared"))?
-            .into_inner()
-            .expect("db lock");
+        let db = db.expect("the store is back after each poll");
         let (versions, _) = broadcast::channel(16);
         let edge = Arc::new(Edge {
             run_info,
@@ -475,9 +479,7 @@ async fn metrics(State(e): State<Arc<Edge>>) -> Response {
             e.forwarded_us.load(Ordering::Relaxed),
         ),
     ] {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
+        write_metric(&mut out, name, kind, help, value);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

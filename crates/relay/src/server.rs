@@ -201,14 +201,26 @@ async fn corpus(State(r): State<Arc<Relay>>) -> Response {
         .expect("valid response")
 }
 
+/// Appends one metric in Prometheus' text format (its help, its type, its value): the leader's
+/// and the edges' `/metrics` alike.
+pub fn write_metric(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl std::fmt::Display,
+) {
+    out.push_str(&format!(
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+    ));
+}
+
 async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
     let s = serde_json::to_value(r.status()).unwrap_or_default();
     let g = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
+        write_metric(&mut out, name, kind, help, value)
     };
     metric(
         "tessera_model_version",
