@@ -1083,6 +1083,22 @@ mod tests {
             }
         }
 
+        /// Every lossy codec decodes what it encodes, also when values tie: `m`, `-m` and 0
+        /// only (a chunk whose largest values share one magnitude).
+        #[test]
+        fn every_codec_decodes_what_it_encodes_ties_included(
+            m in proptest::sample::select(vec![0.0048f32, 1e-3, 0.1, 3.3, 7e-5, 1e-7, 1e3]),
+            levels in proptest::collection::vec(0u8..3, 0..9000),
+            k in 1u16..300,
+        ) {
+            let values: Vec<f32> = levels.iter().map(|l| [0.0, m, -m][usize::from(*l)]).collect();
+            for codec in [Codec::Int8, Codec::Int4, Codec::Sign, Codec::Ternary, Codec::Sparse { k }] {
+                let d = Payload::encode(codec, &values).decode();
+                proptest::prop_assert!(d.is_ok(), "{}: {:?}", codec.name(), d);
+                proptest::prop_assert_eq!(d.unwrap().len(), values.len());
+            }
+        }
+
         /// ternary: every value outside its chunk's dead zone comes back as its sign times
         /// the chunk's scale, every other as 0 (the decoder's bit tricks against the rule).
         #[test]
