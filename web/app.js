@@ -315,7 +315,7 @@ if (params.get('bench') === '1') {
     const bytes = new Uint8Array(r.delta.buffer);
     let bin = '';
     for (let i = 0; i < bytes.length; i += 0x8000) bin += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
-    return JSON.stringify({ backend: r.backend, device: r.backend === 'webgpu' ? adapter : r.device, losses: r.losses, stepMs: r.stepMs, delta: btoa(bin) });
+    return JSON.stringify({ backend: r.backend, device: r.backend === 'webgpu' ? adapter : r.device, losses: r.losses, stepMs: r.stepMs, codecs: r.codecs ?? null, delta: btoa(bin) });
   };
 }
 

@@ -14,7 +14,9 @@
 //! - [`ledger`]: the contribution ledger anyone can check: granted contributions as leaves of an
 //!   RFC 6962 Merkle tree, the relay's signed checkpoints and receipts, proofs and the audit;
 //! - [`work`]: what a work unit means (its batches, its learning-rate ramp, how it is trained,
-//!   its pseudo-gradient, its signed submission), shared by every participant and verifier.
+//!   its pseudo-gradient, its signed submission), shared by every participant and verifier;
+//! - [`throughput`]: what each codec costs where it runs (encode, decode, beside a copy), timed
+//!   by the caller's clock: the same measurement natively and in the tab.
 //!
 //! Model weights travel separately, over plain HTTP, as safetensors files named by version.
 
@@ -23,6 +25,7 @@ pub mod identity;
 pub mod ledger;
 pub mod messages;
 pub mod sparse;
+pub mod throughput;
 pub mod update;
 pub mod work;
 

@@ -17,7 +17,7 @@ use tessera_protocol::{ClientMsg, PROTOCOL_VERSION, ServerMsg, identity, work};
 use wasm_bindgen::prelude::*;
 
 use crate::events::Event;
-use crate::platform::{describe, fetch_bytes, fetch_found, log, now_ms, sleep};
+use crate::platform::{describe, fetch_bytes, fetch_found, log, now_ms, precise_ms, sleep};
 use crate::socket::Socket;
 
 /// Backend names as the relay's ledger shows them.
@@ -727,11 +727,16 @@ struct BenchOptions {
     steps: u32,
     batch: u32,
     lr: f64,
+    /// When > 0: after training, every codec's encode and decode throughput on this many
+    /// values (the trained pseudo-gradient, repeated), beside a copy of them.
+    #[serde(default)]
+    codec_values: usize,
 }
 
 /// Trains one named unit (base version, shard, steps, batch, lr, on the relay's run) on
-/// `webgpu` or `cpu` and resolves to `{backend, device, losses, stepMs, delta: Float32Array}`:
-/// the browser side of the consistency and speed benchmarks.
+/// `webgpu` or `cpu` and resolves to `{backend, device, losses, stepMs, delta: Float32Array}`
+/// (and `codecs`, [`tessera_protocol::throughput::Throughput`], when `codecValues` > 0): the
+/// browser side of the consistency, speed and codec benchmarks.
 #[wasm_bindgen(js_name = benchUnit)]
 pub fn bench_unit(options: JsValue) -> js_sys::Promise {
     wasm_bindgen_futures::future_to_promise(async move {
@@ -783,6 +788,22 @@ async fn bench(o: BenchOptions) -> Result<JsValue, String> {
         .ok_or("the unit was given up")?;
     let out = js_sys::Object::new();
     let set = |k: &str, v: JsValue| js_sys::Reflect::set(&out, &k.into(), &v).map(|_| ());
+    if o.codec_values > 0 && !trained.delta.is_empty() {
+        let values: Vec<f32> = trained
+            .delta
+            .iter()
+            .cycle()
+            .take(o.codec_values)
+            .copied()
+            .collect();
+        let measured = tessera_protocol::throughput::measure(&values, 5, precise_ms);
+        let codecs = serde::Serialize::serialize(
+            &measured,
+            &serde_wasm_bindgen::Serializer::json_compatible(),
+        )
+        .map_err(|e| e.to_string())?;
+        set("codecs", codecs).map_err(describe)?;
+    }
     let losses = serde_wasm_bindgen::to_value(&trained.losses).map_err(|e| e.to_string())?;
     let step_ms = serde_wasm_bindgen::to_value(&trained.step_ms).map_err(|e| e.to_string())?;
     set("backend", backend.into())

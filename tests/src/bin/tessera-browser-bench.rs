@@ -2,7 +2,9 @@
 //! learning rate) trained in a headless Chromium tab (WebGPU, then the WASM CPU backend) and
 //! natively (wgpu, then flex) on this machine, all in one run. Prints the cosine similarity of
 //! the pseudo-gradients, the step times and their ratios, the time from page load to the first
-//! training step, and the size of the bundle.
+//! training step, the size of the bundle, and every codec's encode and decode throughput in the
+//! tab (WASM) and natively, on the same values (the `small` model's count, the unit's
+//! pseudo-gradient repeated), each beside a copy of them.
 //!
 //! usage: tessera-browser-bench [CONFIG=tiny] [STEPS=10] [BATCH=8]
 //! (build first: cargo build --release --workspace --bins && tools/build-web.sh)
@@ -78,13 +80,14 @@ fn warm_mean(ms: &[f64]) -> f64 {
 }
 
 /// One unit in a tab; `threads` > 0 trains on the threaded CPU bundle with that many workers,
-/// 0 on the single-threaded bundle.
+/// 0 on the single-threaded bundle; `codec_values` > 0 measures the codecs there too.
 fn in_tab(
     port: u16,
     backend: &str,
     threads: usize,
     steps: u32,
     batch: u32,
+    codec_values: usize,
 ) -> (Vec<f32>, Vec<f64>, Value) {
     let dir = tempfile::tempdir().unwrap();
     let mut tab = Browser::open(
@@ -97,7 +100,7 @@ fn in_tab(
         tab.eval("typeof window.tesseraBench") == "function"
     });
     let opts = json!({"backend": backend, "version": 0, "shard": SHARD, "steps": steps,
-        "batch": batch, "lr": LR, "threads": threads, "threaded": threads > 0});
+        "batch": batch, "lr": LR, "threads": threads, "threaded": threads > 0, "codecValues": codec_values});
     let r = tab.eval(&format!("window.tesseraBench({opts})"));
     let r: Value = serde_json::from_str(r.as_str().expect("bench result")).unwrap();
     let bytes = base64::engine::general_purpose::STANDARD
@@ -193,15 +196,18 @@ fn main() {
     let (d_wgpu, ms_wgpu, l_wgpu) = native(&wgpu, &run, &unit, &base, &corpus);
     let (d_cpu, ms_cpu, l_cpu) = native(&Device::flex(), &run, &unit, &base, &corpus);
     eprintln!("native done; tab on WebGPU…");
-    let (d_tab_gpu, ms_tab_gpu, r_gpu) = in_tab(port, "webgpu", 0, steps, batch);
+    let (d_tab_gpu, ms_tab_gpu, r_gpu) = in_tab(port, "webgpu", 0, steps, batch, 0);
     eprintln!("tab on the WASM CPU backend…");
-    let (d_tab_cpu, ms_tab_cpu, r_cpu) = in_tab(port, "cpu", 0, steps, batch);
+    let codec_values = tessera_core::config::ModelConfig::named("small")
+        .unwrap()
+        .num_params();
+    let (d_tab_cpu, ms_tab_cpu, r_cpu) = in_tab(port, "cpu", 0, steps, batch, codec_values);
     // As many workers as the native host's rayon threads (every core).
     let threads = tessera_core::kernels::threads();
     let threaded = bundle.join("threads/tessera_web_bg.wasm").exists();
     let (d_tab_mt, ms_tab_mt, r_mt) = if threaded {
         eprintln!("tab on the threaded WASM CPU bundle ({threads} workers)…");
-        in_tab(port, "cpu", threads, steps, batch)
+        in_tab(port, "cpu", threads, steps, batch, 0)
     } else {
         eprintln!("no threaded bundle (web/pkg/threads): skipping that row");
         (
@@ -213,10 +219,15 @@ fn main() {
     // The same bundle with one worker: what shared memory and atomics cost on their own.
     let ms_tab_mt1 = if threaded {
         eprintln!("tab on the threaded WASM CPU bundle (1 worker)…");
-        in_tab(port, "cpu", 1, steps, batch).1
+        in_tab(port, "cpu", 1, steps, batch, 0).1
     } else {
         vec![f64::NAN; ms_tab_cpu.len()]
     };
+    eprintln!("codecs natively…");
+    let values: Vec<f32> = d_cpu.iter().cycle().take(codec_values).copied().collect();
+    let start = Instant::now();
+    let native_codecs =
+        tessera_protocol::throughput::measure(&values, 5, || start.elapsed().as_secs_f64() * 1e3);
     eprintln!("page load to first step…");
     let (first_auto, t_auto) = first_step(port, "", Gpu::WebGpu);
     let (first_gpu, t_gpu) = first_step(port, "&backend=webgpu", Gpu::WebGpu);
@@ -256,6 +267,7 @@ fn main() {
             "webgpu": {"ms": first_gpu, "backend": t_gpu["backend"], "wasm_load_ms": t_gpu["loadedMs"]},
         },
         "wasm_bytes": wasm, "wasm_gzip_bytes": wasm_gz,
+        "codecs": {"native_cpu": native_codecs, "tab_wasm_cpu": r_cpu["codecs"]},
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
 }
