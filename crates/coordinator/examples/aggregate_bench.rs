@@ -2,7 +2,8 @@
 //! round's average, against memcpy bandwidth measured in the same run; and the int8 codec's
 //! encode (a participant's CPU), decode, and decode + fold (the relay: into a fresh vector, and
 //! into a reused buffer as the relay does now), and the sparse, int4 and ternary codecs', in
-//! MB/s of the f32 values they stand for.
+//! MB/s of the f32 values they stand for; then every codec's encode and decode on noise
+//! (one line each).
 //!
 //!     cargo run --release -p tessera-coordinator --example aggregate_bench
 
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use tessera_coordinator::aggregate::{fold, fold_le_bytes, nesterov_step};
 use tessera_core::config::ModelConfig;
+use tessera_protocol::throughput;
 use tessera_protocol::update::{Codec, Payload};
 
 fn best_of<F: FnMut()>(reps: usize, mut f: F) -> f64 {
@@ -159,4 +161,24 @@ fn main() {
         mbs(ternary_reused),
         memcpy / ternary_reused,
     );
+    // Every codec again on values without a pattern (uniform noise: which values a ternary
+    // or sparse chunk sends is a branch predictor's worst case, as in a real pseudo-gradient,
+    // where the ramp above repeats every 1,000 values), measured as the browser bench does.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noisy: Vec<f32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 1e-3
+        })
+        .collect();
+    let start = Instant::now();
+    let t = throughput::measure(&noisy, reps, || start.elapsed().as_secs_f64() * 1e3);
+    for c in t.codecs {
+        println!(
+            "{{\"noisy\": \"{}\", \"bytes\": {}, \"encode_mb_s\": {:.0}, \"decode_mb_s\": {:.0}, \"memcpy_mb_s\": {:.0}}}",
+            c.codec, c.bytes, c.encode_mb_s, c.decode_mb_s, t.memcpy_mb_s
+        );
+    }
 }
