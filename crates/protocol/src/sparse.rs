@@ -198,8 +198,8 @@ mod tests {
         assert_eq!(encode_sparse(&v, 3), data, "deterministic");
     }
 
-    /// Kept values of one magnitude (Adam's first steps move many weights by the same amount)
-    /// sum, in f32, to a mean that can exceed each of them: none counted high. The encoder
+    /// Kept values of one magnitude (parameters that start equal and move alike) sum, in
+    /// f32, to a mean that can exceed each of them: none counted high. The encoder
     /// wrote `hi = 0` below `lo` then, a payload its own decoder refuses.
     #[test]
     fn ties_at_the_top_encode_to_what_decodes() {
