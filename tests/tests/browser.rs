@@ -8,19 +8,25 @@ use serde_json::Value;
 use tessera_e2e::browser::{Browser, Gpu, artifacts_dir, web_bundle};
 use tessera_e2e::*;
 
-/// A relay whose units are small enough for SwiftShader (seconds per step) to finish quickly.
-fn relay(dir: &std::path::Path, port: u16, extra: &[&str]) -> Proc {
-    let bundle = web_bundle().display().to_string();
-    let mut args = vec![
+/// The browser tests' run options: the bundle served, leases long enough for a slow tab,
+/// small batches and a short evaluation.
+fn run_args(bundle: &str) -> Vec<&str> {
+    vec![
         "--web-bundle",
-        bundle.as_str(),
+        bundle,
         "--lease-secs",
         "120",
         "--batch",
         "4",
         "--eval-iters",
         "4",
-    ];
+    ]
+}
+
+/// A relay whose units are small enough for SwiftShader (seconds per step) to finish quickly.
+fn relay(dir: &std::path::Path, port: u16, extra: &[&str]) -> Proc {
+    let bundle = web_bundle().display().to_string();
+    let mut args = run_args(&bundle);
     args.extend_from_slice(extra);
     start_relay(dir, port, &args)
 }
@@ -574,18 +580,13 @@ fn a_tab_joins_through_an_edge_relay_and_its_update_is_accepted() {
     let s3 = S3::start(d, "tessera");
     let bundle = web_bundle().display().to_string();
     let (leader_port, edge_port) = (free_port(), free_port());
-    let run = [
-        "--web-bundle",
-        &bundle,
-        "--lease-secs",
-        "120",
-        "--batch",
-        "4",
-        "--eval-iters",
-        "4",
-    ];
+    let run = run_args(&bundle);
     let start = |name: &str, port: u16, edge: bool| {
-        let args: Vec<&str> = edge.then_some("--edge").into_iter().chain(run).collect();
+        let args: Vec<&str> = edge
+            .then_some("--edge")
+            .into_iter()
+            .chain(run.iter().copied())
+            .collect();
         relay_with(d, name, port, &pg, &s3, &args)
     };
     let _leader = start("leader", leader_port, false);
