@@ -194,6 +194,24 @@ pub fn status(port: u16) -> Value {
     try_status(port).expect("relay answers /api/status")
 }
 
+/// A relay's `/metrics` text, or `None` if it does not answer.
+pub fn try_metrics(port: u16) -> Option<String> {
+    ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .ok()?
+        .body_mut()
+        .read_to_string()
+        .ok()
+}
+
+/// A gauge or counter of a relay's `/metrics`; `None` if the relay does not answer or has no
+/// such line.
+pub fn metric(port: u16, name: &str) -> Option<f64> {
+    try_metrics(port)?
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Polls `cond` every 100 ms until it holds; panics with `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + timeout;

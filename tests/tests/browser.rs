@@ -615,25 +615,15 @@ fn a_tab_joins_through_an_edge_relay_and_its_update_is_accepted() {
         t["accepted"].as_u64().unwrap_or(0) >= 1,
         "the tab counts its update accepted: {t}"
     );
-    let edge_metrics = ureq::get(&format!("http://127.0.0.1:{edge_port}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    assert!(
-        edge_metrics.contains("tessera_connections 1"),
-        "the edge holds the tab's connection:\n{edge_metrics}"
+    assert_eq!(
+        metric(edge_port, "tessera_connections"),
+        Some(1.0),
+        "the edge holds the tab's connection"
     );
-    let leader_metrics = ureq::get(&format!("http://127.0.0.1:{leader_port}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    assert!(
-        leader_metrics.contains("tessera_connections 0"),
-        "no connection on the leader:\n{leader_metrics}"
+    assert_eq!(
+        metric(leader_port, "tessera_connections"),
+        Some(0.0),
+        "no connection on the leader"
     );
     screenshot(&mut tab, "edge-tab.png");
 }

@@ -96,12 +96,7 @@ fn three_participants_complete_rounds_and_loss_falls() {
     }
     assert_eq!(total, accepted);
     // Prometheus text agrees.
-    let metrics = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = try_metrics(port).expect("the relay serves /metrics");
     assert!(
         metrics.contains(&format!("tessera_accepted_updates_total {accepted}")),
         "{metrics}"

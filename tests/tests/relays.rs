@@ -234,18 +234,6 @@ fn relays_on_postgres_and_s3_hand_over_the_lead_and_lose_nothing() {
     }
 }
 
-/// A gauge or counter of a relay's `/metrics`.
-fn metric(port: u16, name: &str) -> Option<f64> {
-    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()?
-        .body_mut()
-        .read_to_string()
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// The units a participant's log says were accepted.
 fn accepted_units(log: &Path) -> Vec<i64> {
     std::fs::read_to_string(log)

@@ -73,9 +73,13 @@ pub fn encode_sparse(values: &[f32], k: u16) -> Vec<u8> {
         }
         // Kept values of one magnitude can all fall under their f32 mean (rounding): then all
         // are sent low and `hi` is theirs too. `lo ≤ hi` holds whatever the rounding.
-        let lo = if nlo > 0 { lo / nlo as f32 } else { 0.0 };
-        let hi = if nhi > 0 { hi / nhi as f32 } else { lo };
-        let lo = if nlo > 0 { lo.min(hi) } else { hi };
+        let lo = (nlo > 0).then(|| lo / nlo as f32);
+        let hi = if nhi > 0 {
+            hi / nhi as f32
+        } else {
+            lo.unwrap_or(0.0)
+        };
+        let lo = lo.map_or(hi, |lo| lo.min(hi));
         let (lo, hi) = if finite {
             (lo, hi)
         } else {

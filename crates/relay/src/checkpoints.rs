@@ -259,11 +259,17 @@ impl Checkpoints {
     }
 
     /// The bytes under `key` in the object store (checked against it).
-    pub fn get_blob(&self, key: &str) -> Result<Vec<u8>> {
+    fn get_blob(&self, key: &str) -> Result<Vec<u8>> {
         match &self.blobs {
             Some(b) => b.get(key),
             None => anyhow::bail!("{key} is in an object store and this relay has none (--blobs)"),
         }
+    }
+
+    /// An update's stored f32 bytes: those under `key` in the object store when its row
+    /// names one, else the row's own (`inline`).
+    pub fn stored_payload(&self, key: Option<&str>, inline: Vec<u8>) -> Result<Vec<u8>> {
+        key.map_or(Ok(inline), |k| self.get_blob(k))
     }
 
     /// Reads the raw weights file of a version, if it is still on disk.

@@ -513,10 +513,7 @@ impl Relay {
                 // Updates replayed from the ledger are already in the participants' counts.
                 let pending = db.pending_updates()?;
                 for u in &pending {
-                    let data = match &u.payload_key {
-                        Some(key) => ckpt.get_blob(key)?,
-                        None => u.payload.clone(),
-                    };
+                    let data = ckpt.stored_payload(u.payload_key.as_deref(), u.payload.clone())?;
                     let delta = tessera_protocol::update::Payload {
                         codec: tessera_protocol::update::Codec::F32,
                         len: (data.len() / 4) as u64,
@@ -539,10 +536,7 @@ impl Relay {
                     coord.restore_hash(h);
                 }
                 for h in db.held_updates(&template)? {
-                    let data = match &h.payload_key {
-                        Some(key) => ckpt.get_blob(key)?,
-                        None => h.payload,
-                    };
+                    let data = ckpt.stored_payload(h.payload_key.as_deref(), h.payload)?;
                     let delta = tessera_protocol::update::Payload {
                         codec: tessera_protocol::update::Codec::F32,
                         len: (data.len() / 4) as u64,
