@@ -10,6 +10,11 @@
 //! Each participant's inner step takes `--step-ms / speed` virtual milliseconds and each unit
 //! `--overhead-ms` more (fetching weights). Prints the validation curve by version and a JSON
 //! summary.
+//!
+//! `--replicas` (with `--fragments`) trains fragments Streaming DiLoCo's way, from a replica
+//! each participant keeps, which the relay does not do (its units must be re-executable from
+//! the unit alone): here only to measure what the relay's frozen-rest fragment units give up
+//! (BENCHMARKS.md, "Persistent replicas").
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -48,6 +53,7 @@ struct Args {
     seed: u64,
     ef_decay: f32,
     fragments: usize,
+    replicas: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -69,6 +75,7 @@ fn parse() -> Result<Args> {
         seed: 1337,
         ef_decay: ErrorFeedback::DECAY,
         fragments: 1,
+        replicas: false,
     };
     a.cfg.guard = GuardConfig {
         enabled: false,
@@ -87,7 +94,7 @@ fn parse() -> Result<Args> {
                     "tessera-sim --tokens N [--participants N --speeds S1,S2,… --config C --data FILE \\\n    \
                      --inner-steps H --min-inner-steps M --warmup W --batch B --inner-lr LR --no-decay --lr-warmup-tokens T \\\n    \
                      --updates-per-round K --lockstep --grace G --max-staleness S --relative-staleness \\\n    \
-                     --outer-lr LR --outer-momentum MU --fragments F --fragment-schedule rotate|spread --codec f32|int8|int4|sparseK --ef-decay B --version-codec C|off --keep-optimizer --keep-second-moment --guard --screen \\\n    \
+                     --outer-lr LR --outer-momentum MU --fragments F --fragment-schedule rotate|spread --replicas --codec f32|int8|int4|sparseK --ef-decay B --version-codec C|off --keep-optimizer --keep-second-moment --guard --screen \\\n    \
                      --step-ms MS --overhead-ms MS --eval-every V --eval-iters N --seed S --trace --json]\n\
                      Unset settings are the relay's defaults; see the top of tests/src/bin/tessera-sim.rs."
                 );
@@ -142,6 +149,7 @@ fn parse() -> Result<Args> {
                     FragmentSchedule::parse(&v).with_context(|| format!("{v}: rotate or spread"))?
             }
             "--screen" => a.cfg.screen.enabled = true,
+            "--replicas" => a.replicas = true,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -150,6 +158,9 @@ fn parse() -> Result<Args> {
     }
     if a.speeds.len() != a.participants {
         bail!("--speeds needs {} values", a.participants);
+    }
+    if a.replicas && a.fragments < 2 {
+        bail!("--replicas needs --fragments 2 or more");
     }
     if a.tokens == 0 {
         bail!("--tokens is required (total tokens to fold)");
@@ -162,6 +173,20 @@ fn parse() -> Result<Args> {
     a.cfg.lease_ms = u64::MAX / 4;
     a.cfg.round_timeout_ms = u64::MAX / 4;
     Ok(a)
+}
+
+/// A participant's persistent replica (`--replicas`, Streaming DiLoCo's way to train fragments;
+/// measured here only: a unit that starts from a private replica cannot be re-executed from the
+/// unit alone, so the relay does not hand such units out). The participant trains its whole
+/// replica in every unit and uploads one fragment's change since that fragment last took the
+/// global values; before its next unit it takes the fresh global values of that fragment.
+struct Replica {
+    /// The replica's weights.
+    weights: Vec<f32>,
+    /// Each parameter's global value when the replica last took it.
+    synced: Vec<f32>,
+    /// The fragment uploaded last, to take from the next unit's base.
+    merge: Option<std::ops::Range<usize>>,
 }
 
 /// Pending actions in (time, sequence) order: the sequence makes the run deterministic.
@@ -232,6 +257,7 @@ fn main() -> Result<()> {
     let mut versions: BTreeMap<u64, Vec<f32>> = BTreeMap::from([(0, init)]);
     let ids: Vec<String> = (0..a.participants).map(|i| format!("p{i}")).collect();
     let mut optims: Vec<AdamW> = vec![AdamW::new(); a.participants];
+    let mut replicas: Vec<Option<Replica>> = (0..a.participants).map(|_| None).collect();
     let mut feedback: Vec<ErrorFeedback> = vec![ErrorFeedback::new(a.ef_decay); a.participants];
     // How a sent update compares with what a verifier's re-execution would send (the same
     // codec, no residual) and with the unit's own pseudo-gradient: what a re-execution check
@@ -297,8 +323,44 @@ fn main() -> Result<()> {
                     } else {
                         AdamW::new()
                     };
-                    let t =
-                        work::train(&device, model, &train, &unit, &base, &corpus, optim, |_| {})?;
+                    let t = if a.replicas {
+                        let rep = replicas[p].get_or_insert_with(|| Replica {
+                            weights: base.clone(),
+                            synced: base.clone(),
+                            merge: None,
+                        });
+                        if let Some(m) = rep.merge.take() {
+                            rep.weights[m.clone()].copy_from_slice(&base[m.clone()]);
+                            rep.synced[m.clone()].copy_from_slice(&base[m]);
+                        }
+                        let whole = WorkUnit {
+                            fragment: Fragment::ALL,
+                            ..unit.clone()
+                        };
+                        let mut t = work::train(
+                            &device,
+                            model,
+                            &train,
+                            &whole,
+                            &rep.weights,
+                            &corpus,
+                            optim,
+                            |_| {},
+                        )?;
+                        for (w, d) in rep.weights.iter_mut().zip(&t.delta) {
+                            *w -= d;
+                        }
+                        let r = unit.fragment.range(n)?;
+                        t.delta = rep.synced[r.clone()]
+                            .iter()
+                            .zip(&rep.weights[r.clone()])
+                            .map(|(s, w)| s - w)
+                            .collect();
+                        rep.merge = Some(r);
+                        t
+                    } else {
+                        work::train(&device, model, &train, &unit, &base, &corpus, optim, |_| {})?
+                    };
                     optims[p] = t.optimizer;
                     let tokens = work::tokens(&unit, &model);
                     let dur = a.overhead_ms + unit.inner_steps as f64 * a.step_ms / a.speeds[p];
@@ -423,7 +485,7 @@ fn main() -> Result<()> {
         "versions": coord.version(), "accepted": accepted, "rejected": rejected,
         "mean_staleness": stale_sum as f64 / accepted.max(1) as f64, "waits": waits,
         "codec": cfg.codec.name(), "upload_bytes": upload_bytes, "peak_upload_bytes": peak_upload,
-        "fragment_schedule": format!("{:?}", cfg.fragment_schedule),
+        "fragment_schedule": format!("{:?}", cfg.fragment_schedule), "replicas": a.replicas,
         "fragments": coord.fragments().iter().map(|(r, steps)| json!([r.start, r.end, steps])).collect::<Vec<_>>(),
         "ef_decay": a.ef_decay,
         "version_codec": cfg.version_codec.map(|c| c.name()), "download_bytes": download_bytes,
