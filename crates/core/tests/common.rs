@@ -23,9 +23,14 @@ pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// The wgpu device, or a clear failure: the test command installs lavapipe so that an adapter
-/// exists on CPU-only machines.
+/// exists on CPU-only machines. Initialised once a process (a second `init` is refused).
 pub fn wgpu_device() -> Device {
-    Device::wgpu_options().init().unwrap_or_else(|e| {
-        panic!("no wgpu adapter ({e:?}); on Debian install mesa-vulkan-drivers (lavapipe)")
-    })
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            Device::wgpu_options().init().unwrap_or_else(|e| {
+                panic!("no wgpu adapter ({e:?}); on Debian install mesa-vulkan-drivers (lavapipe)")
+            })
+        })
+        .clone()
 }

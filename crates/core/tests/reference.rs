@@ -105,14 +105,29 @@ fn forward_backward(
 #[test]
 fn forward_gradients_and_adamw_step_match_pytorch() {
     // The fused CPU kernels (what every flex participant runs) ...
+    let cpu = Device::flex();
     let before = kernels::fused_calls();
-    matches_pytorch();
+    matches_pytorch(&cpu);
     assert!(
         kernels::fused_calls() > before,
         "the flex path did not use the fused kernels"
     );
-    // ... and burn's composed ops (what wgpu / WebGPU run) both match PyTorch.
-    kernels::without_fusion(matches_pytorch);
+    // ... and burn's composed ops both match PyTorch.
+    kernels::without_fusion(|| matches_pytorch(&cpu));
+}
+
+#[test]
+fn the_gpu_kernels_match_pytorch_on_wgpu() {
+    // The WGSL GELU and LayerNorm, forward and backward: what a wgpu host and a WebGPU tab
+    // run. burn's composed ops on the same device do not pass this (c_fc.weight's gradient is
+    // off by 1.9e-4): their GELU backward is the tanh approximation's derivative.
+    let gpu = common::wgpu_device();
+    let before = kernels::fused_calls();
+    matches_pytorch(&gpu);
+    assert!(
+        kernels::fused_calls() > before,
+        "the wgpu path did not use the fused kernels"
+    );
 }
 
 #[test]
@@ -229,11 +244,10 @@ fn the_fused_adamw_step_is_burns_composed_step_bit_for_bit() {
     assert_eq!(bits(&fused.1), bits(&composed.1), "moments differ");
 }
 
-fn matches_pytorch() {
-    let device = Device::flex();
-    let (f, specs) = fixture(&device);
+fn matches_pytorch(device: &Device) {
+    let (f, specs) = fixture(device);
     let st = SafeTensors::deserialize(FIXTURE).unwrap();
-    let (model, loss, logits, grads, tape) = forward_backward(&f, &device);
+    let (model, loss, logits, grads, tape) = forward_backward(&f, device);
 
     let want_loss = tensor_f32(&st, "loss")[0];
     assert!(

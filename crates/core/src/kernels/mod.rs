@@ -12,18 +12,24 @@
 //! - [`adamw`]: the optimizer's step in one pass over a parameter, its moments and gradient;
 //! - `ops` (with the `flex` feature): the burn backend extension that runs them for `Flex` and
 //!   registers their backward for `Autodiff<Flex>`;
+//! - `gpu` (with the `wgpu` feature): GELU and LayerNorm, forward and backward, as our WGSL
+//!   kernels for wgpu / WebGPU (burn's backend extension for `Cube` and `Fusion<Cube>`, the
+//!   backward registered under `Autodiff` over either);
 //! - [`quantize`] (with the `wgpu` feature): absmax int8 / int4 quantization on a wgpu or
 //!   WebGPU device by the WGSL kernel in `shaders/`, for updates encoded where they live.
 //!
 //! The functions below are what the model calls. On a `flex` device with f32 tensors they run
-//! the fused kernels; on any other device (wgpu / WebGPU) or when fusion is switched off with
-//! [`set_enabled`], they compose burn's own ops, so every backend computes the same function.
+//! the fused CPU kernels; on a wgpu / WebGPU device the GPU's GELU and LayerNorm (the rest
+//! composed); elsewhere, or when fusion is switched off with [`set_enabled`], they compose
+//! burn's own ops, so every backend computes the same function.
 
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod gelu;
+#[cfg(feature = "wgpu")]
+mod gpu;
 pub mod layer_norm;
 pub mod linear;
 pub mod math;
@@ -36,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::nn::{Dropout, LayerNorm, Linear};
 use burn::prelude::*;
-#[cfg(feature = "flex")]
+#[cfg(any(feature = "flex", feature = "wgpu"))]
 use burn::tensor::DType;
 use burn::tensor::module::attention as sdpa;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -119,6 +125,17 @@ fn fused(device: &Device, dtype: DType) -> bool {
     on
 }
 
+/// Whether a tensor on `device` of `dtype` takes the GPU's fused path (our WGSL kernels on a
+/// wgpu / WebGPU device).
+#[cfg(feature = "wgpu")]
+fn gpu_fused(device: &Device, dtype: DType) -> bool {
+    let on = enabled() && dtype == DType::F32 && quantize::supported(device);
+    if on {
+        CALLS.fetch_add(1, Ordering::Relaxed);
+    }
+    on
+}
+
 /// `l` applied to rows `x` `[n, d_in]`: `[n, d_out]`.
 pub fn linear(x: Tensor<2>, l: &Linear) -> Tensor<2> {
     #[cfg(feature = "flex")]
@@ -157,20 +174,31 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if fused(&x.device(), x.dtype()) {
         return ops::gelu(x);
     }
+    #[cfg(feature = "wgpu")]
+    if gpu_fused(&x.device(), x.dtype()) {
+        return gpu::gelu(x);
+    }
     burn::tensor::activation::gelu(x)
 }
 
 /// `ln` applied over the last dimension of rows `x` `[n, c]`.
 pub fn layer_norm(x: Tensor<2>, ln: &LayerNorm) -> Tensor<2> {
-    #[cfg(feature = "flex")]
-    if fused(&x.device(), x.dtype()) {
+    let beta = || {
         let [c] = ln.gamma.dims();
-        let beta = match &ln.beta {
+        match &ln.beta {
             Some(b) => b.val(),
             None => Tensor::zeros([c], &x.device()),
-        };
-        return ops::layer_norm(x, ln.gamma.val(), beta, LN_EPS as f32);
+        }
+    };
+    #[cfg(feature = "flex")]
+    if fused(&x.device(), x.dtype()) {
+        return ops::layer_norm(x.clone(), ln.gamma.val(), beta(), LN_EPS as f32);
     }
+    #[cfg(feature = "wgpu")]
+    if gpu_fused(&x.device(), x.dtype()) {
+        return gpu::layer_norm(x.clone(), ln.gamma.val(), beta(), LN_EPS as f32);
+    }
+    let _ = beta;
     ln.forward(x)
 }
 
