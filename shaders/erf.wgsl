@@ -1,6 +1,6 @@
 // erf for f32 as the CPU kernels compute it (crates/core/src/kernels/math.rs, `erf`): a
 // rational polynomial on [-4, 4] (erf is ±1 to f32 precision beyond), no branches. Prepended to
-// the GELU kernels.
+// the GELU kernels (after `index.wgsl`).
 
 fn erf(x0: f32) -> f32 {
     let x = clamp(x0, -4.0, 4.0);
@@ -22,9 +22,3 @@ fn erf(x0: f32) -> f32 {
 
 const FRAC_1_SQRT_2: f32 = 0.70710678;
 const FRAC_1_SQRT_2PI: f32 = 0.39894228;
-
-// The index of this invocation in a one-dimensional launch of GROUP-wide workgroups whose
-// count spills into the dispatch's y dimension past 65,535.
-fn flat_index(id: vec3<u32>, groups: vec3<u32>, group: u32) -> u32 {
-    return id.x + id.y * groups.x * group;
-}

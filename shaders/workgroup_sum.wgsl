@@ -23,8 +23,3 @@ fn workgroup_sum2(lane: u32, v: vec2<f32>) -> vec2<f32> {
 fn workgroup_sum(lane: u32, v: f32) -> f32 {
     return workgroup_sum2(lane, vec2<f32>(v, 0.0)).x;
 }
-
-// The workgroup's index in a launch whose count spills into the dispatch's y dimension.
-fn group_index(group: vec3<u32>, groups: vec3<u32>) -> u32 {
-    return group.x + group.y * groups.x;
-}

@@ -1,7 +1,7 @@
-//! The WGSL GELU and LayerNorm (`shaders/`) against the CPU's fused kernels (each tested against
+//! The WGSL GELU, LayerNorm and causal attention (`shaders/`) against the CPU's fused kernels (each tested against
 //! a float64 reference and finite differences), forward and gradients, at shapes the PyTorch
 //! fixture (32 columns) does not reach: rows wider than a workgroup, widths that are not a
-//! multiple of it, more rows than columns. Not against burn's composed ops on the same device:
+//! multiple of it, more rows than columns, sequences longer than a workgroup. Not against burn's composed ops on the same device:
 //! their GELU backward is the derivative of the tanh approximation (burn-backend's default
 //! `gelu_backward`), off the exact one by up to 7e-4 of the largest gradient at these inputs.
 
@@ -11,16 +11,28 @@ use common::{max_rel_err, read};
 use tessera_core::burn::module::Param;
 use tessera_core::burn::nn::LayerNormConfig;
 use tessera_core::burn::prelude::*;
-use tessera_core::burn::tensor::Distribution;
 use tessera_core::kernels;
 
-/// `[n]` normal values of a fixed seed, drawn on the CPU and moved to `device`, so that the
-/// fused and the composed run see the same.
+/// `[n]` values of a fixed seed, roughly normal with standard deviation `scale` (a sum of
+/// uniforms from a local generator: the backend's shared generator would interleave with
+/// tests running beside this one), on `device`.
 fn values(n: usize, seed: u64, scale: f64, device: &Device) -> Tensor<1> {
-    let cpu = Device::flex();
-    cpu.seed(seed);
-    let t = Tensor::<1>::random([n], Distribution::Normal(0.0, scale), &cpu);
-    Tensor::from_data(t.into_data(), device)
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = || {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            // Irwin-Hall: the sum of 12 uniforms less 6 has mean 0 and variance 1.
+            let z: f64 = (0..12).map(|_| uniform()).sum::<f64>() - 6.0;
+            (z * scale) as f32
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
 fn flat(t: Tensor<2>) -> Vec<f32> {
@@ -78,6 +90,44 @@ fn wgsl_gelu_and_layer_norm_match_the_cpu_kernels() {
             let e = max_rel_err(got, want);
             eprintln!("[{n}, {c}] {name}: max rel err {e:e}");
             assert!(e < 1e-5, "[{n}, {c}] {name} differs by {e:e}");
+        }
+    }
+}
+
+/// Causal attention of `batch` sequences of `t` rows, `heads` heads of `dh`, and its gradient
+/// to `qkv` under a fixed upstream gradient.
+fn attention(device: &Device, batch: usize, t: usize, heads: usize, dh: usize) -> [Vec<f32>; 2] {
+    let ad = device.clone().autodiff();
+    let (n, c) = (batch * t, heads * dh);
+    let qkv = values(n * 3 * c, 7, 1.0, &ad)
+        .reshape([n, 3 * c])
+        .require_grad();
+    let up = values(n * c, 8, 1.0, &ad).reshape([n, c]);
+    let y = kernels::causal_attention(qkv.clone(), batch, heads);
+    let grads = (y.clone() * up).sum().backward();
+    [flat(y.inner()), flat(qkv.grad(&grads).unwrap())]
+}
+
+#[test]
+fn wgsl_attention_matches_the_cpu_kernel() {
+    let gpu = common::wgpu_device();
+    let cpu = Device::flex();
+    // baby's shape; sequences longer than a workgroup and not a multiple of it; small's heads.
+    for (batch, t, heads, dh) in [(12, 64, 4, 32), (2, 100, 3, 16), (1, 256, 6, 64)] {
+        let before = kernels::fused_calls();
+        let got = attention(&gpu, batch, t, heads, dh);
+        let want = attention(&cpu, batch, t, heads, dh);
+        assert!(
+            kernels::fused_calls() >= before + 2,
+            "the fused kernels did not run"
+        );
+        for (name, got, want) in [("y", &got[0], &want[0]), ("dqkv", &got[1], &want[1])] {
+            let e = max_rel_err(got, want);
+            eprintln!("[{batch}, {t}, {heads}, {dh}] attention {name}: max rel err {e:e}");
+            assert!(
+                e < 1e-5,
+                "[{batch}, {t}, {heads}, {dh}] attention {name} differs by {e:e}"
+            );
         }
     }
 }

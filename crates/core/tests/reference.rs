@@ -118,7 +118,7 @@ fn forward_gradients_and_adamw_step_match_pytorch() {
 
 #[test]
 fn the_gpu_kernels_match_pytorch_on_wgpu() {
-    // The WGSL GELU and LayerNorm, forward and backward: what a wgpu host and a WebGPU tab
+    // The WGSL GELU, LayerNorm and attention, forward and backward: what a wgpu host and a WebGPU tab
     // run. burn's composed ops on the same device do not pass this (c_fc.weight's gradient is
     // off by 1.9e-4): their GELU backward is the tanh approximation's derivative.
     let gpu = common::wgpu_device();
@@ -207,9 +207,28 @@ fn the_fused_dropout_drops_what_its_backward_drops() {
 
 #[test]
 fn the_fused_adamw_step_is_burns_composed_step_bit_for_bit() {
-    let cpu = Device::flex();
-    let ad = cpu.clone().autodiff();
-    let (f, _) = fixture(&cpu);
+    let ((p, m), (pc, mc)) = adamw_fused_and_composed(&Device::flex());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&p), bits(&pc), "parameters differ");
+    assert_eq!(bits(&m), bits(&mc), "moments differ");
+}
+
+#[test]
+fn the_gpu_adamw_step_is_burns_composed_step_on_wgpu() {
+    let ((p, m), (pc, mc)) = adamw_fused_and_composed(&common::wgpu_device());
+    let (ep, em) = (max_rel_err(&p, &pc), max_rel_err(&m, &mc));
+    eprintln!("wgpu adamw fused vs composed: parameters {ep:e}, moments {em:e}");
+    assert!(
+        ep < 1e-6 && em < 1e-6,
+        "parameters differ by {ep:e}, moments by {em:e}"
+    );
+}
+
+/// Parameters and moments after three AdamW steps on `device`, fused and composed.
+#[allow(clippy::type_complexity)]
+fn adamw_fused_and_composed(device: &Device) -> ((Vec<f32>, Vec<f32>), (Vec<f32>, Vec<f32>)) {
+    let ad = device.clone().autodiff();
+    let (f, _) = fixture(device);
     let model = params::load_vec(Gpt::new(&f.model, &ad), &f.weights).unwrap();
     // Three steps (the first without moments, two that carry them), the gradients by the fused
     // kernels in both runs; only the optimizer's step is fused or composed.
@@ -239,9 +258,7 @@ fn the_fused_adamw_step_is_burns_composed_step_bit_for_bit() {
     };
     let fused = steps(model.clone(), true);
     let composed = steps(model, false);
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&fused.0), bits(&composed.0), "parameters differ");
-    assert_eq!(bits(&fused.1), bits(&composed.1), "moments differ");
+    (fused, composed)
 }
 
 fn matches_pytorch(device: &Device) {

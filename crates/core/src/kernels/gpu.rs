@@ -1,8 +1,11 @@
-//! Fused GELU and LayerNorm for wgpu / WebGPU: our WGSL kernels (`shaders/`) run through burn's
+//! Fused GELU, LayerNorm, causal self-attention and AdamW for wgpu / WebGPU: our WGSL kernels (`shaders/`) run through burn's
 //! backend extension for `Cube` (and `Fusion<Cube>` in the tab), with a hand-written backward
 //! registered under `Autodiff` over either. Under autodiff burn composes GELU of 5 primitive ops
 //! and LayerNorm of 9, each its own dispatch and buffer, forward and (twice as many) backward;
-//! here each is one dispatch forward, one (GELU) or two (LayerNorm) backward.
+//! here each is one dispatch forward, one (GELU) or two (LayerNorm) backward. Attention goes
+//! from the fused `qkv` projection to merged heads in one dispatch (an online softmax a query
+//! row, the log-sum-exp kept) and back in two (queries, then keys and values), with no `T×T`
+//! buffer. AdamW steps a parameter in one dispatch where burn's composed step takes a dozen.
 //!
 //! The same functions as the CPU kernels (`gelu`, `layer_norm`), the same formulas (erf by the
 //! same rational polynomial, LayerNorm's variance about the mean in a second pass), summed in
@@ -23,6 +26,7 @@ use burn::cubecl::{CubeCount, CubeDim};
 use burn::prelude::*;
 use burn::tensor::{DType, Shape};
 
+const INDEX: &str = include_str!("../../../../shaders/index.wgsl");
 const ERF: &str = include_str!("../../../../shaders/erf.wgsl");
 const GELU_FORWARD: &str = include_str!("../../../../shaders/gelu_forward.wgsl");
 const GELU_BACKWARD: &str = include_str!("../../../../shaders/gelu_backward.wgsl");
@@ -30,6 +34,11 @@ const WORKGROUP_SUM: &str = include_str!("../../../../shaders/workgroup_sum.wgsl
 const LN_FORWARD: &str = include_str!("../../../../shaders/layer_norm_forward.wgsl");
 const LN_BACKWARD: &str = include_str!("../../../../shaders/layer_norm_backward.wgsl");
 const LN_PARAMS: &str = include_str!("../../../../shaders/layer_norm_params.wgsl");
+const ATTENTION: &str = include_str!("../../../../shaders/attention_common.wgsl");
+const ATTENTION_FORWARD: &str = include_str!("../../../../shaders/attention_forward.wgsl");
+const ATTENTION_QUERIES: &str = include_str!("../../../../shaders/attention_backward_queries.wgsl");
+const ATTENTION_KEYS: &str = include_str!("../../../../shaders/attention_backward_keys.wgsl");
+const ADAMW: &str = include_str!("../../../../shaders/adamw.wgsl");
 
 /// Workgroups a dispatch dimension may hold (WebGPU's guaranteed limit).
 const MAX_GROUPS: usize = 65_535;
@@ -65,6 +74,43 @@ pub trait GpuFusedOps: Backend {
         stats: FloatTensor<Self>,
         dy: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// Causal self-attention from `qkv` `[batch·t, 3c]` to `[batch·t, c]`, and each row's
+    /// log-sum-exp `[batch·heads·t]`.
+    #[fusion(meta = attention_specs)]
+    fn gpu_attention(
+        qkv: FloatTensor<Self>,
+        batch: usize,
+        heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Attention's gradient to `qkv` from the forward's input, output and log-sum-exp.
+    #[fusion(dtype = qkv, shape = qkv)]
+    fn gpu_attention_backward(
+        qkv: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        batch: usize,
+        heads: usize,
+    ) -> FloatTensor<Self>;
+    /// One AdamW step of a flat parameter from its gradient times `clip` (`[1]`) and its two
+    /// moments: the three updated (see `kernels::adamw`). Not differentiable.
+    #[fusion(meta = adamw_specs)]
+    #[allow(clippy::too_many_arguments)]
+    fn gpu_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        clip: FloatTensor<Self>,
+        beta1: f32,
+        one_minus_beta1: f32,
+        beta2: f32,
+        one_minus_beta2: f32,
+        bias_correction2: f32,
+        eps: f32,
+        step_size: f32,
+        decay: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 #[cfg(feature = "fusion")]
@@ -98,14 +144,49 @@ fn layer_norm_backward_specs(
     )
 }
 
-/// One of our WGSL kernels, with the preludes it needs.
-#[derive(Clone, Copy)]
+#[cfg(feature = "fusion")]
+fn attention_specs(qkv: &TensorSpec, batch: &usize, heads: &usize) -> (TensorSpec, TensorSpec) {
+    let (n, c3) = (qkv.shape[0], qkv.shape[1]);
+    (
+        TensorSpec::new(Shape::new([n, c3 / 3]), DType::F32),
+        TensorSpec::new(Shape::new([n / batch * heads * batch]), DType::F32),
+    )
+}
+
+#[cfg(feature = "fusion")]
+#[allow(clippy::too_many_arguments)]
+fn adamw_specs(
+    param: &TensorSpec,
+    _grad: &TensorSpec,
+    _exp_avg: &TensorSpec,
+    _exp_avg_sq: &TensorSpec,
+    _clip: &TensorSpec,
+    _beta1: &f32,
+    _one_minus_beta1: &f32,
+    _beta2: &f32,
+    _one_minus_beta2: &f32,
+    _bias_correction2: &f32,
+    _eps: &f32,
+    _step_size: &f32,
+    _decay: &f32,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    let spec = || TensorSpec::new(param.shape.clone(), DType::F32);
+    (spec(), spec(), spec())
+}
+
+/// One of our WGSL kernels, with the preludes it needs (the attention kernels: for heads of
+/// `dh` values).
+#[derive(Clone, Copy, Debug)]
 enum Kernel {
     GeluForward,
     GeluBackward,
     LayerNormForward,
     LayerNormBackward,
     LayerNormParams,
+    AttentionForward { dh: usize },
+    AttentionQueries { dh: usize },
+    AttentionKeys { dh: usize },
+    AdamW,
 }
 
 impl KernelSource for Kernel {
@@ -116,12 +197,24 @@ impl KernelSource for Kernel {
             Kernel::LayerNormForward => (WORKGROUP_SUM, LN_FORWARD),
             Kernel::LayerNormBackward => (WORKGROUP_SUM, LN_BACKWARD),
             Kernel::LayerNormParams => (WORKGROUP_SUM, LN_PARAMS),
+            Kernel::AttentionForward { .. } => (ATTENTION, ATTENTION_FORWARD),
+            Kernel::AttentionQueries { .. } => (ATTENTION, ATTENTION_QUERIES),
+            Kernel::AttentionKeys { .. } => (ATTENTION, ATTENTION_KEYS),
+            Kernel::AdamW => ("", ADAMW),
         };
-        SourceTemplate::new(prelude).add_template(body)
+        let template = SourceTemplate::new(INDEX)
+            .add_template(prelude)
+            .add_template(body);
+        match self {
+            Kernel::AttentionForward { dh }
+            | Kernel::AttentionQueries { dh }
+            | Kernel::AttentionKeys { dh } => template.register("dh", dh.to_string()),
+            _ => template,
+        }
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info(*self as u32)
+        KernelId::new::<Self>().info(format!("{self:?}"))
     }
 
     fn lang(&self) -> &'static str {
@@ -266,6 +359,129 @@ impl GpuFusedOps for CubeBackend {
         );
         (dx, dgamma, dbeta)
     }
+
+    fn gpu_attention(qkv: CubeTensor, batch: usize, heads: usize) -> (CubeTensor, CubeTensor) {
+        let qkv = contiguous(qkv);
+        let s = attention_shape(&qkv, batch, heads);
+        let y = empty(&qkv, [batch * s.t, s.c()]);
+        let lse = empty(&qkv, [batch * heads * s.t]);
+        launch(
+            Kernel::AttentionForward { dh: s.dh },
+            LANES,
+            attention_groups(s),
+            &[&qkv, &y, &lse],
+            &attention_info(s),
+        );
+        (y, lse)
+    }
+
+    fn gpu_attention_backward(
+        qkv: CubeTensor,
+        y: CubeTensor,
+        lse: CubeTensor,
+        dy: CubeTensor,
+        batch: usize,
+        heads: usize,
+    ) -> CubeTensor {
+        let (qkv, y, lse, dy) = (
+            contiguous(qkv),
+            contiguous(y),
+            contiguous(lse),
+            contiguous(dy),
+        );
+        let s = attention_shape(&qkv, batch, heads);
+        let dqkv = empty(&qkv, qkv.shape());
+        let dd = empty(&qkv, [batch * heads * s.t]);
+        let (groups, info) = (attention_groups(s), attention_info(s));
+        launch(
+            Kernel::AttentionQueries { dh: s.dh },
+            LANES,
+            groups,
+            &[&qkv, &y, &lse, &dy, &dqkv, &dd],
+            &info,
+        );
+        launch(
+            Kernel::AttentionKeys { dh: s.dh },
+            LANES,
+            groups,
+            &[&qkv, &lse, &dy, &dd, &dqkv],
+            &info,
+        );
+        dqkv
+    }
+
+    fn gpu_adamw(
+        param: CubeTensor,
+        grad: CubeTensor,
+        exp_avg: CubeTensor,
+        exp_avg_sq: CubeTensor,
+        clip: CubeTensor,
+        beta1: f32,
+        one_minus_beta1: f32,
+        beta2: f32,
+        one_minus_beta2: f32,
+        bias_correction2: f32,
+        eps: f32,
+        step_size: f32,
+        decay: f32,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let [param, grad, m, v, clip] = [param, grad, exp_avg, exp_avg_sq, clip].map(contiguous);
+        let len = param.shape().num_elements();
+        for t in [&grad, &m, &v] {
+            assert_eq!(
+                t.shape().num_elements(),
+                len,
+                "adamw: parameter, moments and gradient differ in size"
+            );
+        }
+        let out = [(); 3].map(|_| empty(&param, param.shape()));
+        let scalars = [
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            bias_correction2,
+            eps,
+            step_size,
+            decay,
+        ];
+        let mut info = vec![len as u32];
+        info.extend(scalars.map(f32::to_bits));
+        launch(
+            Kernel::AdamW,
+            ELEMENTWISE as u32,
+            len.div_ceil(ELEMENTWISE),
+            &[&param, &grad, &m, &v, &clip, &out[0], &out[1], &out[2]],
+            &info,
+        );
+        let [p, m, v] = out;
+        (p, m, v)
+    }
+}
+
+/// The attention shape of `qkv` `[batch·t, 3c]`.
+fn attention_shape(qkv: &CubeTensor, batch: usize, heads: usize) -> super::attention::Shape {
+    let dims = qkv.shape();
+    let (n, c3) = (dims[0], dims[dims.num_dims() - 1]);
+    assert!(
+        batch > 0 && n.is_multiple_of(batch) && c3.is_multiple_of(3 * heads),
+        "attention: qkv [{n}, {c3}] does not split into {batch} sequences of {heads} heads"
+    );
+    super::attention::Shape {
+        batch,
+        t: n / batch,
+        heads,
+        dh: c3 / 3 / heads,
+    }
+}
+
+/// A workgroup per (sequence, head, block of `LANES` rows).
+fn attention_groups(s: super::attention::Shape) -> usize {
+    s.batch * s.heads * s.t.div_ceil(LANES as usize)
+}
+
+fn attention_info(s: super::attention::Shape) -> [u32; 3] {
+    [s.batch as u32, s.t as u32, s.heads as u32]
 }
 
 #[derive(Debug)]
@@ -303,7 +519,105 @@ impl<B: Backend + GpuFusedOps> Backward<B, 3> for LayerNormBackward {
     }
 }
 
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: Backend + GpuFusedOps> Backward<B, 1> for AttentionBackward {
+    /// Input, output, log-sum-exp, sequences, heads.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            let (qkv, y, lse, batch, heads) = ops.state;
+            let d = B::gpu_attention_backward(qkv, y, lse, grad, batch, heads);
+            grads.register::<B>(node.id, d);
+        }
+    }
+}
+
 impl<B: Backend + GpuFusedOps, C: CheckpointStrategy> GpuFusedOps for Autodiff<B, C> {
+    /// The output is tracked; the log-sum-exp is not.
+    fn gpu_attention(
+        qkv: FloatTensor<Self>,
+        batch: usize,
+        heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match AttentionBackward
+            .prepare::<C>([qkv.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = qkv.primitive().clone();
+                let (y, lse) = B::gpu_attention(x.clone(), batch, heads);
+                let out = prep.finish((x, y.clone(), lse.clone(), batch, heads), y);
+                (out, Self::from_inner(lse))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (y, lse) = B::gpu_attention(qkv.into_primitive(), batch, heads);
+                (prep.finish(y), Self::from_inner(lse))
+            }
+        }
+    }
+
+    /// An optimizer step is never recorded: it runs on the inner tensors, untracked.
+    fn gpu_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        clip: FloatTensor<Self>,
+        beta1: f32,
+        one_minus_beta1: f32,
+        beta2: f32,
+        one_minus_beta2: f32,
+        bias_correction2: f32,
+        eps: f32,
+        step_size: f32,
+        decay: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (p, m, v) = B::gpu_adamw(
+            Self::inner(param),
+            Self::inner(grad),
+            Self::inner(exp_avg),
+            Self::inner(exp_avg_sq),
+            Self::inner(clip),
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            bias_correction2,
+            eps,
+            step_size,
+            decay,
+        );
+        (
+            Self::from_inner(p),
+            Self::from_inner(m),
+            Self::from_inner(v),
+        )
+    }
+
+    /// Not differentiable: runs on the inner tensors, untracked.
+    fn gpu_attention_backward(
+        qkv: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        batch: usize,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::gpu_attention_backward(
+            Self::inner(qkv),
+            Self::inner(y),
+            Self::inner(lse),
+            Self::inner(dy),
+            batch,
+            heads,
+        ))
+    }
+
     fn gpu_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         match GeluBackward
             .prepare::<C>([x.node()])
@@ -390,4 +704,46 @@ pub(super) fn layer_norm(x: Tensor<2>, gamma: Tensor<1>, beta: Tensor<1>, eps: f
         eps,
     );
     Tensor::from_dispatch(y)
+}
+
+/// Causal self-attention of `batch` sequences from `qkv` `[batch·t, 3c]` on a wgpu / WebGPU
+/// device: `[batch·t, c]`.
+pub(super) fn causal_attention(qkv: Tensor<2>, batch: usize, heads: usize) -> Tensor<2> {
+    let (y, _lse) = <Dispatch as GpuFusedOps>::gpu_attention(qkv.into_dispatch(), batch, heads);
+    Tensor::from_dispatch(y)
+}
+
+/// A flat parameter, its gradient and moments after one AdamW step on a wgpu / WebGPU device
+/// (see `kernels::adamw`).
+pub(super) fn adamw_step(
+    param: Tensor<1>,
+    grad: Tensor<1>,
+    moments: Option<(Tensor<1>, Tensor<1>)>,
+    clip: Tensor<1>,
+    s: &super::adamw::Scalars,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let (m, v) = moments.unwrap_or_else(|| {
+        let zeros = || Tensor::zeros(param.dims(), &param.device());
+        (zeros(), zeros())
+    });
+    let (p, m, v) = <Dispatch as GpuFusedOps>::gpu_adamw(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        m.into_dispatch(),
+        v.into_dispatch(),
+        clip.into_dispatch(),
+        s.beta1,
+        s.one_minus_beta1,
+        s.beta2,
+        s.one_minus_beta2,
+        s.bias_correction2,
+        s.eps,
+        s.step_size,
+        s.decay,
+    );
+    (
+        Tensor::from_dispatch(p),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
 }

@@ -12,15 +12,16 @@
 //! - [`adamw`]: the optimizer's step in one pass over a parameter, its moments and gradient;
 //! - `ops` (with the `flex` feature): the burn backend extension that runs them for `Flex` and
 //!   registers their backward for `Autodiff<Flex>`;
-//! - `gpu` (with the `wgpu` feature): GELU and LayerNorm, forward and backward, as our WGSL
+//! - `gpu` (with the `wgpu` feature): GELU, LayerNorm and causal attention, forward and backward,
+//!   and the AdamW step, as our WGSL
 //!   kernels for wgpu / WebGPU (burn's backend extension for `Cube` and `Fusion<Cube>`, the
 //!   backward registered under `Autodiff` over either);
 //! - [`quantize`] (with the `wgpu` feature): absmax int8 / int4 quantization on a wgpu or
 //!   WebGPU device by the WGSL kernel in `shaders/`, for updates encoded where they live.
 //!
 //! The functions below are what the model calls. On a `flex` device with f32 tensors they run
-//! the fused CPU kernels; on a wgpu / WebGPU device the GPU's GELU and LayerNorm (the rest
-//! composed); elsewhere, or when fusion is switched off with [`set_enabled`], they compose
+//! the fused CPU kernels; on a wgpu / WebGPU device the GPU's GELU, LayerNorm, attention and
+//! AdamW (the rest composed); elsewhere, or when fusion is switched off with [`set_enabled`], they compose
 //! burn's own ops, so every backend computes the same function.
 
 pub mod adamw;
@@ -209,6 +210,10 @@ pub fn causal_attention(qkv: Tensor<2>, batch: usize, heads: usize) -> Tensor<2>
     if fused(&qkv.device(), qkv.dtype()) {
         return ops::causal_attention(qkv, batch, heads);
     }
+    #[cfg(feature = "wgpu")]
+    if gpu_fused(&qkv.device(), qkv.dtype()) {
+        return gpu::causal_attention(qkv, batch, heads);
+    }
     let [n, c3] = qkv.dims();
     let (t, c) = (n / batch, c3 / 3);
     let dh = c / heads;
@@ -244,6 +249,11 @@ pub fn adamw_step(
     if fused(&grad.device(), grad.dtype()) {
         let clip = clip.unwrap_or_else(|| Tensor::ones([1], &grad.device()));
         return Ok(ops::adamw_step(param, grad, moments, clip, scalars));
+    }
+    #[cfg(feature = "wgpu")]
+    if gpu_fused(&grad.device(), grad.dtype()) {
+        let clip = clip.unwrap_or_else(|| Tensor::ones([1], &grad.device()));
+        return Ok(gpu::adamw_step(param, grad, moments, clip, scalars));
     }
     let _ = scalars;
     Err(Box::new(AdamWInputs {
