@@ -1,9 +1,10 @@
-//! The WGSL GELU, LayerNorm and causal attention (`shaders/`) against the CPU's fused kernels (each tested against
-//! a float64 reference and finite differences), forward and gradients, at shapes the PyTorch
-//! fixture (32 columns) does not reach: rows wider than a workgroup, widths that are not a
-//! multiple of it, more rows than columns, sequences longer than a workgroup. Not against burn's composed ops on the same device:
-//! their GELU backward is the derivative of the tanh approximation (burn-backend's default
-//! `gelu_backward`), off the exact one by up to 7e-4 of the largest gradient at these inputs.
+//! The WGSL GELU, LayerNorm, causal attention and cross-entropy (`shaders/`) against the CPU's
+//! fused kernels (each tested against a float64 reference and finite differences), forward and
+//! gradients, at shapes the PyTorch fixture (32 columns) does not reach: rows wider than a
+//! workgroup, widths that are not a multiple of it, more rows than columns, sequences longer
+//! than a workgroup, a vocabulary wider than a workgroup. Not against burn's composed ops on the
+//! same device: their GELU backward is the derivative of the tanh approximation (burn-backend's
+//! default `gelu_backward`), off the exact one by up to 7e-4 of the largest gradient here.
 
 mod common;
 
@@ -112,8 +113,9 @@ fn attention(device: &Device, batch: usize, t: usize, heads: usize, dh: usize) -
 fn wgsl_attention_matches_the_cpu_kernel() {
     let gpu = common::wgpu_device();
     let cpu = Device::flex();
-    // baby's shape; sequences longer than a workgroup and not a multiple of it; small's heads.
-    for (batch, t, heads, dh) in [(12, 64, 4, 32), (2, 100, 3, 16), (1, 256, 6, 64)] {
+    // baby's shape; sequences longer than a workgroup and not a multiple of it; the longest
+    // sequences and widest heads it takes.
+    for (batch, t, heads, dh) in [(12, 64, 4, 32), (2, 100, 3, 16), (1, 256, 6, 32)] {
         let before = kernels::fused_calls();
         let got = attention(&gpu, batch, t, heads, dh);
         let want = attention(&cpu, batch, t, heads, dh);
@@ -127,6 +129,43 @@ fn wgsl_attention_matches_the_cpu_kernel() {
             assert!(
                 e < 1e-5,
                 "[{batch}, {t}, {heads}, {dh}] attention {name} differs by {e:e}"
+            );
+        }
+    }
+}
+
+/// Mean cross-entropy of `[n, vocab]` logits against fixed targets, and its gradient.
+fn cross_entropy(device: &Device, n: usize, vocab: usize) -> [Vec<f32>; 2] {
+    let ad = device.clone().autodiff();
+    let logits = values(n * vocab, 9, 3.0, &ad)
+        .reshape([n, vocab])
+        .require_grad();
+    let targets: Vec<i64> = (0..n).map(|i| ((i * 7919) % vocab) as i64).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &ad);
+    let loss = kernels::cross_entropy(logits.clone(), targets);
+    let grads = loss.clone().backward();
+    [read(loss.inner()), flat(logits.grad(&grads).unwrap())]
+}
+
+#[test]
+fn wgsl_cross_entropy_matches_the_cpu_kernel() {
+    let gpu = common::wgpu_device();
+    let cpu = Device::flex();
+    // baby's vocabulary (one workgroup's lanes cover it); a row wider than a workgroup.
+    for (n, vocab) in [(768, 65), (300, 1000)] {
+        let before = kernels::fused_calls();
+        let got = cross_entropy(&gpu, n, vocab);
+        let want = cross_entropy(&cpu, n, vocab);
+        assert!(
+            kernels::fused_calls() >= before + 2,
+            "the fused kernels did not run"
+        );
+        for (name, got, want) in [("loss", &got[0], &want[0]), ("dlogits", &got[1], &want[1])] {
+            let e = max_rel_err(got, want);
+            eprintln!("[{n}, {vocab}] cross-entropy {name}: max rel err {e:e}");
+            assert!(
+                e < 1e-5,
+                "[{n}, {vocab}] cross-entropy {name} differs by {e:e}"
             );
         }
     }

@@ -1,11 +1,14 @@
-//! Fused GELU, LayerNorm, causal self-attention and AdamW for wgpu / WebGPU: our WGSL kernels (`shaders/`) run through burn's
+//! Fused GELU, LayerNorm, causal self-attention, softmax cross-entropy and AdamW for wgpu /
+//! WebGPU: our WGSL kernels (`shaders/`) run through burn's
 //! backend extension for `Cube` (and `Fusion<Cube>` in the tab), with a hand-written backward
 //! registered under `Autodiff` over either. Under autodiff burn composes GELU of 5 primitive ops
 //! and LayerNorm of 9, each its own dispatch and buffer, forward and (twice as many) backward;
 //! here each is one dispatch forward, one (GELU) or two (LayerNorm) backward. Attention goes
 //! from the fused `qkv` projection to merged heads in one dispatch (an online softmax a query
 //! row, the log-sum-exp kept) and back in two (queries, then keys and values), with no `T×T`
-//! buffer. AdamW steps a parameter in one dispatch where burn's composed step takes a dozen.
+//! buffer. Cross-entropy is one dispatch a way (the log-sum-exp kept), plus
+//! burn's mean over rows. AdamW steps a parameter in one dispatch where burn's composed step
+//! takes a dozen.
 //!
 //! The same functions as the CPU kernels (`gelu`, `layer_norm`), the same formulas (erf by the
 //! same rational polynomial, LayerNorm's variance about the mean in a second pass), summed in
@@ -15,7 +18,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate};
 use burn::backend::{
     Autodiff, AutodiffBackend, Backend, Dispatch, TensorMetadata, backend_extension,
@@ -39,6 +42,14 @@ const ATTENTION_FORWARD: &str = include_str!("../../../../shaders/attention_forw
 const ATTENTION_QUERIES: &str = include_str!("../../../../shaders/attention_backward_queries.wgsl");
 const ATTENTION_KEYS: &str = include_str!("../../../../shaders/attention_backward_keys.wgsl");
 const ADAMW: &str = include_str!("../../../../shaders/adamw.wgsl");
+const CE_FORWARD: &str = include_str!("../../../../shaders/cross_entropy_forward.wgsl");
+const CE_BACKWARD: &str = include_str!("../../../../shaders/cross_entropy_backward.wgsl");
+
+/// The widest head the fused attention takes; wider heads go to burn's composed ops. An
+/// invocation keeps four head-wide arrays: on lavapipe, forward + backward at heads of 32 ran
+/// 1.9–4.5× faster than the composed ops (T = 64, 128, 256), at heads of 64 1.1–1.3× slower
+/// (T = 128, 256) and even at T = 64 (BENCHMARKS.md, #17).
+pub(super) const ATTENTION_MAX_HEAD: usize = 32;
 
 /// Workgroups a dispatch dimension may hold (WebGPU's guaranteed limit).
 const MAX_GROUPS: usize = 65_535;
@@ -91,6 +102,22 @@ pub trait GpuFusedOps: Backend {
         dy: FloatTensor<Self>,
         batch: usize,
         heads: usize,
+    ) -> FloatTensor<Self>;
+    /// Softmax cross-entropy of each row of `logits` `[n, vocab]` against `targets` `[n]`
+    /// (i32): the losses `[n]` and each row's log-sum-exp `[n]`.
+    #[fusion(meta = cross_entropy_specs)]
+    fn gpu_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Cross-entropy's gradient to the logits from the forward's log-sum-exp and the losses'
+    /// gradient `[n]`.
+    #[fusion(dtype = logits, shape = logits)]
+    fn gpu_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        dloss: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
     /// One AdamW step of a flat parameter from its gradient times `clip` (`[1]`) and its two
     /// moments: the three updated (see `kernels::adamw`). Not differentiable.
@@ -174,6 +201,12 @@ fn adamw_specs(
     (spec(), spec(), spec())
 }
 
+#[cfg(feature = "fusion")]
+fn cross_entropy_specs(logits: &TensorSpec, _targets: &TensorSpec) -> (TensorSpec, TensorSpec) {
+    let spec = || TensorSpec::new(Shape::new([logits.shape[0]]), DType::F32);
+    (spec(), spec())
+}
+
 /// One of our WGSL kernels, with the preludes it needs (the attention kernels: for heads of
 /// `dh` values).
 #[derive(Clone, Copy, Debug)]
@@ -187,6 +220,8 @@ enum Kernel {
     AttentionQueries { dh: usize },
     AttentionKeys { dh: usize },
     AdamW,
+    CrossEntropyForward,
+    CrossEntropyBackward,
 }
 
 impl KernelSource for Kernel {
@@ -201,6 +236,8 @@ impl KernelSource for Kernel {
             Kernel::AttentionQueries { .. } => (ATTENTION, ATTENTION_QUERIES),
             Kernel::AttentionKeys { .. } => (ATTENTION, ATTENTION_KEYS),
             Kernel::AdamW => ("", ADAMW),
+            Kernel::CrossEntropyForward => (WORKGROUP_SUM, CE_FORWARD),
+            Kernel::CrossEntropyBackward => ("", CE_BACKWARD),
         };
         let template = SourceTemplate::new(INDEX)
             .add_template(prelude)
@@ -261,6 +298,16 @@ fn launch(kernel: Kernel, group: u32, groups: usize, tensors: &[&CubeTensor], in
         CubeCount::Static(x as u32, y as u32, 1),
         KernelArguments::new().with_buffers(buffers),
     );
+}
+
+/// Targets as contiguous 32-bit integers (what WGSL reads).
+fn int32(t: CubeTensor) -> CubeTensor {
+    assert!(
+        matches!(t.dtype, DType::I32 | DType::U32),
+        "cross-entropy on a GPU: targets of {:?}, not 32-bit integers",
+        t.dtype
+    );
+    burn::backend::wgpu::into_contiguous(t)
 }
 
 /// Rows and columns of a LayerNorm input.
@@ -410,6 +457,41 @@ impl GpuFusedOps for CubeBackend {
         dqkv
     }
 
+    fn gpu_cross_entropy(logits: CubeTensor, targets: CubeTensor) -> (CubeTensor, CubeTensor) {
+        let (logits, targets) = (contiguous(logits), int32(targets));
+        let (n, vocab) = rows(&logits);
+        let losses = empty(&logits, [n]);
+        let lse = empty(&logits, [n]);
+        launch(
+            Kernel::CrossEntropyForward,
+            LANES,
+            n,
+            &[&logits, &targets, &losses, &lse],
+            &[n as u32, vocab as u32],
+        );
+        (losses, lse)
+    }
+
+    fn gpu_cross_entropy_backward(
+        logits: CubeTensor,
+        targets: CubeTensor,
+        lse: CubeTensor,
+        dloss: CubeTensor,
+    ) -> CubeTensor {
+        let (logits, targets) = (contiguous(logits), int32(targets));
+        let (lse, dloss) = (contiguous(lse), contiguous(dloss));
+        let (n, vocab) = rows(&logits);
+        let dlogits = empty(&logits, logits.shape());
+        launch(
+            Kernel::CrossEntropyBackward,
+            ELEMENTWISE as u32,
+            (n * vocab).div_ceil(ELEMENTWISE),
+            &[&logits, &targets, &lse, &dloss, &dlogits],
+            &[n as u32, vocab as u32],
+        );
+        dlogits
+    }
+
     fn gpu_adamw(
         param: CubeTensor,
         grad: CubeTensor,
@@ -536,7 +618,62 @@ impl<B: Backend + GpuFusedOps> Backward<B, 1> for AttentionBackward {
     }
 }
 
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl<B: Backend + GpuFusedOps> Backward<B, 1> for CrossEntropyBackward {
+    /// Logits, targets, log-sum-exp.
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            let (logits, targets, lse) = ops.state;
+            let d = B::gpu_cross_entropy_backward(logits, targets, lse, grad);
+            grads.register::<B>(node.id, d);
+        }
+    }
+}
+
 impl<B: Backend + GpuFusedOps, C: CheckpointStrategy> GpuFusedOps for Autodiff<B, C> {
+    /// The losses are tracked; the log-sum-exp is not.
+    fn gpu_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match CrossEntropyBackward
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let l = logits.primitive().clone();
+                let (losses, lse) = B::gpu_cross_entropy(l.clone(), targets.clone());
+                let out = prep.finish((l, targets, lse.clone()), losses);
+                (out, Self::from_inner(lse))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (losses, lse) = B::gpu_cross_entropy(logits.into_primitive(), targets);
+                (prep.finish(losses), Self::from_inner(lse))
+            }
+        }
+    }
+
+    /// Not differentiable: runs on the inner tensors, untracked.
+    fn gpu_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        dloss: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::gpu_cross_entropy_backward(
+            Self::inner(logits),
+            targets,
+            Self::inner(lse),
+            Self::inner(dloss),
+        ))
+    }
+
     /// The output is tracked; the log-sum-exp is not.
     fn gpu_attention(
         qkv: FloatTensor<Self>,
@@ -746,4 +883,15 @@ pub(super) fn adamw_step(
         Tensor::from_dispatch(m),
         Tensor::from_dispatch(v),
     )
+}
+
+/// Mean softmax cross-entropy `[1]` of `logits` `[n, vocab]` against `targets` `[n]` on a
+/// wgpu / WebGPU device: the rows' losses fused, their mean burn's.
+pub(super) fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    let targets = targets.cast(burn::tensor::IntDType::I32);
+    let (losses, _lse) = <Dispatch as GpuFusedOps>::gpu_cross_entropy(
+        logits.into_dispatch(),
+        targets.into_dispatch(),
+    );
+    Tensor::<1>::from_dispatch(losses).mean()
 }

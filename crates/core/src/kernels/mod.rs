@@ -12,16 +12,16 @@
 //! - [`adamw`]: the optimizer's step in one pass over a parameter, its moments and gradient;
 //! - `ops` (with the `flex` feature): the burn backend extension that runs them for `Flex` and
 //!   registers their backward for `Autodiff<Flex>`;
-//! - `gpu` (with the `wgpu` feature): GELU, LayerNorm and causal attention, forward and backward,
-//!   and the AdamW step, as our WGSL
+//! - `gpu` (with the `wgpu` feature): GELU, LayerNorm, causal attention and softmax
+//!   cross-entropy, forward and backward, and the AdamW step, as our WGSL
 //!   kernels for wgpu / WebGPU (burn's backend extension for `Cube` and `Fusion<Cube>`, the
 //!   backward registered under `Autodiff` over either);
 //! - [`quantize`] (with the `wgpu` feature): absmax int8 / int4 quantization on a wgpu or
 //!   WebGPU device by the WGSL kernel in `shaders/`, for updates encoded where they live.
 //!
 //! The functions below are what the model calls. On a `flex` device with f32 tensors they run
-//! the fused CPU kernels; on a wgpu / WebGPU device the GPU's GELU, LayerNorm, attention and
-//! AdamW (the rest composed); elsewhere, or when fusion is switched off with [`set_enabled`], they compose
+//! the fused CPU kernels; on a wgpu / WebGPU device the GPU's GELU, LayerNorm, attention,
+//! cross-entropy and AdamW (the rest composed); elsewhere, or when fusion is switched off with [`set_enabled`], they compose
 //! burn's own ops, so every backend computes the same function.
 
 pub mod adamw;
@@ -211,7 +211,8 @@ pub fn causal_attention(qkv: Tensor<2>, batch: usize, heads: usize) -> Tensor<2>
         return ops::causal_attention(qkv, batch, heads);
     }
     #[cfg(feature = "wgpu")]
-    if gpu_fused(&qkv.device(), qkv.dtype()) {
+    if qkv.dims()[1] / 3 / heads <= gpu::ATTENTION_MAX_HEAD && gpu_fused(&qkv.device(), qkv.dtype())
+    {
         return gpu::causal_attention(qkv, batch, heads);
     }
     let [n, c3] = qkv.dims();
@@ -277,6 +278,10 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     #[cfg(feature = "flex")]
     if fused(&logits.device(), logits.dtype()) {
         return ops::cross_entropy(logits, targets);
+    }
+    #[cfg(feature = "wgpu")]
+    if gpu_fused(&logits.device(), logits.dtype()) {
+        return gpu::cross_entropy(logits, targets);
     }
     burn::nn::loss::CrossEntropyLossConfig::new()
         .init(&logits.device())
