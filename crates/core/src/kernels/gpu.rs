@@ -1,18 +1,17 @@
 //! Fused GELU, LayerNorm, causal self-attention, softmax cross-entropy and AdamW for wgpu /
-//! WebGPU: our WGSL kernels (`shaders/`) run through burn's
-//! backend extension for `Cube` (and `Fusion<Cube>` in the tab), with a hand-written backward
-//! registered under `Autodiff` over either. Under autodiff burn composes GELU of 5 primitive ops
-//! and LayerNorm of 9, each its own dispatch and buffer, forward and (twice as many) backward;
-//! here each is one dispatch forward, one (GELU) or two (LayerNorm) backward. Attention goes
-//! from the fused `qkv` projection to merged heads in one dispatch (an online softmax a query
-//! row, the log-sum-exp kept) and back in two (queries, then keys and values), with no `T×T`
-//! buffer. Cross-entropy is one dispatch a way (the log-sum-exp kept), plus
-//! burn's mean over rows. AdamW steps a parameter in one dispatch where burn's composed step
-//! takes a dozen.
+//! WebGPU: our WGSL kernels (`shaders/`) run through burn's backend extension for `Cube` (and
+//! `Fusion<Cube>` in the tab), with a hand-written backward registered under `Autodiff` over
+//! either. Under autodiff burn composes GELU of 5 primitive ops and LayerNorm of 9, each its own
+//! dispatch and buffer, forward and (twice as many) backward; here each is one dispatch forward,
+//! one (GELU) or two (LayerNorm) backward. Attention goes from the fused `qkv` projection to
+//! merged heads in one dispatch (an online softmax a query row, the log-sum-exp kept) and back
+//! in two (queries, then keys and values), with no `T×T` buffer. Cross-entropy is one dispatch a
+//! way (the log-sum-exp kept), plus burn's mean over rows. AdamW steps a parameter in one
+//! dispatch where burn's composed step takes a dozen.
 //!
-//! The same functions as the CPU kernels (`gelu`, `layer_norm`), the same formulas (erf by the
-//! same rational polynomial, LayerNorm's variance about the mean in a second pass), summed in
-//! another order: a GPU and a CPU agree to rounding, not bit for bit.
+//! The same functions as the CPU kernels, by the same formulas (erf by the same rational
+//! polynomial, LayerNorm's variance about the mean in a second pass, AdamW's f32 operations in
+//! the same order), summed in another order: a GPU and a CPU agree to rounding, not bit for bit.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -54,8 +53,9 @@ pub(super) const ATTENTION_MAX_HEAD: usize = 32;
 /// Workgroups a dispatch dimension may hold (WebGPU's guaranteed limit).
 const MAX_GROUPS: usize = 65_535;
 
-/// GELU and LayerNorm on a GPU. `Cube` (and `Fusion<Cube>`) run them; `Autodiff` over either
-/// records GELU's and LayerNorm's backward (the `_backward` operations are not differentiable).
+/// The fused operations on a GPU. `Cube` (and `Fusion<Cube>`) run them; `Autodiff` over either
+/// records the backward of GELU, LayerNorm, attention and cross-entropy (the `_backward`
+/// operations and AdamW are not differentiable).
 #[backend_extension(
     Cube,
     Fusion: cfg(feature = "fusion"),
