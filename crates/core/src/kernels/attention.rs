@@ -26,6 +26,20 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// The shape of `batch` sequences of `heads` heads in `qkv` rows `[n, c3]`.
+    pub fn of(n: usize, c3: usize, batch: usize, heads: usize) -> Shape {
+        assert!(
+            batch > 0 && n.is_multiple_of(batch) && c3.is_multiple_of(3 * heads),
+            "attention: qkv [{n}, {c3}] does not split into {batch} sequences of {heads} heads"
+        );
+        Shape {
+            batch,
+            t: n / batch,
+            heads,
+            dh: c3 / 3 / heads,
+        }
+    }
+
     /// Model width `heads · dh`.
     pub fn c(&self) -> usize {
         self.heads * self.dh

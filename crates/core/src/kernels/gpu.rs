@@ -173,10 +173,10 @@ fn layer_norm_backward_specs(
 
 #[cfg(feature = "fusion")]
 fn attention_specs(qkv: &TensorSpec, batch: &usize, heads: &usize) -> (TensorSpec, TensorSpec) {
-    let (n, c3) = (qkv.shape[0], qkv.shape[1]);
+    let s = super::attention::Shape::of(qkv.shape[0], qkv.shape[1], *batch, *heads);
     (
-        TensorSpec::new(Shape::new([n, c3 / 3]), DType::F32),
-        TensorSpec::new(Shape::new([n / batch * heads * batch]), DType::F32),
+        TensorSpec::new(Shape::new([s.batch * s.t, s.c()]), DType::F32),
+        TensorSpec::new(Shape::new([s.batch * s.heads * s.t]), DType::F32),
     )
 }
 
@@ -544,17 +544,7 @@ impl GpuFusedOps for CubeBackend {
 /// The attention shape of `qkv` `[batch·t, 3c]`.
 fn attention_shape(qkv: &CubeTensor, batch: usize, heads: usize) -> super::attention::Shape {
     let dims = qkv.shape();
-    let (n, c3) = (dims[0], dims[dims.num_dims() - 1]);
-    assert!(
-        batch > 0 && n.is_multiple_of(batch) && c3.is_multiple_of(3 * heads),
-        "attention: qkv [{n}, {c3}] does not split into {batch} sequences of {heads} heads"
-    );
-    super::attention::Shape {
-        batch,
-        t: n / batch,
-        heads,
-        dh: c3 / 3 / heads,
-    }
+    super::attention::Shape::of(dims[0], dims[dims.num_dims() - 1], batch, heads)
 }
 
 /// A workgroup per (sequence, head, block of `LANES` rows).
@@ -855,14 +845,10 @@ pub(super) fn causal_attention(qkv: Tensor<2>, batch: usize, heads: usize) -> Te
 pub(super) fn adamw_step(
     param: Tensor<1>,
     grad: Tensor<1>,
-    moments: Option<(Tensor<1>, Tensor<1>)>,
+    (m, v): (Tensor<1>, Tensor<1>),
     clip: Tensor<1>,
     s: &super::adamw::Scalars,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
-    let (m, v) = moments.unwrap_or_else(|| {
-        let zeros = || Tensor::zeros(param.dims(), &param.device());
-        (zeros(), zeros())
-    });
     let (p, m, v) = <Dispatch as GpuFusedOps>::gpu_adamw(
         param.into_dispatch(),
         grad.into_dispatch(),

@@ -13,16 +13,16 @@
 //! - `ops` (with the `flex` feature): the burn backend extension that runs them for `Flex` and
 //!   registers their backward for `Autodiff<Flex>`;
 //! - `gpu` (with the `wgpu` feature): GELU, LayerNorm, causal attention and softmax
-//!   cross-entropy, forward and backward, and the AdamW step, as our WGSL
-//!   kernels for wgpu / WebGPU (burn's backend extension for `Cube` and `Fusion<Cube>`, the
-//!   backward registered under `Autodiff` over either);
+//!   cross-entropy, forward and backward, and the AdamW step, as our WGSL kernels for wgpu /
+//!   WebGPU (burn's backend extension for `Cube` and `Fusion<Cube>`, the backward registered
+//!   under `Autodiff` over either);
 //! - [`quantize`] (with the `wgpu` feature): absmax int8 / int4 quantization on a wgpu or
 //!   WebGPU device by the WGSL kernel in `shaders/`, for updates encoded where they live.
 //!
 //! The functions below are what the model calls. On a `flex` device with f32 tensors they run
 //! the fused CPU kernels; on a wgpu / WebGPU device the GPU's GELU, LayerNorm, attention,
-//! cross-entropy and AdamW (the rest composed); elsewhere, or when fusion is switched off with [`set_enabled`], they compose
-//! burn's own ops, so every backend computes the same function.
+//! cross-entropy and AdamW (the rest composed); elsewhere, or when fusion is switched off with
+//! [`set_enabled`], they compose burn's own ops, so every backend computes the same function.
 
 pub mod adamw;
 pub mod attention;
@@ -184,23 +184,26 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 
 /// `ln` applied over the last dimension of rows `x` `[n, c]`.
 pub fn layer_norm(x: Tensor<2>, ln: &LayerNorm) -> Tensor<2> {
-    let beta = || {
-        let [c] = ln.gamma.dims();
-        match &ln.beta {
-            Some(b) => b.val(),
-            None => Tensor::zeros([c], &x.device()),
-        }
-    };
     #[cfg(feature = "flex")]
     if fused(&x.device(), x.dtype()) {
-        return ops::layer_norm(x.clone(), ln.gamma.val(), beta(), LN_EPS as f32);
+        let beta = beta_or_zeros(ln, &x.device());
+        return ops::layer_norm(x, ln.gamma.val(), beta, LN_EPS as f32);
     }
     #[cfg(feature = "wgpu")]
     if gpu_fused(&x.device(), x.dtype()) {
-        return gpu::layer_norm(x.clone(), ln.gamma.val(), beta(), LN_EPS as f32);
+        let beta = beta_or_zeros(ln, &x.device());
+        return gpu::layer_norm(x, ln.gamma.val(), beta, LN_EPS as f32);
     }
-    let _ = beta;
     ln.forward(x)
+}
+
+/// `ln`'s β, or zeros for a LayerNorm without one.
+#[cfg(any(feature = "flex", feature = "wgpu"))]
+fn beta_or_zeros(ln: &LayerNorm, device: &Device) -> Tensor<1> {
+    match &ln.beta {
+        Some(b) => b.val(),
+        None => Tensor::zeros(ln.gamma.dims(), device),
+    }
 }
 
 /// Causal multi-head self-attention of `batch` sequences whose rows `qkv` `[batch·t, 3c]` hold
@@ -246,16 +249,24 @@ pub fn adamw_step(
     clip: Option<Tensor<1>>,
     scalars: &adamw::Scalars,
 ) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>), Box<AdamWInputs>> {
+    // The fused steps take zeroed moments on the first step and a clip of 1 without clipping.
+    let inputs = |param: &Tensor<1>, moments: Option<_>, clip: Option<Tensor<1>>| {
+        let device = param.device();
+        let zeros = || Tensor::zeros(param.dims(), &device);
+        let moments = moments.unwrap_or_else(|| (zeros(), zeros()));
+        (moments, clip.unwrap_or_else(|| Tensor::ones([1], &device)))
+    };
     #[cfg(feature = "flex")]
     if fused(&grad.device(), grad.dtype()) {
-        let clip = clip.unwrap_or_else(|| Tensor::ones([1], &grad.device()));
+        let (moments, clip) = inputs(&param, moments, clip);
         return Ok(ops::adamw_step(param, grad, moments, clip, scalars));
     }
     #[cfg(feature = "wgpu")]
     if gpu_fused(&grad.device(), grad.dtype()) {
-        let clip = clip.unwrap_or_else(|| Tensor::ones([1], &grad.device()));
+        let (moments, clip) = inputs(&param, moments, clip);
         return Ok(gpu::adamw_step(param, grad, moments, clip, scalars));
     }
+    let _ = inputs;
     let _ = scalars;
     Err(Box::new(AdamWInputs {
         param,

@@ -116,14 +116,10 @@ pub(super) fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tenso
 pub(super) fn adamw_step(
     param: Tensor<1>,
     grad: Tensor<1>,
-    moments: Option<(Tensor<1>, Tensor<1>)>,
+    (m, v): (Tensor<1>, Tensor<1>),
     clip: Tensor<1>,
     s: &adamw::Scalars,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
-    let (m, v) = moments.unwrap_or_else(|| {
-        let zeros = || Tensor::zeros(param.dims(), &param.device());
-        (zeros(), zeros())
-    });
     let (p, m, v) = <Dispatch as FusedOps>::fused_adamw(
         param.into_dispatch(),
         grad.into_dispatch(),
@@ -202,17 +198,7 @@ fn indices(t: &FlexTensor) -> Vec<usize> {
 
 fn attention_shape(qkv: &FlexTensor, batch: usize, heads: usize) -> attention::Shape {
     let dims = qkv.shape();
-    let (n, c3) = (dims[0], dims[dims.num_dims() - 1]);
-    assert!(
-        batch > 0 && n.is_multiple_of(batch) && c3.is_multiple_of(3 * heads),
-        "attention: qkv [{n}, {c3}] does not split into {batch} sequences of {heads} heads"
-    );
-    attention::Shape {
-        batch,
-        t: n / batch,
-        heads,
-        dh: c3 / 3 / heads,
-    }
+    attention::Shape::of(dims[0], dims[dims.num_dims() - 1], batch, heads)
 }
 
 fn linear_dims(x: &FlexTensor, weight: &FlexTensor) -> lin::Dims {
