@@ -250,12 +250,13 @@ pub fn adamw_step(
     scalars: &adamw::Scalars,
 ) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>), Box<AdamWInputs>> {
     // The fused steps take zeroed moments on the first step and a clip of 1 without clipping.
-    let inputs = |param: &Tensor<1>, moments: Option<_>, clip: Option<Tensor<1>>| {
-        let device = param.device();
-        let zeros = || Tensor::zeros(param.dims(), &device);
-        let moments = moments.unwrap_or_else(|| (zeros(), zeros()));
-        (moments, clip.unwrap_or_else(|| Tensor::ones([1], &device)))
-    };
+    let inputs =
+        |param: &Tensor<1>, moments: Option<(Tensor<1>, Tensor<1>)>, clip: Option<Tensor<1>>| {
+            let device = param.device();
+            let zeros = || Tensor::<1>::zeros(param.dims(), &device);
+            let moments = moments.unwrap_or_else(|| (zeros(), zeros()));
+            (moments, clip.unwrap_or_else(|| Tensor::ones([1], &device)))
+        };
     #[cfg(feature = "flex")]
     if fused(&grad.device(), grad.dtype()) {
         let (moments, clip) = inputs(&param, moments, clip);
