@@ -400,7 +400,12 @@ impl Participant {
                         unit.codec,
                         if matches!(unit.codec, Codec::Sparse { .. }) {
                             format!(
-                                " (error feedback carried: norm {:.5})",
+                                " (error feedback carried{}: norm {:.5})",
+                                if self.feedback.on_device() {
+                                    " on the GPU"
+                                } else {
+                                    ""
+                                },
                                 self.feedback.norm()
                             )
                         } else if self.encoded_on_device {
@@ -599,31 +604,27 @@ impl Participant {
                     .filter(|_| self.keep_optimizer)
                     .unwrap_or_default()
             };
+            // Its own units encoded where they train (on a GPU, with the error feedback kept
+            // there); a re-execution reads the f32 pseudo-gradient, as the relay's does. The
+            // residual travels with the job and comes back with it (a failed unit loses it).
+            let mut feedback = (!verification).then(|| std::mem::take(&mut self.feedback));
             tokio::task::spawn_blocking(move || {
                 let mut last = Instant::now();
-                // Its own units encoded where they train (int8 / int4 on a GPU); a
-                // re-execution reads the f32 pseudo-gradient, as the relay's does.
-                let train_fn = if verification {
-                    work::train
-                } else {
-                    work::train_and_encode
+                let report = move |step| {
+                    if throttle > 1.0 {
+                        std::thread::sleep(last.elapsed().mul_f64(throttle - 1.0));
+                    }
+                    last = Instant::now();
+                    progress.store(step, Ordering::Relaxed);
                 };
-                train_fn(
-                    &device,
-                    model_cfg,
-                    &train,
-                    &unit,
-                    &base.weights,
-                    &corpus,
-                    optim,
-                    |step| {
-                        if throttle > 1.0 {
-                            std::thread::sleep(last.elapsed().mul_f64(throttle - 1.0));
-                        }
-                        last = Instant::now();
-                        progress.store(step, Ordering::Relaxed);
-                    },
-                )
+                let (b, c) = (&base.weights, &corpus);
+                let trained = match feedback.as_mut() {
+                    Some(f) => work::train_and_encode(
+                        &device, model_cfg, &train, &unit, b, c, optim, f, report,
+                    ),
+                    None => work::train(&device, model_cfg, &train, &unit, b, c, optim, report),
+                };
+                (trained, feedback)
             })
         };
         tokio::pin!(job);
@@ -639,7 +640,11 @@ impl Participant {
         let (delta, encoded, first, last) = loop {
             tokio::select! {
                 r = &mut job => {
-                    let t = r??;
+                    let (trained, feedback) = r?;
+                    if let Some(feedback) = feedback {
+                        self.feedback = feedback;
+                    }
+                    let t = trained?;
                     if !verification {
                         self.optim = Some(t.optimizer);
                     }
@@ -667,11 +672,8 @@ impl Participant {
         } else {
             self.encoded_on_device = encoded.is_some();
             let payload = match encoded {
-                // int8 / int4 carry no residual: encoded on the device, nothing to keep.
-                Some(payload) => {
-                    self.feedback.clear();
-                    payload
-                }
+                // Encoded on the device, its residual (sparse) kept there.
+                Some(payload) => payload,
                 None => self.feedback.encode(unit, &delta),
             };
             work::submission(

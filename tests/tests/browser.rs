@@ -100,15 +100,20 @@ fn tail(s: &str) -> String {
 }
 
 /// A WebGPU tab trains, encodes its update on the GPU (WGSL) and reads back only the encoded
-/// bytes, which the relay accepts: in int8 (the relay's default codec), then in ternary.
+/// bytes, which the relay accepts: in int8 (the relay's default codec), then in ternary, then
+/// sparse with its error feedback kept on the GPU (`--no-verify`: a participant's residual
+/// cannot be re-executed).
 #[test]
 fn tab_trains_on_webgpu_and_its_update_is_accepted() {
-    for codec in ["int8", "ternary"] {
+    for codec in ["int8", "ternary", "sparse64"] {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut args = vec!["--inner-steps", "3"];
         if codec != "int8" {
             args.extend(["--codec", codec]);
+        }
+        if codec == "sparse64" {
+            args.push("--no-verify");
         }
         let _relay = relay(dir.path(), port, &args);
         assert_eq!(status(port)["codec"], codec);

@@ -277,17 +277,22 @@ fn a_demo_relay_killed_with_sigkill_takes_its_participant_with_it() {
 }
 
 /// A GPU participant (wgpu; lavapipe here) encodes its int8 updates (the relay's default
-/// codec), then its ternary ones, on the device with the WGSL kernels and reads back only the
-/// encoded bytes; the relay (every update checked against its own CPU re-execution, encoded
-/// by the CPU encoder) accepts them beside a CPU host's.
+/// codec), then its ternary ones, then sparse ones with its error feedback kept on the
+/// device, with the WGSL kernels and reads back only the encoded bytes; the relay (int8 and
+/// ternary updates checked against its own CPU re-execution, encoded by the CPU encoder;
+/// sparse ones under `--no-verify`) accepts them beside a CPU host's.
 #[test]
 fn a_gpu_host_encodes_its_updates_on_the_device_and_they_are_accepted() {
-    for codec in ["int8", "ternary"] {
+    for codec in ["int8", "ternary", "sparse64"] {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut args = vec!["--inner-steps", "5", "--max-versions", "40"];
         if codec != "int8" {
             args.extend(["--codec", codec]);
+        }
+        // A participant's error feedback cannot be re-executed (see the sparse test below).
+        if codec == "sparse64" {
+            args.push("--no-verify");
         }
         let _relay = start_relay(dir.path(), port, &args);
         assert_eq!(status(port)["codec"], codec);
@@ -307,14 +312,17 @@ fn a_gpu_host_encodes_its_updates_on_the_device_and_they_are_accepted() {
         let rejections = s["verification"]["rejections"].as_object().unwrap();
         assert!(rejections.keys().all(|k| k == "TooStale"), "{codec}: {s}");
         assert_eq!(u(&s["verification"]["banned"]), 0, "{codec}: {s}");
+        // Sparse units carry their residual, on the GPU where they were encoded there.
+        let on_gpu = if codec == "sparse64" {
+            format!("bytes {codec} (error feedback carried on the GPU: norm ")
+        } else {
+            format!("bytes {codec} (encoded on the GPU)")
+        };
         for l in gpu.lines_with("accepted, model now") {
-            assert!(
-                l.contains(&format!("bytes {codec} (encoded on the GPU)")),
-                "{l}"
-            );
+            assert!(l.contains(&on_gpu), "{l}");
         }
         for l in cpu.lines_with("accepted, model now") {
-            assert!(!l.contains("encoded on the GPU"), "{l}");
+            assert!(!l.contains("on the GPU"), "{l}");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What a GPU participant pays to turn its update into bytes: the pseudo-gradient read back in
-//! f32 and encoded on the CPU, against the WGSL quantizers on the device (int8, int4, ternary)
-//! and only the encoded bytes read back; memcpy of the f32 vector for scale. Side by side in
-//! one run.
+//! f32 and encoded on the CPU, against the WGSL quantizers on the device (int8, int4, ternary;
+//! sparse with the participant's error feedback, on the host against on the device) and only
+//! the encoded bytes read back; memcpy of the f32 vector for scale. Side by side in one run.
 //!
 //!     cargo run --release -p tessera-protocol --example device_encode_bench [values] [repeats]
 //!
@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use tessera_core::burn::prelude::*;
 use tessera_core::kernels::quantize::{self, Format};
-use tessera_protocol::update::{Codec, Payload};
+use tessera_protocol::feedback::ErrorFeedback;
+use tessera_protocol::messages::WorkUnit;
+use tessera_protocol::update::{Codec, Fragment, Payload};
 
 fn best(repeats: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -81,4 +83,46 @@ fn main() {
             cpu / gpu
         );
     }
+    // Sparse (SparseLoCo's top-k) with error feedback: the residual carried on the host
+    // (read f32 back, add it, encode, decode, subtract) against carried on the device.
+    let codec = Codec::Sparse { k: 64 };
+    let unit = WorkUnit {
+        unit_id: 1,
+        base_version: 0,
+        shard: 0,
+        inner_steps: 1,
+        batch_size: 1,
+        lr: 1e-3,
+        warmup_steps: 0,
+        seed: 1,
+        fragment: Fragment::ALL,
+        codec,
+        deadline_ms: 0,
+    };
+    let mut on_host = ErrorFeedback::default();
+    let cpu = best(repeats, || {
+        let v: Vec<f32> = (on_device.clone() + 0.0).into_data().try_to_vec().unwrap();
+        std::hint::black_box(on_host.encode(&unit, &v));
+    });
+    let mut on_gpu = ErrorFeedback::default();
+    let mut bytes = 0;
+    let gpu = best(repeats, || {
+        let q = on_gpu
+            .sparse_on_device(&unit, on_device.clone() + 0.0)
+            .unwrap();
+        let p = Payload::from_sparse_words(64, n, &q.read().unwrap()).unwrap();
+        on_gpu.settle(&p);
+        bytes = p.data.len();
+        std::hint::black_box(p);
+    });
+    println!(
+        "{codec}: read f32 + CPU encode, residual on the host {}",
+        rate(cpu)
+    );
+    println!(
+        "{codec}: WGSL encode + read {:>6.2} MB, residual on the GPU {}  ({:.2}x)",
+        bytes as f64 / 1e6,
+        rate(gpu),
+        cpu / gpu
+    );
 }

@@ -2,9 +2,14 @@
 //! minus the update as decoded) and adds it to its next update of the same run, so that over
 //! a few units nothing of its work is lost, only delayed (SparseLoCo, DeMo). It is the
 //! participant's own state, never sent; a new run, another fragment or a lossless codec
-//! starts it afresh.
+//! starts it afresh. A GPU participant keeps it on its device, where its sparse updates are
+//! encoded ([`ErrorFeedback::sparse_on_device`]).
+
+use tessera_core::burn::prelude::Tensor;
+use tessera_core::kernels::quantize::{self, SparseQuantized};
 
 use crate::messages::WorkUnit;
+use crate::sparse;
 use crate::update::{Codec, Payload};
 
 /// What the residual is kept for: updates of one run, over one range of parameters.
@@ -15,12 +20,24 @@ struct Scope {
     len: usize,
 }
 
-/// A participant's residual, carried from one unit to the next.
+impl Scope {
+    fn of(unit: &WorkUnit, len: usize) -> Self {
+        Scope {
+            seed: unit.seed,
+            offset: unit.fragment.offset,
+            len,
+        }
+    }
+}
+
+/// A participant's residual, carried from one unit to the next: in host memory, or on the
+/// GPU its updates are encoded on.
 #[derive(Debug, Clone)]
 pub struct ErrorFeedback {
     decay: f32,
     scope: Option<Scope>,
     residual: Vec<f32>,
+    on_device: Option<Tensor<1>>,
 }
 
 impl Default for ErrorFeedback {
@@ -39,20 +56,20 @@ impl ErrorFeedback {
             decay,
             scope: None,
             residual: Vec::new(),
+            on_device: None,
         }
     }
 
     /// Encodes the pseudo-gradient `delta` of `unit` with the unit's codec, after adding the
     /// residual carried from this run's earlier units (a lossless codec clears it), and keeps
-    /// what this encoding leaves out for the next one.
+    /// what this encoding leaves out for the next one. A residual kept on a device is not
+    /// read back: encoding on the host after the device starts afresh.
     pub fn encode(&mut self, unit: &WorkUnit, delta: &[f32]) -> Payload {
-        let scope = Scope {
-            seed: unit.seed,
-            offset: unit.fragment.offset,
-            len: delta.len(),
-        };
-        if !matches!(unit.codec, Codec::Sparse { .. }) {
+        let scope = Scope::of(unit, delta.len());
+        if !matches!(unit.codec, Codec::Sparse { .. }) || self.on_device.is_some() {
             self.clear();
+        }
+        if !matches!(unit.codec, Codec::Sparse { .. }) {
             return Payload::encode(unit.codec, delta);
         }
         if self.scope != Some(scope) {
@@ -75,14 +92,67 @@ impl ErrorFeedback {
         payload
     }
 
+    /// Encodes `delta`, the pseudo-gradient of a sparse `unit` on a wgpu / WebGPU device, on
+    /// that device (`tessera-core`'s `sparse.wgsl`), after adding the residual this run's
+    /// earlier units left there, and keeps there what this encoding leaves out. Read the
+    /// result, make it a payload ([`Payload::from_sparse_words`]) and hand that to
+    /// [`ErrorFeedback::settle`]. `None`, nothing changed, for another codec or where the
+    /// kernel does not run (another device, `k` above its limit): encode on the host then.
+    pub fn sparse_on_device(
+        &mut self,
+        unit: &WorkUnit,
+        delta: Tensor<1>,
+    ) -> Option<SparseQuantized> {
+        let Codec::Sparse { k } = unit.codec else {
+            return None;
+        };
+        let scope = Scope::of(unit, delta.dims()[0]);
+        let device = delta.device();
+        let residual = match (self.scope == Some(scope), &self.on_device) {
+            (false, _) => None,
+            (true, Some(r)) => Some(r.clone()),
+            // This run's residual, kept on the host until now: it moves to the device.
+            (true, None) => Some(Tensor::from_floats(self.residual.as_slice(), &device)),
+        };
+        let (encoded, carried) = quantize::sparse(delta, residual, k, self.decay)?;
+        self.scope = Some(scope);
+        self.residual = Vec::new();
+        self.on_device = Some(carried);
+        Some(encoded)
+    }
+
+    /// Takes note of a payload encoded on the device ([`ErrorFeedback::sparse_on_device`]) once
+    /// read: an update with a non-finite value (NaN magnitudes, which the relay refuses)
+    /// leaves nothing to carry, as in [`ErrorFeedback::encode`].
+    pub fn settle(&mut self, payload: &Payload) {
+        let finite = match (payload.codec, usize::try_from(payload.len)) {
+            (Codec::Sparse { k }, Ok(len)) => sparse::finite_magnitudes(&payload.data, len, k),
+            _ => false,
+        };
+        if !finite {
+            self.clear();
+        }
+    }
+
     /// Forgets the residual (a new run, or a reset of the participant).
     pub fn clear(&mut self) {
         self.scope = None;
         self.residual = Vec::new();
+        self.on_device = None;
     }
 
-    /// The residual's Euclidean norm (0 when there is none).
+    /// Whether the residual is kept on a device.
+    pub fn on_device(&self) -> bool {
+        self.on_device.is_some()
+    }
+
+    /// The residual's Euclidean norm (0 when there is none). One kept on a device is read
+    /// back for it, blocking: native only.
     pub fn norm(&self) -> f64 {
+        if let Some(r) = &self.on_device {
+            let squares: f32 = r.clone().powi_scalar(2).sum().into_scalar();
+            return f64::from(squares).sqrt();
+        }
         self.residual
             .iter()
             .map(|&v| f64::from(v) * f64::from(v))

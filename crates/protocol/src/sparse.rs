@@ -103,6 +103,53 @@ pub fn encode_sparse(values: &[f32], k: u16) -> Vec<u8> {
     out
 }
 
+/// The codec's bytes from the words the GPU's sparse kernel writes (`tessera-core`'s
+/// `kernels::quantize::sparse`, little-endian): a fixed stride a chunk of the two magnitudes,
+/// the indices two a word and the codes sixteen a word, of which a chunk keeping `m` values
+/// uses the first `2m` and `ceil(m / 4)` bytes. Only the size is checked here.
+pub(crate) fn from_kernel_words(words: &[u8], len: usize, k: u16) -> Result<Vec<u8>, Error> {
+    let k = usize::from(k);
+    let (index_words, code_words) = (k.div_ceil(2), k.div_ceil(16));
+    let stride = 4 * (2 + index_words + code_words);
+    let chunks = len.div_ceil(SPARSE_CHUNK);
+    if k == 0 || words.len() != chunks * stride {
+        return Err(Error::BadUpdate(format!(
+            "the sparse kernel's {} bytes do not hold {chunks} chunks keeping {k}",
+            words.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(sparse_bytes(len, k as u16).unwrap_or(0));
+    for (c, w) in words.chunks_exact(stride).enumerate() {
+        let n = (len - c * SPARSE_CHUNK).min(SPARSE_CHUNK);
+        let m = kept(n, k as u16);
+        let (levels, rest) = w.split_at(8);
+        let (indices, codes) = rest.split_at(4 * index_words);
+        out.extend_from_slice(levels);
+        out.extend_from_slice(&indices[..2 * m]);
+        out.extend_from_slice(&codes[..m.div_ceil(4)]);
+    }
+    Ok(out)
+}
+
+/// Whether every chunk's two magnitudes are finite in sparse `data` of `len` values kept `k`
+/// a chunk (what an encoder marks with NaN had a non-finite value). `false` for data of the
+/// wrong size.
+pub(crate) fn finite_magnitudes(data: &[u8], len: usize, k: u16) -> bool {
+    if k == 0 || sparse_bytes(len, k) != Some(data.len()) {
+        return false;
+    }
+    let mut at = 0;
+    for c in 0..len.div_ceil(SPARSE_CHUNK) {
+        let m = kept((len - c * SPARSE_CHUNK).min(SPARSE_CHUNK), k);
+        let f = |i: usize| f32::from_le_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
+        if !(f(at).is_finite() && f(at + 4).is_finite()) {
+            return false;
+        }
+        at += chunk_bytes(m);
+    }
+    true
+}
+
 /// Decodes sparse data of `len` values kept `k` per chunk into `out`. Refuses a wrong size, magnitudes
 /// that are not finite or not `0 ≤ lo ≤ hi`, indices out of the chunk or not increasing, and
 /// stray bits; every decoded value is finite.

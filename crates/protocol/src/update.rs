@@ -720,6 +720,17 @@ impl Payload {
         })
     }
 
+    /// The sparse payload of `len` values keeping `k` a chunk, from the words of
+    /// `tessera-core`'s GPU sparse kernel (`kernels::quantize::SparseQuantized::read`). Only
+    /// the size is checked here; the relay decodes it like any other.
+    pub fn from_sparse_words(k: u16, len: usize, words: &[u8]) -> Result<Self, Error> {
+        Ok(Payload {
+            codec: Codec::Sparse { k },
+            len: len as u64,
+            data: crate::sparse::from_kernel_words(words, len, k)?,
+        })
+    }
+
     /// Decodes the values, checking the length and that every value is finite. Never panics,
     /// whatever the bytes and the claimed length.
     pub fn decode(&self) -> Result<Vec<f32>, Error> {

@@ -7,13 +7,14 @@ use tessera_core::config::{ModelConfig, TrainConfig};
 use tessera_core::data::{Batch, BatchKey, Corpus, Split};
 use tessera_core::kernels::{
     self,
-    quantize::{self, Format, Quantized},
+    quantize::{self, Format, Quantized, SparseQuantized},
 };
 use tessera_core::optim::AdamW;
 use tessera_core::params;
 use tessera_core::train::Trainer;
 
 use crate::Error;
+use crate::feedback::ErrorFeedback;
 use crate::identity;
 use crate::messages::{ModelChange, Submission, WorkUnit};
 use crate::update::{Codec, Fragment, Payload};
@@ -144,7 +145,7 @@ pub struct Trained {
     /// The pseudo-gradient over the unit's fragment (empty when [`Trained::encoded`] holds it).
     pub delta: Vec<f32>,
     /// The pseudo-gradient already encoded with the unit's codec on the device it was trained
-    /// on (by [`train_and_encode`] on a wgpu / WebGPU device with an int8 or int4 codec).
+    /// on (by [`train_and_encode`] on a wgpu / WebGPU device, [`encodes_on_device`]).
     pub encoded: Option<Payload>,
     /// Training loss of the first inner step.
     pub loss_first: f32,
@@ -172,13 +173,15 @@ pub fn train(
     progress: impl FnMut(u32),
 ) -> Result<Trained, Error> {
     train_unit(
-        device, model, train, unit, base, corpus, optimizer, progress, false,
+        device, model, train, unit, base, corpus, optimizer, progress, None,
     )
 }
 
 /// As [`train`], for a participant's own submission: where the device can encode the unit's
 /// codec ([`encodes_on_device`]), the pseudo-gradient is encoded there and only the encoded
-/// bytes are read back ([`Trained::encoded`]); elsewhere it is read in f32 as by [`train`].
+/// bytes are read back ([`Trained::encoded`]), with the participant's error `feedback` carried
+/// on the device for a sparse codec; elsewhere it is read in f32 as by [`train`] (encode it
+/// with [`ErrorFeedback::encode`] then).
 #[allow(clippy::too_many_arguments)]
 pub fn train_and_encode(
     device: &Device,
@@ -188,15 +191,24 @@ pub fn train_and_encode(
     base: &[f32],
     corpus: &Corpus,
     optimizer: AdamW,
+    feedback: &mut ErrorFeedback,
     progress: impl FnMut(u32),
 ) -> Result<Trained, Error> {
     train_unit(
-        device, model, train, unit, base, corpus, optimizer, progress, true,
+        device,
+        model,
+        train,
+        unit,
+        base,
+        corpus,
+        optimizer,
+        progress,
+        Some(feedback),
     )
 }
 
 /// The quantizer a codec encodes with on a device, if it has one there (int8, int4 and
-/// ternary; f32 needs none, and sign and top-k have no GPU encoder yet).
+/// ternary; f32 needs none, sparse has its own kernel, and sign has no GPU encoder).
 fn device_format(codec: Codec) -> Option<Format> {
     match codec {
         Codec::Int8 => Some(Format::INT8),
@@ -207,25 +219,73 @@ fn device_format(codec: Codec) -> Option<Format> {
 }
 
 /// Whether a unit with `codec` trained on `device` is encoded where it was trained: int8,
-/// int4 or ternary on a wgpu / WebGPU device, unless Tessera's kernels are switched off
+/// int4, ternary or sparse (keeping at most [`quantize::SPARSE_MAX_K`] a chunk) on a wgpu /
+/// WebGPU device, unless Tessera's kernels are switched off
 /// ([`tessera_core::kernels::set_enabled`], `--no-fused-kernels`).
 pub fn encodes_on_device(codec: Codec, device: &Device) -> bool {
-    device_format(codec).is_some() && kernels::enabled() && quantize::supported(device)
+    let has_kernel = match codec {
+        Codec::Sparse { k } => (1..=quantize::SPARSE_MAX_K).contains(&k),
+        _ => device_format(codec).is_some(),
+    };
+    has_kernel && kernels::enabled() && quantize::supported(device)
+}
+
+/// An update encoded on the device it was trained on, not yet read.
+pub enum DeviceUpdate {
+    /// int8, int4 or ternary: scales and codes.
+    Quantized(Codec, Box<Quantized>),
+    /// Sparse: the kernel's words (the participant's residual stays on the device).
+    Sparse(Box<SparseQuantized>),
+}
+
+impl DeviceUpdate {
+    /// Reads it back and lays out the codec's bytes, blocking: native only. A sparse update
+    /// goes to [`ErrorFeedback::settle`] next.
+    pub fn read(self) -> Result<Payload, Error> {
+        let read_error = |e: tessera_core::Error| Error::Training(e.to_string());
+        match self {
+            DeviceUpdate::Quantized(codec, q) => {
+                let len = q.len();
+                let (scales, codes) = q.read().map_err(read_error)?;
+                Payload::from_quantized(codec, len, &scales, codes)
+            }
+            DeviceUpdate::Sparse(q) => {
+                let (k, len) = (q.k(), q.len());
+                Payload::from_sparse_words(k, len, &q.read().map_err(read_error)?)
+            }
+        }
+    }
+
+    /// As [`DeviceUpdate::read`], without blocking (the only read a WebGPU tab has).
+    pub async fn read_async(self) -> Result<Payload, Error> {
+        let read_error = |e: tessera_core::Error| Error::Training(e.to_string());
+        match self {
+            DeviceUpdate::Quantized(codec, q) => {
+                let len = q.len();
+                let (scales, codes) = q.read_async().await.map_err(read_error)?;
+                Payload::from_quantized(codec, len, &scales, codes)
+            }
+            DeviceUpdate::Sparse(q) => {
+                let (k, len) = (q.k(), q.len());
+                Payload::from_sparse_words(k, len, &q.read_async().await.map_err(read_error)?)
+            }
+        }
+    }
 }
 
 /// The pseudo-gradient `before − after` over `unit`'s fragment of two flat weight tensors on
-/// a device, quantized there with the unit's codec (`None` when [`encodes_on_device`] says
-/// no). Read it with [`Quantized::read`] / [`Quantized::read_async`], then
-/// [`Payload::from_quantized`].
+/// a device, encoded there with the unit's codec (`None` when [`encodes_on_device`] says
+/// no): a sparse codec with the error `feedback` kept on the device; any other leaves nothing
+/// to carry and clears it. Read it with [`DeviceUpdate::read`] / [`DeviceUpdate::read_async`].
 pub fn quantize_on_device(
     unit: &WorkUnit,
     before: Tensor<1>,
     after: Tensor<1>,
-) -> Result<Option<Quantized>, Error> {
-    let format = match device_format(unit.codec) {
-        Some(f) if encodes_on_device(unit.codec, &before.device()) => f,
-        _ => return Ok(None),
-    };
+    feedback: &mut ErrorFeedback,
+) -> Result<Option<DeviceUpdate>, Error> {
+    if !encodes_on_device(unit.codec, &before.device()) {
+        return Ok(None);
+    }
     let n = before.dims()[0];
     if after.dims()[0] != n {
         return Err(Error::BadUpdate(format!(
@@ -235,7 +295,15 @@ pub fn quantize_on_device(
     }
     let range = unit.fragment.range(n)?;
     let delta = before.slice(range.clone()) - after.slice(range);
-    Ok(quantize::quantize(delta, format))
+    if matches!(unit.codec, Codec::Sparse { .. }) {
+        return Ok(feedback
+            .sparse_on_device(unit, delta)
+            .map(|q| DeviceUpdate::Sparse(Box::new(q))));
+    }
+    feedback.clear();
+    Ok(device_format(unit.codec)
+        .and_then(|format| quantize::quantize(delta, format))
+        .map(|q| DeviceUpdate::Quantized(unit.codec, Box::new(q))))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -248,14 +316,14 @@ fn train_unit(
     corpus: &Corpus,
     optimizer: AdamW,
     mut progress: impl FnMut(u32),
-    encode: bool,
+    mut feedback: Option<&mut ErrorFeedback>,
 ) -> Result<Trained, Error> {
     let mut train = train.clone();
     train.batch_size = unit.batch_size as usize;
     let mut trainer = trainer_for(unit, model, train, device, base)?;
     trainer.set_optimizer(optimizer);
     // The weights as uploaded, kept on the device for the pseudo-gradient there.
-    let before = (encode && encodes_on_device(unit.codec, device))
+    let before = (feedback.is_some() && encodes_on_device(unit.codec, device))
         .then(|| params::flat_tensor(trainer.model()));
     let read = |t: tessera_core::burn::prelude::Tensor<1>| -> Result<f32, Error> {
         let v: Vec<f32> = t
@@ -277,18 +345,19 @@ fn train_unit(
         }
         progress(step + 1);
     }
-    let quantized = match before {
-        Some(before) => quantize_on_device(unit, before, params::flat_tensor(trainer.model()))?,
-        None => None,
+    let quantized = match (before, feedback.as_deref_mut()) {
+        (Some(before), Some(feedback)) => {
+            quantize_on_device(unit, before, params::flat_tensor(trainer.model()), feedback)?
+        }
+        _ => None,
     };
     let (delta, encoded) = match quantized {
-        Some(q) => {
-            let len = q.len();
-            let (scales, codes) = q.read().map_err(|e| Error::Training(e.to_string()))?;
-            (
-                Vec::new(),
-                Some(Payload::from_quantized(unit.codec, len, &scales, codes)?),
-            )
+        Some(update) => {
+            let payload = update.read()?;
+            if let Some(feedback) = feedback {
+                feedback.settle(&payload);
+            }
+            (Vec::new(), Some(payload))
         }
         None => (
             pseudo_gradient(unit, base, &params::to_vec(trainer.model()))?,

@@ -1,6 +1,7 @@
-//! The WGSL quantizers (`shaders/quantize.wgsl` and `shaders/ternary.wgsl`, run on a wgpu
-//! device: lavapipe on a machine without a GPU) against the CPU encoders of the int8, int4 and
-//! ternary codecs.
+//! The WGSL quantizers (`shaders/quantize.wgsl`, `shaders/ternary.wgsl` and
+//! `shaders/sparse.wgsl`, run on a wgpu device: lavapipe on a machine without a GPU) against
+//! the CPU encoders of the int8, int4, ternary and sparse codecs, and the sparse codec's error
+//! feedback kept on the device against the host's.
 //!
 //! The contract: the relay applies the *decoded* values, whoever encoded them. WGSL does not
 //! promise a correctly rounded division, so a GPU may put a scale one ulp off the CPU's and move
@@ -10,8 +11,11 @@
 
 use tessera_core::burn::prelude::*;
 use tessera_core::kernels::quantize::{self, Format};
+use tessera_protocol::feedback::ErrorFeedback;
+use tessera_protocol::messages::WorkUnit;
+use tessera_protocol::sparse::SPARSE_CHUNK;
 use tessera_protocol::update::{
-    Codec, INT4_CHUNK, INT8_CHUNK, Payload, TERNARY_CHUNK, TERNARY_DEAD_ZONE,
+    Codec, Fragment, INT4_CHUNK, INT8_CHUNK, Payload, TERNARY_CHUNK, TERNARY_DEAD_ZONE,
 };
 
 /// The wgpu device, initialised once for the process (a second `init` is refused).
@@ -226,4 +230,158 @@ fn quantize_declines_a_cpu_device() {
         Codec::Int8,
         &Device::flex()
     ));
+}
+
+/// A unit of run `seed` with `codec`, as far as error feedback looks at it.
+fn unit(seed: u64, codec: Codec) -> WorkUnit {
+    WorkUnit {
+        unit_id: 1,
+        base_version: 0,
+        shard: 0,
+        inner_steps: 1,
+        batch_size: 1,
+        lr: 1e-3,
+        warmup_steps: 0,
+        seed,
+        fragment: Fragment::ALL,
+        codec,
+        deadline_ms: 0,
+    }
+}
+
+/// `feedback`'s sparse payload of `delta` encoded on the device, read back and settled.
+fn sparse_on_device(feedback: &mut ErrorFeedback, unit: &WorkUnit, delta: &[f32]) -> Payload {
+    let t = Tensor::<1>::from_floats(delta, &wgpu_device());
+    let q = feedback
+        .sparse_on_device(unit, t)
+        .expect("a wgpu device encodes sparse updates");
+    let Codec::Sparse { k } = unit.codec else {
+        unreachable!()
+    };
+    let p = Payload::from_sparse_words(k, delta.len(), &q.read().expect("read back"))
+        .expect("the codec's layout");
+    feedback.settle(&p);
+    p
+}
+
+/// The sparse test values: `values`' chunk-wise magnitudes, plus chunks of ties (a run of
+/// equal magnitudes of both signs, and a chunk all equal) that only the index order separates.
+fn sparse_values(n: usize) -> Vec<f32> {
+    let mut v = values(n, SPARSE_CHUNK, 7.0);
+    if n > 7 * SPARSE_CHUNK {
+        let c = &mut v[6 * SPARSE_CHUNK..7 * SPARSE_CHUNK];
+        for (j, e) in c.iter_mut().enumerate() {
+            *e = if j % 3 == 0 { 0.5 } else { -0.5 } * if j % 64 < 40 { 1.0 } else { 0.25 };
+        }
+        v[7 * SPARSE_CHUNK..(8 * SPARSE_CHUNK).min(n)].fill(-0.125);
+    }
+    v
+}
+
+#[test]
+fn wgsl_sparse_keeps_the_values_the_cpu_encoder_keeps() {
+    assert_eq!(quantize::SPARSE_CHUNK, SPARSE_CHUNK);
+    // Off the chunk grid, a short last chunk keeping fewer than k, tiny inputs; k from 1 to
+    // the kernel's largest, odd and even (indices two a word, codes sixteen).
+    for (n, k) in [
+        (9 * SPARSE_CHUNK + 1234, 64),
+        (9 * SPARSE_CHUNK, 1),
+        (8 * SPARSE_CHUNK + 17, 255),
+        (3 * SPARSE_CHUNK + 100, quantize::SPARSE_MAX_K),
+        (100, 64),
+        (1, 3),
+    ] {
+        let v = sparse_values(n);
+        let codec = Codec::Sparse { k };
+        let gpu = sparse_on_device(&mut ErrorFeedback::new(0.0), &unit(1, codec), &v);
+        let cpu = Payload::encode(codec, &v);
+        assert_eq!(gpu.data.len(), cpu.data.len(), "{codec}, {n} values: sizes");
+        let same = identical_bytes(&gpu, &cpu);
+        let (g, c) = (gpu.decode().expect("decodes"), cpu.decode().unwrap());
+        // The same values kept, the same signs and levels; a level may differ by WGSL's
+        // division (not required to be correctly rounded): a few ulps.
+        let mut worst = 0f32;
+        for (i, (a, b)) in g.iter().zip(&c).enumerate() {
+            assert_eq!(
+                *a == 0.0,
+                *b == 0.0,
+                "{codec}, {n} values: value {i} kept by one"
+            );
+            assert_eq!(
+                a.is_sign_negative(),
+                b.is_sign_negative(),
+                "value {i}'s sign"
+            );
+            worst = worst.max((a - b).abs() / b.abs().max(f32::MIN_POSITIVE));
+        }
+        assert!(
+            worst <= 4.0 * f32::EPSILON,
+            "{codec}: levels {worst:e} apart"
+        );
+        println!(
+            "{codec}: {n} values, {same} of {} bytes as the CPU encodes them, levels at most \
+             {worst:e} apart (relative)",
+            cpu.data.len()
+        );
+    }
+}
+
+#[test]
+fn error_feedback_kept_on_the_device_carries_what_the_host_carries() {
+    let n = 5 * SPARSE_CHUNK + 321;
+    let codec = Codec::Sparse { k: 16 };
+    let (mut on_gpu, mut on_host) = (ErrorFeedback::default(), ErrorFeedback::default());
+    // Three units of one run, then a unit of a new run: the residual is carried, then dropped.
+    let deltas: Vec<Vec<f32>> = (0..4)
+        .map(|u| {
+            sparse_values(n + u)[u..]
+                .iter()
+                .map(|x| x * (1.0 + u as f32))
+                .collect()
+        })
+        .collect();
+    for (u, delta) in deltas.iter().enumerate() {
+        let unit = unit(if u < 3 { 7 } else { 8 }, codec);
+        let gpu = sparse_on_device(&mut on_gpu, &unit, delta)
+            .decode()
+            .unwrap();
+        let cpu = on_host.encode(&unit, delta).decode().unwrap();
+        assert!(on_gpu.on_device());
+        let (mut kept_by_one, mut worst) = (0, 0f64);
+        for (a, b) in gpu.iter().zip(&cpu) {
+            kept_by_one += usize::from((*a == 0.0) != (*b == 0.0));
+            worst = worst.max(f64::from((a - b).abs()));
+        }
+        let (g, h) = (on_gpu.norm(), on_host.norm());
+        println!(
+            "unit {u}: {kept_by_one} values kept by one side only, largest difference {worst:e}; \
+             residual norm {g:.6} on the GPU, {h:.6} on the host"
+        );
+        // The device may fuse decay · residual + delta: what is carried matches to rounding,
+        // and so do the values sent (a value on the edge of the k largest may swap).
+        assert!(
+            (g - h).abs() <= 1e-5 * h,
+            "unit {u}: residual norms {g} vs {h}"
+        );
+        assert!(
+            kept_by_one <= 2,
+            "unit {u}: {kept_by_one} values kept by one side only"
+        );
+        if u == 0 || u == 3 {
+            // Nothing carried into a run's first unit: exactly the plain encoding's values.
+            assert_eq!(kept_by_one, 0, "unit {u}");
+            assert!(worst <= 1e-6, "unit {u}: {worst:e}");
+        }
+        if u > 0 && u < 3 {
+            assert!(h > 0.0);
+        }
+    }
+    // A non-finite update is refused by the relay and leaves nothing to carry.
+    let mut bad = deltas[3].clone();
+    bad[SPARSE_CHUNK + 9] = f32::NAN;
+    let p = sparse_on_device(&mut on_gpu, &unit(8, codec), &bad);
+    let err = p.decode().expect_err("a non-finite update is refused");
+    assert!(err.to_string().contains("chunk 1"), "{err}");
+    assert!(!on_gpu.on_device());
+    assert_eq!(on_gpu.norm(), 0.0);
 }

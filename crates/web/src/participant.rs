@@ -422,11 +422,8 @@ async fn session(shared: &Rc<Shared>) -> Result<(), String> {
         let payload = {
             let feedback = &mut shared.state.borrow_mut().feedback;
             match trained.encoded {
-                // Encoded on the GPU (int8 / int4): no residual to keep.
-                Some(payload) => {
-                    feedback.clear();
-                    payload
-                }
+                // Encoded on the GPU, its residual (sparse) kept there.
+                Some(payload) => payload,
                 None => feedback.encode(&unit, &trained.delta),
             }
         };
@@ -588,7 +585,7 @@ async fn fetch_weights(
 struct Trained {
     /// The pseudo-gradient in f32 (empty when `encoded` holds it).
     delta: Vec<f32>,
-    /// The pseudo-gradient encoded on the GPU with the unit's codec (int8 / int4 on WebGPU).
+    /// The pseudo-gradient encoded on the GPU with the unit's codec (on WebGPU).
     encoded: Option<Payload>,
     losses: Vec<f32>,
     step_ms: Vec<f64>,
@@ -687,16 +684,19 @@ async fn train_unit(
         // A CPU step never yields on its own: let the worker hear the page between steps.
         sleep(0).await;
     }
-    if let Some(before) = before
-        && let Some(q) =
-            work::quantize_on_device(unit, before, params::flat_tensor(trainer.model()))
-                .map_err(|e| e.to_string())?
-    {
+    // Borrowed for the launch only: the page's messages borrow the state while a read waits.
+    let encoded = match before {
+        Some(before) => {
+            let after = params::flat_tensor(trainer.model());
+            let feedback = &mut shared.state.borrow_mut().feedback;
+            work::quantize_on_device(unit, before, after, feedback).map_err(|e| e.to_string())?
+        }
+        None => None,
+    };
+    if let Some(update) = encoded {
         // Only the encoded bytes cross back from the GPU.
-        let len = q.len();
-        let (scales, codes) = q.read_async().await.map_err(|e| e.to_string())?;
-        let payload =
-            Payload::from_quantized(unit.codec, len, &scales, codes).map_err(|e| e.to_string())?;
+        let payload = update.read_async().await.map_err(|e| e.to_string())?;
+        shared.state.borrow_mut().feedback.settle(&payload);
         return Ok(Some(Trained {
             delta: Vec::new(),
             encoded: Some(payload),

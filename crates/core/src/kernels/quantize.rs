@@ -2,8 +2,10 @@
 //! chunk and the values as packed two's-complement integers of 8 or 4 bits (`quantize.wgsl`,
 //! the bytes of `tessera-protocol`'s int8 and int4 codecs), or as three levels
 //! (`ternary.wgsl`: a mask word and a sign word per 32 values, which the protocol packs into
-//! its ternary codec). A GPU participant encodes its update where it lives and reads back a
-//! quarter (int8), an eighth (int4) or a sixteenth (ternary) of the f32 bytes.
+//! its ternary codec), or as the largest `k` of every 4,096 values with the participant's error
+//! feedback kept on the device ([`sparse`], `sparse.wgsl`). A GPU participant encodes its update
+//! where it lives and reads back a quarter (int8), an eighth (int4), a sixteenth (ternary) or
+//! about a hundredth (sparse, `k` = 64) of the f32 bytes.
 //!
 //! The kernels run through burn's backend extension for `Cube` (and `Fusion<Cube>` in the tab,
 //! where the wgpu backend fuses), as hand-written WGSL source kernels.
@@ -67,6 +69,19 @@ impl Format {
 /// `TERNARY_DEAD_ZONE`).
 pub const TERNARY_DEAD_ZONE: f32 = 1.0;
 
+/// Values a chunk of the sparse encoder (the protocol's `SPARSE_CHUNK`).
+pub const SPARSE_CHUNK: usize = 4096;
+
+/// The most values a chunk the sparse kernel keeps (its workgroup memory holds them).
+pub const SPARSE_MAX_K: u16 = 256;
+
+/// The 32-bit words the sparse kernel writes a chunk when it keeps `k`: the two magnitudes,
+/// the indices two a word, the 2-bit codes sixteen a word.
+pub fn sparse_stride(k: u16) -> usize {
+    let k = usize::from(k);
+    2 + k.div_ceil(2) + k.div_ceil(16)
+}
+
 #[cfg(feature = "wgpu")]
 mod gpu {
     use burn::backend::tensor::{FloatTensor, IntTensor};
@@ -107,6 +122,62 @@ mod gpu {
             bits: u32,
             chunk: usize,
         ) -> (FloatTensor<Self>, IntTensor<Self>);
+
+        /// The sparse encoding of `decay · residual + delta` (flat f32, same length), keeping
+        /// `k` values a chunk: its words (`[ceil(len / 4096) · sparse_stride(k)]`, i32) and
+        /// what it leaves out (f32, like `delta`), the next residual.
+        #[fusion(meta = sparse_specs)]
+        fn sparse_quantize(
+            delta: FloatTensor<Self>,
+            residual: FloatTensor<Self>,
+            k: u16,
+            decay: f32,
+        ) -> (IntTensor<Self>, FloatTensor<Self>);
+    }
+
+    #[cfg(feature = "fusion")]
+    fn sparse_specs(
+        delta: &burn::backend::fusion::custom::TensorSpec,
+        _residual: &burn::backend::fusion::custom::TensorSpec,
+        k: &u16,
+        _decay: &f32,
+    ) -> (
+        burn::backend::fusion::custom::TensorSpec,
+        burn::backend::fusion::custom::TensorSpec,
+    ) {
+        use burn::backend::fusion::custom::TensorSpec;
+        let len = delta.shape.num_elements();
+        (
+            TensorSpec::new(Shape::new([sparse_words(len, *k)]), DType::I32),
+            TensorSpec::new(delta.shape.clone(), DType::F32),
+        )
+    }
+
+    /// The sparse kernel's words for `len` values.
+    fn sparse_words(len: usize, k: u16) -> usize {
+        len.div_ceil(super::SPARSE_CHUNK) * super::sparse_stride(k)
+    }
+
+    /// The sparse kernel's source, templated by `k`.
+    const SPARSE_SOURCE: &str = include_str!("../../../../shaders/sparse.wgsl");
+
+    /// Invocations a workgroup of the sparse kernel (16 values each).
+    const SPARSE_GROUP: u32 = 256;
+
+    struct SparseKernel(u16);
+
+    impl KernelSource for SparseKernel {
+        fn source(&self) -> SourceTemplate {
+            SourceTemplate::new(SPARSE_SOURCE).register("k", self.0.to_string())
+        }
+
+        fn id(&self) -> KernelId {
+            KernelId::new::<Self>().info(self.0)
+        }
+
+        fn lang(&self) -> &'static str {
+            "wgsl"
+        }
     }
 
     #[cfg(feature = "fusion")]
@@ -210,6 +281,67 @@ mod gpu {
             }
             (scales, packed)
         }
+
+        fn sparse_quantize(
+            delta: CubeTensor,
+            residual: CubeTensor,
+            k: u16,
+            decay: f32,
+        ) -> (CubeTensor, CubeTensor) {
+            let delta = burn::backend::wgpu::into_contiguous(delta);
+            let residual = burn::backend::wgpu::into_contiguous(residual);
+            let len = delta.shape().num_elements();
+            assert_eq!(
+                residual.shape().num_elements(),
+                len,
+                "the residual and the update differ in length"
+            );
+            assert!(
+                (1..=super::SPARSE_MAX_K).contains(&k),
+                "the sparse kernel keeps 1 to {} values a chunk, not {k}",
+                super::SPARSE_MAX_K
+            );
+            let n_words = sparse_words(len, k);
+            let client = delta.client.clone();
+            let device = delta.device.clone();
+            let words = CubeTensor::new_contiguous(
+                client.clone(),
+                device.clone(),
+                Shape::new([n_words]),
+                client.empty(n_words.max(1) * 4),
+                DType::I32,
+            );
+            let carried = CubeTensor::new_contiguous(
+                client.clone(),
+                device,
+                delta.shape(),
+                client.empty(len.max(1) * 4),
+                DType::F32,
+            );
+            if len > 0 {
+                let mut info = (len as u32).to_le_bytes().to_vec();
+                info.extend_from_slice(&decay.to_bits().to_le_bytes());
+                let info = client.create_from_slice(&info);
+                let groups = len.div_ceil(super::SPARSE_CHUNK);
+                let x = groups.min(MAX_GROUPS);
+                let y = groups.div_ceil(MAX_GROUPS);
+                client.launch(
+                    Box::new(SourceKernel::new(
+                        SparseKernel(k),
+                        CubeDim::new_1d(SPARSE_GROUP),
+                    )),
+                    CubeCount::Static(x as u32, y as u32, 1),
+                    KernelArguments::new().with_buffers(vec![
+                        delta.handle.binding(),
+                        residual.handle.binding(),
+                        words.handle.clone().binding(),
+                        carried.handle.clone().binding(),
+                        info.binding(),
+                    ]),
+                );
+            }
+            (words, carried)
+        }
     }
 }
 
@@ -295,6 +427,98 @@ impl Quantized {
         let packed = self.packed.into_data_async().await.map_err(read_error)?;
         parts(self.format, self.len, scales, packed)
     }
+}
+
+/// Values encoded on the device by the sparse kernel, not yet read.
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+pub struct SparseQuantized {
+    k: u16,
+    len: usize,
+    words: Tensor<1, Int>,
+}
+
+/// The sparse encoding of `decay · residual + delta` on their wgpu device, keeping the `k`
+/// largest magnitudes of every [`SPARSE_CHUNK`] values (no residual: zero), and the residual
+/// it leaves for the next update (`decay · residual + delta` minus what the encoding decodes
+/// to, on the device). `None` on any other device, for `k` outside `1..=`[`SPARSE_MAX_K`], or
+/// a residual of another length.
+pub fn sparse(
+    delta: Tensor<1>,
+    residual: Option<Tensor<1>>,
+    k: u16,
+    decay: f32,
+) -> Option<(SparseQuantized, Tensor<1>)> {
+    let plain = |t: Tensor<1>| if t.is_autodiff() { t.inner() } else { t };
+    if !supported(&delta.device())
+        || delta.dtype() != DType::F32
+        || !(1..=SPARSE_MAX_K).contains(&k)
+    {
+        return None;
+    }
+    let delta = plain(delta);
+    let len = delta.dims()[0];
+    let residual = match residual {
+        Some(r) if r.dims()[0] == len && r.dtype() == DType::F32 => plain(r),
+        Some(_) => return None,
+        None => Tensor::zeros([len], &delta.device()),
+    };
+    #[cfg(feature = "wgpu")]
+    {
+        use burn::backend::Dispatch;
+        let (words, carried) = <Dispatch as gpu::QuantizeOps>::sparse_quantize(
+            delta.into_dispatch(),
+            residual.into_dispatch(),
+            k,
+            decay,
+        );
+        Some((
+            SparseQuantized {
+                k,
+                len,
+                words: Tensor::from_dispatch(words),
+            },
+            Tensor::from_dispatch(carried),
+        ))
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        let _ = (len, residual, decay);
+        None
+    }
+}
+
+impl SparseQuantized {
+    /// How many values were encoded.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether none were.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Values kept a chunk.
+    pub fn k(&self) -> u16 {
+        self.k
+    }
+
+    /// Reads the kernel's words as little-endian bytes ([`sparse_stride`] words a chunk: the
+    /// two magnitudes, the indices, the codes), blocking: native only.
+    pub fn read(self) -> Result<Vec<u8>, Error> {
+        word_bytes(self.words.into_data())
+    }
+
+    /// As [`SparseQuantized::read`], without blocking (the only read a WebGPU tab has).
+    pub async fn read_async(self) -> Result<Vec<u8>, Error> {
+        word_bytes(self.words.into_data_async().await.map_err(read_error)?)
+    }
+}
+
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+fn word_bytes(words: TensorData) -> Result<Vec<u8>, Error> {
+    let words = words.try_to_vec::<i32>().map_err(read_error)?;
+    Ok(words.iter().flat_map(|w| w.to_le_bytes()).collect())
 }
 
 fn read_error(e: impl std::fmt::Debug) -> Error {
