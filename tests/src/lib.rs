@@ -213,7 +213,17 @@ pub fn metric(port: u16, name: &str) -> Option<f64> {
 }
 
 /// Polls `cond` every 100 ms until it holds; panics with `what` after `timeout`.
-pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
+    wait_until_or(timeout, what, cond, String::new);
+}
+
+/// As [`wait_until`], with `context()` (the processes' logs, say) in the panic's message.
+pub fn wait_until_or(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+    context: impl FnOnce() -> String,
+) {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
         if cond() {
@@ -221,7 +231,16 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("timed out after {timeout:?} waiting for: {what}");
+    panic!(
+        "timed out after {timeout:?} waiting for: {what}\n{}",
+        context()
+    );
+}
+
+/// The last `n` lines of `text`.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The participant entry with `id` in a status.
