@@ -203,7 +203,8 @@ struct Participant {
     optim: Option<AdamW>,
     /// What this host's lossy updates left out, added to its next one.
     feedback: ErrorFeedback,
-    /// Whether the last own update was encoded on the device (int8 / int4 on a GPU).
+    /// Whether the last own update was encoded on the device (a GPU, any codec but f32 and
+    /// sign).
     encoded_on_device: bool,
     keep_optimizer: bool,
     /// Training speed of the last unit (0 before the first): the capability sent in a hello.

@@ -9,7 +9,7 @@
 //!   per-256 absmax scales, [`sparse`] top-k with two bits a value; decoders that refuse any
 //!   malformed bytes, never panic) and the fragment of the parameter vector it covers;
 //! - [`feedback`]: a participant's error feedback, what its lossy updates left out, added to
-//!   its next update of the same run;
+//!   its next update of the same run (kept on the GPU where the update is encoded there);
 //! - [`identity`]: ed25519 identities, the hello challenge and update signatures;
 //! - [`ledger`]: the contribution ledger anyone can check: granted contributions as leaves of an
 //!   RFC 6962 Merkle tree, the relay's signed checkpoints and receipts, proofs and the audit;

@@ -96,8 +96,8 @@ pub enum Event {
         receipt: Option<String>,
         /// Bytes of the encoded update sent.
         update_bytes: u64,
-        /// Whether the update was encoded on the GPU (int8 / int4 on WebGPU), so that only
-        /// its encoded bytes were read back.
+        /// Whether the update was encoded on the GPU (on WebGPU, any codec but f32 and sign),
+        /// so that only its encoded bytes were read back.
         encoded_on_gpu: bool,
     },
     /// A unit was given up (paused past its lease, or leaving).

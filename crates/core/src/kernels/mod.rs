@@ -16,8 +16,9 @@
 //!   cross-entropy, forward and backward, and the AdamW step, as our WGSL kernels for wgpu /
 //!   WebGPU (burn's backend extension for `Cube` and `Fusion<Cube>`, the backward registered
 //!   under `Autodiff` over either);
-//! - [`quantize`] (with the `wgpu` feature): absmax int8 / int4 quantization on a wgpu or
-//!   WebGPU device by the WGSL kernel in `shaders/`, for updates encoded where they live.
+//! - [`quantize`] (with the `wgpu` feature): int8 / int4 / ternary quantization and the sparse
+//!   top-k encoder with its error feedback on a wgpu or WebGPU device, by the WGSL kernels in
+//!   `shaders/`, for updates encoded where they live.
 //!
 //! The functions below are what the model calls. On a `flex` device with f32 tensors they run
 //! the fused CPU kernels; on a wgpu / WebGPU device the GPU's GELU, LayerNorm, attention,
