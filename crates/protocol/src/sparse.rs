@@ -300,4 +300,50 @@ mod tests {
         assert!(decode(&data, 100, 0).is_err());
         assert!(decode(&encode_sparse(&[1.0, f32::NAN], 1), 2, 1).is_err());
     }
+
+    /// The words the GPU kernel writes for the codec's bytes `data` (its fixed stride a chunk,
+    /// unused words and bytes zero): the inverse of [`from_kernel_words`].
+    fn kernel_words(data: &[u8], len: usize, k: u16) -> Vec<u8> {
+        let (index_words, code_words) = (usize::from(k).div_ceil(2), usize::from(k).div_ceil(16));
+        let stride = 4 * (2 + index_words + code_words);
+        let mut words = vec![0u8; len.div_ceil(SPARSE_CHUNK) * stride];
+        let mut at = 0;
+        for (c, w) in words.chunks_exact_mut(stride).enumerate() {
+            let m = kept((len - c * SPARSE_CHUNK).min(SPARSE_CHUNK), k);
+            let chunk = &data[at..at + chunk_bytes(m)];
+            at += chunk.len();
+            w[..8 + 2 * m].copy_from_slice(&chunk[..8 + 2 * m]);
+            let codes = 8 + 4 * index_words;
+            w[codes..codes + m.div_ceil(4)].copy_from_slice(&chunk[8 + 2 * m..]);
+        }
+        words
+    }
+
+    #[test]
+    fn kernel_words_make_the_codecs_bytes() {
+        let v: Vec<f32> = (0..2 * SPARSE_CHUNK + 10)
+            .map(|i| ((i * 7919) % 1013) as f32 - 506.0)
+            .collect();
+        for k in [1u16, 3, 64, 255] {
+            let data = encode_sparse(&v, k);
+            let words = kernel_words(&data, v.len(), k);
+            assert_eq!(
+                from_kernel_words(&words, v.len(), k).unwrap(),
+                data,
+                "k {k}"
+            );
+            assert!(finite_magnitudes(&data, v.len(), k));
+            // A word short, or k = 0: refused, not a panic.
+            assert!(from_kernel_words(&words[..words.len() - 4], v.len(), k).is_err());
+            assert!(from_kernel_words(&words, v.len(), 0).is_err());
+        }
+        // A NaN magnitude in the last chunk (what an encoder writes for a non-finite value),
+        // and data of the wrong size, are not finite.
+        let mut data = encode_sparse(&v, 3);
+        let last = data.len() - chunk_bytes(3);
+        data[last + 4..last + 8].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(!finite_magnitudes(&data, v.len(), 3));
+        assert!(!finite_magnitudes(&data[1..], v.len(), 3));
+        assert!(!finite_magnitudes(&data, v.len(), 0));
+    }
 }
