@@ -607,7 +607,8 @@ impl Participant {
             };
             // Its own units encoded where they train (on a GPU, with the error feedback kept
             // there); a re-execution reads the f32 pseudo-gradient, as the relay's does. The
-            // residual travels with the job and comes back with it (a failed unit loses it).
+            // residual travels with the job and comes back with it, its unit failed or not
+            // (only a panic in the job loses it).
             let mut feedback = (!verification).then(|| std::mem::take(&mut self.feedback));
             tokio::task::spawn_blocking(move || {
                 let mut last = Instant::now();

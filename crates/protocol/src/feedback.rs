@@ -66,10 +66,11 @@ impl ErrorFeedback {
     /// read back: encoding on the host after the device starts afresh.
     pub fn encode(&mut self, unit: &WorkUnit, delta: &[f32]) -> Payload {
         let scope = Scope::of(unit, delta.len());
-        if !matches!(unit.codec, Codec::Sparse { .. }) || self.on_device.is_some() {
+        let sparse = matches!(unit.codec, Codec::Sparse { .. });
+        if !sparse || self.on_device.is_some() {
             self.clear();
         }
-        if !matches!(unit.codec, Codec::Sparse { .. }) {
+        if !sparse {
             return Payload::encode(unit.codec, delta);
         }
         if self.scope != Some(scope) {

@@ -108,9 +108,8 @@ pub fn encode_sparse(values: &[f32], k: u16) -> Vec<u8> {
 /// the indices two a word and the codes sixteen a word, of which a chunk keeping `m` values
 /// uses the first `2m` and `ceil(m / 4)` bytes. Only the size is checked here.
 pub(crate) fn from_kernel_words(words: &[u8], len: usize, k: u16) -> Result<Vec<u8>, Error> {
-    let k = usize::from(k);
-    let (index_words, code_words) = (k.div_ceil(2), k.div_ceil(16));
-    let stride = 4 * (2 + index_words + code_words);
+    let stride = 4 * tessera_core::kernels::quantize::sparse_stride(k);
+    let index_words = usize::from(k).div_ceil(2);
     let chunks = len.div_ceil(SPARSE_CHUNK);
     if k == 0 || words.len() != chunks * stride {
         return Err(Error::BadUpdate(format!(
@@ -118,10 +117,10 @@ pub(crate) fn from_kernel_words(words: &[u8], len: usize, k: u16) -> Result<Vec<
             words.len()
         )));
     }
-    let mut out = Vec::with_capacity(sparse_bytes(len, k as u16).unwrap_or(0));
+    let mut out = Vec::with_capacity(sparse_bytes(len, k).unwrap_or(0));
     for (c, w) in words.chunks_exact(stride).enumerate() {
         let n = (len - c * SPARSE_CHUNK).min(SPARSE_CHUNK);
-        let m = kept(n, k as u16);
+        let m = kept(n, k);
         let (levels, rest) = w.split_at(8);
         let (indices, codes) = rest.split_at(4 * index_words);
         out.extend_from_slice(levels);
@@ -304,8 +303,8 @@ mod tests {
     /// The words the GPU kernel writes for the codec's bytes `data` (its fixed stride a chunk,
     /// unused words and bytes zero): the inverse of [`from_kernel_words`].
     fn kernel_words(data: &[u8], len: usize, k: u16) -> Vec<u8> {
-        let (index_words, code_words) = (usize::from(k).div_ceil(2), usize::from(k).div_ceil(16));
-        let stride = 4 * (2 + index_words + code_words);
+        let index_words = usize::from(k).div_ceil(2);
+        let stride = 4 * tessera_core::kernels::quantize::sparse_stride(k);
         let mut words = vec![0u8; len.div_ceil(SPARSE_CHUNK) * stride];
         let mut at = 0;
         for (c, w) in words.chunks_exact_mut(stride).enumerate() {

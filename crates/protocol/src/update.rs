@@ -679,9 +679,10 @@ impl Payload {
 
     /// The payload of `len` values quantized elsewhere (a GPU, by `tessera-core`'s
     /// `kernels::quantize`; sparse payloads come from [`Payload::from_sparse_words`]): the
-    /// chunks' `scales`, then the `codes` bytes as the int8 or int4 codec lays them out, or for ternary a mask word and a sign word (little-endian) per 32
-    /// values, whose sent values' sign bits are packed here one after another. Only the sizes
-    /// are checked here; the relay decodes it like any other.
+    /// chunks' `scales`, then the `codes` bytes as the int8 or int4 codec lays them out, or for
+    /// ternary a mask word and a sign word (little-endian) per 32 values, whose sent values'
+    /// sign bits are packed here one after another. Only the sizes are checked here; the relay
+    /// decodes it like any other.
     pub fn from_quantized(
         codec: Codec,
         len: usize,
